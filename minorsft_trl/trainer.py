@@ -1,0 +1,371 @@
+"""`MinorSFTTrainer`: TRL's `SFTTrainer` with a reference-aware, per-example loss."""
+
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+import transformers
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from transformers import PreTrainedModel, TrainingArguments
+from trl import SFTTrainer
+from trl.models.utils import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import add_fused_lm_head, create_model_from_path, get_config_model_id, use_adapter
+
+from .config import REFERENCE_LOSS_TYPES, TRL_LOSS_TYPES, MinorSFTConfig
+from .examples import ExampleIndex
+from .losses import deviation, minor_sft_loss, minor_sft_weight, sft_dpo_loss
+from .reference import (
+    add_reference_adapter,
+    check_same_vocabulary,
+    freeze,
+    reference_adapter_name,
+    reference_mode,
+)
+
+logger = transformers.utils.logging.get_logger(__name__)
+
+# Key under which `get_batch_samples` hands `compute_loss` the number of examples of the whole optimizer step
+NUM_EXAMPLES_KEY = "num_examples_in_step"
+
+
+class _FusedForwardRecorder:
+    """Calls a model and keeps the outputs of its fused-LM-head forward, so that `SFTTrainer.compute_loss` computes
+    its metrics (`entropy`, `mean_token_accuracy`, `num_tokens`, `aux_loss`) from the very forward whose per-token
+    log-probs our loss uses."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.outputs = None
+
+    def __call__(self, *args, **kwargs):
+        outputs = self.model(*args, **kwargs)
+        if kwargs.get("fused_lm_head"):
+            self.outputs = outputs
+        return outputs
+
+
+@contextmanager
+def _loss_type_seen_by_trl(args: MinorSFTConfig) -> Iterator[None]:
+    """`SFTTrainer.__init__` accepts only its own loss types: let it see `"nll"` while it builds."""
+    loss_type = args.loss_type
+    if loss_type not in TRL_LOSS_TYPES:
+        args.loss_type = "nll"
+    try:
+        yield
+    finally:
+        args.loss_type = loss_type
+
+
+class MinorSFTTrainer(SFTTrainer):
+    """
+    Drop-in replacement for TRL's `SFTTrainer` that brakes the drift from a reference model (Minor SFT, arXiv
+    2408.10642). Every argument of `SFTTrainer` keeps its meaning; `args` may be a `MinorSFTConfig`, an `SFTConfig`,
+    a plain `TrainingArguments` or `None`.
+
+    With `loss_type="minor_sft"` (the default) each example's gradient is the per-example mean NLL gradient scaled by
+    `2 * sigmoid(-beta * log(pi_theta(y|x) / pi_ref(y|x)))`, and the batch loss is the mean over its examples.
+
+    Args:
+        ref_model (`str` or `PreTrainedModel`, *optional*):
+            The reference. Defaults to `args.ref_model_name_or_path`; if neither is set, a PEFT model is its own
+            reference with its adapters disabled (a frozen `"ref"` copy of the adapter when the model arrives with
+            one), and full fine-tuning loads a frozen copy of the policy from its path.
+
+    Logged on train and eval, next to TRL's metrics: `deviation` (the paper's m_theta, eq. 8), `log_ratio` (mean of
+    `log(pi_theta(y|x) / pi_ref(y|x))`) and, for `minor_sft`, `minor_weight` with `minor_weight_min` and
+    `minor_weight_max`.
+    """
+
+    _tag_names = ["trl", "sft", "minor-sft"]
+    _name = "Minor SFT"
+    _paper = {
+        "title": "Minor SFT loss for LLM fine-tune to increase performance and reduce model deviation",
+        "id": "2408.10642",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{xie2024minorsft,
+                title   = {{Minor SFT loss for LLM fine-tune to increase performance and reduce model deviation}},
+                author  = {Shiming Xie and Hong Chen and Fred Yu and Zeye Sun and Xiuyu Wu},
+                year    = 2024,
+                journal = {arXiv preprint arXiv:2408.10642},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model: "str | PreTrainedModel",
+        args: MinorSFTConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func=None,
+        *,
+        ref_model: "str | PreTrainedModel | None" = None,
+    ):
+        args = _as_minor_sft_config(args, model)
+        _check_inputs(args, model, ref_model, train_dataset, compute_loss_func, quantization_config, peft_config)
+        # The per-example losses normalise by the examples of the whole optimizer step, see `get_batch_samples`
+        self.loss_is_scaled_for_ga = True if args.loss_type in REFERENCE_LOSS_TYPES else None
+        policy_has_own_adapter = is_peft_model(model) and peft_config is None
+
+        with _loss_type_seen_by_trl(args):
+            super().__init__(
+                model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_loss_func=compute_loss_func,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                formatting_func=formatting_func,
+            )
+        self._check_prepared_dataset(train_dataset)
+
+        self.ref_model = None
+        if args.uses_reference:
+            self.ref_model = self._load_reference(ref_model, quantization_config, policy_has_own_adapter)
+
+    # ------------------------------------------------------------------ reference
+
+    def _load_reference(self, ref_model, quantization_config, policy_has_own_adapter: bool):
+        """Resolve the reference (see `minorsft_trl.reference`); returns the separate model, or `None` when the
+        policy itself (adapters disabled, or its `"ref"` adapter) is the reference."""
+        ref_model = ref_model if ref_model is not None else self.args.ref_model_name_or_path
+        if ref_model is None and is_peft_model(self.model):
+            if policy_has_own_adapter:
+                add_reference_adapter(self.model)
+            return None
+        if ref_model is None:
+            ref_model = get_config_model_id(self.model.config)
+            if not ref_model:
+                raise ValueError(
+                    f"loss_type={self.args.loss_type!r} needs a reference model, and full fine-tuning loads it from "
+                    "the policy's path, but this model has none (`config._name_or_path` is empty). Pass "
+                    "`ref_model=...` (a path or a model), set `ref_model_name_or_path`, or train with a `peft_config`."
+                )
+            logger.warning(
+                f"Full fine-tuning with a reference: loading a second, frozen copy of {ref_model!r} as the reference, "
+                "which doubles the model memory. Train with a `peft_config` (LoRA/QLoRA) to use the policy with its "
+                "adapters disabled instead."
+            )
+        if isinstance(ref_model, str):
+            init_kwargs = dict(self.args.model_init_kwargs or {})
+            if quantization_config is not None:
+                init_kwargs["quantization_config"] = quantization_config
+            if self.args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+                init_kwargs["device_map"] = None
+            init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+            init_kwargs.setdefault("dtype", self.model.dtype)
+            ref_model = create_model_from_path(ref_model, **init_kwargs)
+        elif ref_model is self.model:
+            raise ValueError(
+                "`ref_model` is the model being trained. Leave `ref_model` unset to get a frozen reference."
+            )
+        check_same_vocabulary(self.model, ref_model)
+        freeze(ref_model)
+        add_fused_lm_head(ref_model.get_base_model() if is_peft_model(ref_model) else ref_model)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(ref_model, self.accelerator)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def _reference_token_logps(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """`(batch, seq_len - 1)` per-token log-probs of the reference on the batch (zero where the label is -100)."""
+        if self.ref_model is not None:
+            model, adapter = self.ref_model, nullcontext()
+        else:
+            model = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(model, reference_adapter_name(model))
+        ref_inputs = {k: v for k, v in inputs.items() if k not in ("output_router_logits", "use_cache")}
+        with reference_mode(model), adapter:
+            return model(**ref_inputs, use_cache=False, fused_lm_head=True).log_probs
+
+    # ------------------------------------------------------------------ loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also count the examples of the whole optimizer step (all micro-batches, all processes): the per-example
+        losses divide by it, so that batch 8 x accumulation 1 == batch 4 x accumulation 2 == 2 processes x batch 4."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.loss_type in REFERENCE_LOSS_TYPES and batch_samples:
+            num_examples = sum(
+                ExampleIndex.from_batch(batch["labels"], batch.get("position_ids")).num_examples
+                for batch in batch_samples
+            )
+            num_examples = torch.tensor(num_examples, device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                num_examples = self.accelerator.gather(num_examples).sum()
+            for batch in batch_samples:
+                batch[NUM_EXAMPLES_KEY] = num_examples
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        num_examples_in_step = inputs.pop(NUM_EXAMPLES_KEY, None)
+        if not self.args.uses_reference:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        mode = "train" if self.model.training else "eval"
+        index = ExampleIndex.from_batch(inputs["labels"], inputs.get("position_ids"))
+        num_predictions = index.answer_mask.size(1)
+        # Reference first: its activations are freed before the policy's graph is built.
+        # Prompt-learning PEFT prepends virtual tokens to the policy's outputs only: align from the right.
+        ref_logps = index.sum(self._reference_token_logps(inputs)[:, -num_predictions:])
+        recorder = _FusedForwardRecorder(model)
+        trl_result = super().compute_loss(recorder, inputs, return_outputs, num_items_in_batch)
+        policy_logps = index.sum(recorder.outputs.log_probs[:, -num_predictions:])
+
+        log_ratio = policy_logps.detach() - ref_logps
+        self._log_reference_metrics(mode, log_ratio, index.num_tokens)
+        if self.args.loss_type not in REFERENCE_LOSS_TYPES:
+            return trl_result
+
+        if self.args.loss_type == "minor_sft":
+            per_example = minor_sft_loss(policy_logps, ref_logps, index.num_tokens, self.args.beta)
+        else:
+            per_example = sft_dpo_loss(policy_logps, ref_logps, self.args.beta)
+        loss = self._mean_over_examples(per_example, num_examples_in_step)
+        if self.aux_loss_enabled:
+            # As in `SFTTrainer.compute_loss`: a per-micro-batch mean, averaged over the accumulation steps
+            steps = self.current_gradient_accumulation_steps if num_examples_in_step is not None else 1
+            loss = loss + self.router_aux_loss_coef * recorder.outputs.aux_loss / steps
+        return (loss, trl_result[1]) if return_outputs else loss
+
+    def _mean_over_examples(self, per_example: torch.Tensor, num_examples_in_step: torch.Tensor | None):
+        """Sum of this micro-batch's per-example losses over the examples of the optimizer step (training), or over
+        the examples of this micro-batch (evaluation). A batch without examples gives a finite zero."""
+        if num_examples_in_step is None:
+            return per_example.sum() / max(per_example.numel(), 1)
+        loss = per_example.sum() / num_examples_in_step.clamp(min=1)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # The count spans every process and DDP averages the gradients across processes
+            loss = loss * self.accelerator.num_processes
+        return loss
+
+    # ------------------------------------------------------------------ metrics
+
+    def _log_reference_metrics(self, mode: str, log_ratio: torch.Tensor, num_tokens: torch.Tensor) -> None:
+        """Append this micro-batch's `deviation`, `log_ratio` and (for minor_sft) `minor_weight` stats, over all
+        processes, to the metrics that `log` averages."""
+        weight = minor_sft_weight(log_ratio, self.args.beta)
+        local = torch.stack(
+            [
+                log_ratio.new_tensor(float(log_ratio.numel())),
+                deviation(log_ratio, num_tokens).sum(),
+                log_ratio.sum(),
+                weight.sum(),
+                weight.min() if weight.numel() else log_ratio.new_tensor(float("inf")),
+                weight.max() if weight.numel() else log_ratio.new_tensor(float("-inf")),
+            ]
+        )
+        count, deviation_sum, log_ratio_sum, weight_sum, weight_min, weight_max = (
+            self.accelerator.gather(local[None]).view(-1, local.numel()).T
+        )
+        total = count.sum()
+        if total == 0:
+            return
+        metrics = self._metrics[mode]
+        metrics["deviation"].append((deviation_sum.sum() / total).item())
+        metrics["log_ratio"].append((log_ratio_sum.sum() / total).item())
+        if self.args.loss_type == "minor_sft":
+            metrics["minor_weight"].append((weight_sum.sum() / total).item())
+            metrics["minor_weight_min"].append(weight_min.min().item())
+            metrics["minor_weight_max"].append(weight_max.max().item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # `SFTTrainer.log` averages each metric over the logging window; the extremes take their min and max instead
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for key, reduce in (("minor_weight_min", min), ("minor_weight_max", max)):
+            if metrics.get(key):
+                metrics[key] = [reduce(metrics[key])]
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_prepared_dataset(self, train_dataset) -> None:
+        """TRL drops the examples that truncation leaves without answer tokens: say so, and stop if none is left."""
+        if not isinstance(train_dataset, Dataset) or self._skip_prepare_dataset or self.args.packing:
+            return
+        num_dropped = len(train_dataset) - len(self.train_dataset)
+        if len(self.train_dataset) == 0:
+            raise ValueError(
+                f"All {len(train_dataset)} training examples lost their answer tokens to truncation at "
+                f"max_length={self.args.max_length}: nothing is left to train on. Raise `max_length` (or set it to "
+                "None), or shorten the prompts."
+            )
+        if num_dropped:
+            logger.warning(
+                f"{num_dropped} of {len(train_dataset)} training examples lost all their answer tokens to truncation "
+                f"at max_length={self.args.max_length} and were dropped. Raise `max_length` to keep them."
+            )
+
+
+def _as_minor_sft_config(args, model) -> MinorSFTConfig:
+    """`None`, a plain `TrainingArguments` or an `SFTConfig` become a `MinorSFTConfig` (as `SFTTrainer` does)."""
+    if args is None:
+        model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return MinorSFTConfig(f"{model_name.split('/')[-1]}-MinorSFT")
+    if isinstance(args, MinorSFTConfig):
+        return args
+    dict_args = args.to_dict()
+    dict_args["hub_token"] = args.hub_token  # `to_dict` hides it
+    return MinorSFTConfig(**dict_args)
+
+
+def _check_inputs(args, model, ref_model, train_dataset, compute_loss_func, quantization_config, peft_config):
+    """Errors that must stop a run before it loads or prepares anything."""
+    if train_dataset is not None and isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
+        raise ValueError("`train_dataset` is empty: pass a dataset with at least one example.")
+    quantized = quantization_config is not None or getattr(model, "is_loaded_in_4bit", False) or getattr(
+        model, "is_loaded_in_8bit", False
+    )
+    if quantized and peft_config is None and not is_peft_model(model):
+        raise ValueError(
+            "The model is quantized (4-bit or 8-bit) but no `peft_config` was given: quantized weights cannot be "
+            "trained directly. Pass a `peft_config` (e.g. `peft.LoraConfig(...)`, or `--use_peft` in a recipe) to "
+            "train LoRA adapters on top of it (QLoRA)."
+        )
+    if ref_model is not None and args.ref_model_name_or_path is not None:
+        raise ValueError(
+            f"Both `ref_model` and `ref_model_name_or_path={args.ref_model_name_or_path!r}` are set: keep one."
+        )
+    if args.loss_type not in REFERENCE_LOSS_TYPES:
+        return
+    if compute_loss_func is not None:
+        raise ValueError(
+            f"`compute_loss_func` replaces the loss, which contradicts loss_type={args.loss_type!r}. Drop one of them."
+        )
+    if args.label_smoothing_factor > 0:
+        raise ValueError(
+            f"label_smoothing_factor={args.label_smoothing_factor} is not supported with loss_type="
+            f"{args.loss_type!r}. Set `label_smoothing_factor=0`."
+        )
+    if args.packing and args.packing_strategy == "wrapped":
+        raise ValueError(
+            f"packing_strategy='wrapped' cuts examples in the middle, so loss_type={args.loss_type!r} cannot tell one "
+            "example from the next. Use packing_strategy='bfd' (the default)."
+        )
+    parallelism = args.parallelism_config
+    if parallelism is not None and (parallelism.tp_enabled or parallelism.cp_enabled or parallelism.sp_enabled):
+        raise ValueError(
+            f"loss_type={args.loss_type!r} does not support tensor, context or sequence parallelism, which split one "
+            "example across processes. Use data parallelism (DDP, FSDP, DeepSpeed ZeRO)."
+        )

@@ -1,0 +1,91 @@
+"""Tiny, offline, deterministic stand-ins for a real model, tokenizer and dataset."""
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per byte) with ChatML special tokens and a chat template."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {char: i for i, char in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token="<|im_start|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def make_model(tokenizer, seed: int = 0, **config_overrides) -> LlamaForCausalLM:
+    """A randomly initialised 2-layer Llama, hidden size 32, on the tokenizer's vocabulary."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **config_overrides,
+    )
+    return LlamaForCausalLM(config)
+
+
+PROMPTS = ["2+2=", "capital of France?", "3*3=", "sky colour?", "10-7=", "opposite of hot?", "5+6=", "say hi"]
+COMPLETIONS = [" 4", " Paris", " 9", " blue, mostly", " 3", " cold", " 11", " hi there, friend"]
+
+
+def prompt_completion_dataset(n: int = 8) -> Dataset:
+    """`n` prompt-completion examples with answers of different lengths."""
+    return Dataset.from_dict({"prompt": PROMPTS[:n], "completion": COMPLETIONS[:n]})
+
+
+def conversational_dataset(n: int = 8) -> Dataset:
+    """`n` conversations (user, assistant), for assistant-only loss."""
+    return Dataset.from_dict(
+        {
+            "messages": [
+                [{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}]
+                for p, c in zip(PROMPTS[:n], COMPLETIONS[:n], strict=True)
+            ]
+        }
+    )
+
+
+def cpu_args(output_dir, **overrides):
+    """A `MinorSFTConfig` for fast, deterministic CPU tests (full precision, no logging backends, no checkpoints)."""
+    from minorsft_trl import MinorSFTConfig
+
+    defaults = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=8,
+        max_length=64,
+    )
+    return MinorSFTConfig(**{**defaults, **overrides})
