@@ -20,7 +20,8 @@ class MinorSFTConfig(SFTConfig):
         loss_type (`str`, *optional*, defaults to `"minor_sft"`):
             - `"minor_sft"`: Minor SFT (arXiv 2408.10642, eq. 7), the per-example mean NLL weighted by
               `2 * sigmoid(-beta * log(pi_theta(y|x) / pi_ref(y|x)))`, averaged over the examples of the batch.
-            - `"sft_dpo"`: the paper's "SFT using DPO" (eq. 3), `-log sigmoid(beta * log(pi_theta(y|x) / pi_ref(y|x)))`.
+            - `"sft_dpo"`: the paper's "SFT using DPO" (eq. 3),
+              `-log sigmoid(beta * log(pi_theta(y|x) / pi_ref(y|x)))`.
             - `"nll"`, `"dft"`: TRL's own losses, unchanged (no reference unless `log_deviation=True`).
         beta (`float`, *optional*, defaults to `0.04`):
             Temperature of the implicit reward, as in DPO. The paper's best for both reference losses is `0.04`.

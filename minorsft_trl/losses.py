@@ -53,7 +53,7 @@ def minor_sft_loss(
 
 
 def sft_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
-    """"SFT using DPO" (paper eq. 3): DPO's loss on the chosen answer alone, `-log sigmoid(beta * r_i)`.
+    """The paper's "SFT using DPO" (eq. 3): DPO's loss on the chosen answer alone, `-log sigmoid(beta * r_i)`.
 
     Its gradient is `-beta * sigmoid(-beta * r_i) * grad log pi_theta(y_i | x_i)` (paper eq. 4): a sum over the
     answer tokens, not a mean. `logsigmoid` keeps it finite for any `|beta * r_i|`.

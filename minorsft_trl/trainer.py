@@ -334,8 +334,10 @@ def _check_inputs(args, model, ref_model, train_dataset, compute_loss_func, quan
     """Errors that must stop a run before it loads or prepares anything."""
     if train_dataset is not None and isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
         raise ValueError("`train_dataset` is empty: pass a dataset with at least one example.")
-    quantized = quantization_config is not None or getattr(model, "is_loaded_in_4bit", False) or getattr(
-        model, "is_loaded_in_8bit", False
+    quantized = (
+        quantization_config is not None
+        or getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
     )
     if quantized and peft_config is None and not is_peft_model(model):
         raise ValueError(
