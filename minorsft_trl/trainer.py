@@ -3,6 +3,7 @@
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -118,7 +119,7 @@ class MinorSFTTrainer(SFTTrainer):
         _check_inputs(args, model, ref_model, train_dataset, compute_loss_func, quantization_config, peft_config)
         # The per-example losses normalise by the examples of the whole optimizer step, see `get_batch_samples`
         self.loss_is_scaled_for_ga = True if args.loss_type in REFERENCE_LOSS_TYPES else None
-        policy_has_own_adapter = is_peft_model(model) and peft_config is None
+        policy_has_own_adapter = _is_peft_model(model) and peft_config is None
 
         with _loss_type_seen_by_trl(args):
             super().__init__(
@@ -318,6 +319,10 @@ class MinorSFTTrainer(SFTTrainer):
             )
 
 
+def _is_peft_model(model: "str | torch.nn.Module") -> bool:
+    return not isinstance(model, str) and is_peft_model(model)
+
+
 def _as_minor_sft_config(args, model) -> MinorSFTConfig:
     """`None`, a plain `TrainingArguments` or an `SFTConfig` become a `MinorSFTConfig` (as `SFTTrainer` does)."""
     if args is None:
@@ -325,9 +330,8 @@ def _as_minor_sft_config(args, model) -> MinorSFTConfig:
         return MinorSFTConfig(f"{model_name.split('/')[-1]}-MinorSFT")
     if isinstance(args, MinorSFTConfig):
         return args
-    dict_args = args.to_dict()
-    dict_args["hub_token"] = args.hub_token  # `to_dict` hides it
-    return MinorSFTConfig(**dict_args)
+    # Field by field: `to_dict` masks every `*_token` field, `eos_token` and `pad_token` included
+    return MinorSFTConfig(**{f.name: getattr(args, f.name) for f in fields(args) if f.init})
 
 
 def _check_inputs(args, model, ref_model, train_dataset, compute_loss_func, quantization_config, peft_config):
@@ -339,7 +343,7 @@ def _check_inputs(args, model, ref_model, train_dataset, compute_loss_func, quan
         or getattr(model, "is_loaded_in_4bit", False)
         or getattr(model, "is_loaded_in_8bit", False)
     )
-    if quantized and peft_config is None and not is_peft_model(model):
+    if quantized and peft_config is None and not _is_peft_model(model):
         raise ValueError(
             "The model is quantized (4-bit or 8-bit) but no `peft_config` was given: quantized weights cannot be "
             "trained directly. Pass a `peft_config` (e.g. `peft.LoraConfig(...)`, or `--use_peft` in a recipe) to "

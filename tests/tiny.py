@@ -33,7 +33,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 def make_model(tokenizer, seed: int = 0, **config_overrides) -> LlamaForCausalLM:
     """A randomly initialised 2-layer Llama, hidden size 32, on the tokenizer's vocabulary."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -44,9 +44,8 @@ def make_model(tokenizer, seed: int = 0, **config_overrides) -> LlamaForCausalLM
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        **config_overrides,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**{**config_kwargs, **config_overrides}))
 
 
 PROMPTS = ["2+2=", "capital of France?", "3*3=", "sky colour?", "10-7=", "opposite of hot?", "5+6=", "say hi"]

@@ -1,0 +1,181 @@
+"""Where the reference comes from, that it stays frozen, and that the reference pass leaves the policy untouched."""
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
+from test_gradients import lora_config, whole_dataset_batch
+from tiny import cpu_args, make_model, prompt_completion_dataset
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from trl.trainer.utils import add_fused_lm_head
+
+from minorsft_trl import MinorSFTTrainer
+
+
+def four_bit_config():
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
+def train_args(tmp_path, **overrides):
+    """A few steps at a high learning rate, so the policy moves visibly away from where it started."""
+    return cpu_args(tmp_path, max_steps=4, learning_rate=5e-2, per_device_train_batch_size=4, **overrides)
+
+
+def fused_logps(model, batch):
+    with torch.no_grad():
+        return model(**batch, use_cache=False, fused_lm_head=True).log_probs
+
+
+def pristine(model_dir, **init_kwargs):
+    """The base model loaded afresh from disk, with TRL's fused LM head."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **init_kwargs).eval()
+    add_fused_lm_head(model)
+    return model
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora-4bit"])
+def test_adapter_disabled_reference_equals_a_pristine_base_after_training(
+    tmp_path, tokenizer, tiny_model_dir, quantized
+):
+    init_kwargs = {"quantization_config": four_bit_config()} if quantized else {}
+    trainer = MinorSFTTrainer(
+        tiny_model_dir,
+        args=train_args(tmp_path),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        **init_kwargs,
+    )
+    trainer.train()
+    batch = whole_dataset_batch(trainer)
+    base_logps = fused_logps(pristine(tiny_model_dir, **init_kwargs), batch)
+
+    torch.testing.assert_close(trainer._reference_token_logps(batch), base_logps, rtol=0, atol=0)
+    # The policy did move, and the reference pass reads the policy's own (single) copy of the base weights
+    assert not torch.allclose(fused_logps(trainer.model, batch), base_logps, atol=1e-3)
+    assert trainer.ref_model is None
+
+
+def test_reference_pass_restores_adapters_and_train_mode_even_when_the_forward_raises(tmp_path, tokenizer):
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=train_args(tmp_path),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    model = trainer.model
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.3)
+    model.train()
+    batch = whole_dataset_batch(trainer)
+    before = fused_logps(model, batch)
+
+    def fail(*_):
+        raise RuntimeError("forward failed")
+
+    hook = model.get_input_embeddings().register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        trainer._reference_token_logps(batch)
+    hook.remove()
+
+    assert model.training
+    lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert lora_layers and not any(layer.disable_adapters for layer in lora_layers)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if "lora_" in n
+    }
+    torch.testing.assert_close(fused_logps(model, batch), before, rtol=0, atol=0)
+
+
+def test_policy_log_probs_are_bit_identical_with_and_without_a_reference_pass(tmp_path, tokenizer):
+    config = lora_config()
+    config.lora_dropout = 0.2
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer, attention_dropout=0.2),
+        args=train_args(tmp_path),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=config,
+    )
+    model = trainer.model
+    model.train()
+    batch = whole_dataset_batch(trainer)
+
+    def policy_logps(seed, with_reference_pass):
+        torch.manual_seed(seed)
+        if with_reference_pass:
+            trainer._reference_token_logps(batch)
+        return model(**batch, use_cache=False, fused_lm_head=True).log_probs.detach()
+
+    without = policy_logps(0, with_reference_pass=False)
+    assert not torch.equal(without, policy_logps(1, with_reference_pass=False)), "dropout must be active"
+    assert torch.equal(policy_logps(0, with_reference_pass=True), without)
+
+
+def test_retrained_adapter_is_compared_with_a_frozen_copy_of_itself(tmp_path, tokenizer):
+    model = get_peft_model(make_model(tokenizer), lora_config())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)  # a "pretrained" adapter, not the base model
+    initial = copy.deepcopy(model)  # taken before the trainer patches the forward
+    add_fused_lm_head(initial.get_base_model())
+
+    trainer = MinorSFTTrainer(
+        model, args=train_args(tmp_path), train_dataset=prompt_completion_dataset(), processing_class=tokenizer
+    )
+    assert "ref" in trainer.model.peft_config
+    ref_params = [p for n, p in trainer.model.named_parameters() if ".ref." in n]
+    assert ref_params and not any(p.requires_grad for p in ref_params)
+    trainer.train()
+
+    batch = whole_dataset_batch(trainer)
+    initial_logps = fused_logps(initial.eval(), batch)
+    torch.testing.assert_close(trainer._reference_token_logps(batch), initial_logps)
+    assert not torch.allclose(fused_logps(trainer.model, batch), initial_logps, atol=1e-3)
+    assert trainer.model.active_adapter == "default"
+
+
+def test_full_fine_tuning_reference_is_a_frozen_copy_loaded_from_the_policy_path(tmp_path, tokenizer, tiny_model_dir):
+    trainer = MinorSFTTrainer(
+        tiny_model_dir,
+        args=train_args(tmp_path),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+    )
+    reference = trainer.ref_model
+    assert reference is not None and reference is not trainer.model
+    assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+    trainer.train()
+
+    batch = whole_dataset_batch(trainer)
+    base_logps = fused_logps(pristine(tiny_model_dir), batch)
+    torch.testing.assert_close(trainer._reference_token_logps(batch), base_logps, rtol=0, atol=0)
+    assert not torch.allclose(fused_logps(trainer.model, batch), base_logps, atol=1e-3)
+
+
+@pytest.mark.parametrize("as_path", [True, False], ids=["path", "model"])
+def test_explicit_reference_is_used_as_given(tmp_path, tokenizer, tiny_model_dir, as_path):
+    ref_model = tiny_model_dir if as_path else pristine(tiny_model_dir)
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer, seed=3),
+        args=train_args(tmp_path),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        ref_model=ref_model,
+    )
+    batch = whole_dataset_batch(trainer)
+    torch.testing.assert_close(
+        trainer._reference_token_logps(batch), fused_logps(pristine(tiny_model_dir), batch), rtol=0, atol=0
+    )
