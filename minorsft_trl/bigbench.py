@@ -1,0 +1,115 @@
+"""Google's BIG-bench tasks as datasets, read offline from the `bigbench` source package on PyPI.
+
+`bigbench:<task>` (e.g. `bigbench:unit_conversion/si_conversion`) names a task wherever a dataset name is expected.
+The 358 MB source tarball is fetched once from PyPI (checked against its sha256; it is never `pip install`ed), each
+task's `task.json` is read out of it into the cache, and the examples are split with a fixed seed into disjoint
+train and test sets.
+"""
+
+import difflib
+import json
+import random
+import shutil
+import tarfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .cache import cache_root, cached_directory, file_sha256
+
+SCHEME = "bigbench:"
+TARBALL_NAME = "bigbench-1.0.0.tar.gz"
+TARBALL_URL = (
+    "https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
+    + TARBALL_NAME
+)
+TARBALL_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+TASKS_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+
+
+def tarball() -> Path:
+    """The BIG-bench source tarball, downloaded from PyPI into the cache on first use."""
+    entry = cached_directory(
+        cache_root() / "bigbench" / "source", {"sha256": TARBALL_SHA256}, lambda out: _download(out / TARBALL_NAME)
+    )
+    return entry / TARBALL_NAME
+
+
+def _download(path: Path) -> None:
+    print(f"Downloading {TARBALL_URL} (358 MB, once) ...", flush=True)
+    with urllib.request.urlopen(TARBALL_URL, timeout=60) as response, open(path, "wb") as file:
+        shutil.copyfileobj(response, file, length=1 << 22)
+    if file_sha256(path) != TARBALL_SHA256:
+        raise OSError(f"{TARBALL_URL} does not have the expected sha256 {TARBALL_SHA256}; try again.")
+
+
+def load_task(task: str) -> dict[str, Any]:
+    """The `task.json` of a BIG-bench JSON task, e.g. `"unit_conversion/si_conversion"`."""
+    key = {"tarball_sha256": TARBALL_SHA256, "task": task}
+    entry = cached_directory(cache_root() / "bigbench" / "tasks" / task.replace("/", "__"), key, _extractor(task))
+    return json.loads((entry / "task.json").read_text())
+
+
+def _extractor(task: str):
+    def extract(out: Path) -> None:
+        member_name = f"{TASKS_PREFIX}{task}/task.json"
+        available = []
+        with tarfile.open(tarball()) as archive:
+            for member in archive:
+                if member.name == member_name:
+                    (out / "task.json").write_bytes(archive.extractfile(member).read())
+                    return
+                if member.name.startswith(TASKS_PREFIX) and member.name.endswith("/task.json"):
+                    available.append(member.name.removeprefix(TASKS_PREFIX).removesuffix("/task.json"))
+        close = difflib.get_close_matches(task, available, n=5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"BIG-bench has no JSON task {task!r} (programmatic tasks are not supported).{hint} "
+            f"Tasks are named by their folder under bigbench/benchmark_tasks, e.g. 'unit_conversion/si_conversion'."
+        )
+
+    return extract
+
+
+def multiple_choice_examples(task: str) -> list[dict[str, Any]]:
+    """The task's multiple-choice examples as prompt-completion pairs with their choices.
+
+    Each example has `prompt` (the question, trailing spaces stripped), `completion` (the correct choice, after one
+    space), `choices` (every choice, same form) and `answer` (index of the correct choice in `choices`).
+    """
+    data = load_task(task)
+    examples = []
+    for example in data["examples"]:
+        scores = example.get("target_scores")
+        if not scores:
+            continue
+        choices = [" " + choice.strip() for choice in scores]
+        prompt = example["input"].rstrip()
+        if data.get("append_choices_to_input", True):
+            prompt += "".join(f"\n choice: {choice.strip()}" for choice in scores) + "\nAnswer:"
+        answer = max(range(len(choices)), key=lambda i: list(scores.values())[i])
+        examples.append({"prompt": prompt, "completion": choices[answer], "choices": choices, "answer": answer})
+    if not examples:
+        raise ValueError(f"BIG-bench task {task!r} has no multiple-choice examples (`target_scores`).")
+    return examples
+
+
+def load_splits(task: str, test_size: int, seed: int = 0):
+    """A `DatasetDict` with disjoint `train` and `test` splits of the task, shuffled with `seed`.
+
+    `test` holds `test_size` examples; `train` holds the rest, in shuffled order (take its first N for a smaller
+    training set: the test split does not change).
+    """
+    from datasets import Dataset, DatasetDict
+
+    examples = multiple_choice_examples(task)
+    if not 0 < test_size < len(examples):
+        raise ValueError(
+            f"test_size must be between 1 and {len(examples) - 1} for BIG-bench task {task!r} "
+            f"({len(examples)} examples), got {test_size}."
+        )
+    random.Random(seed).shuffle(examples)
+    return DatasetDict(
+        test=Dataset.from_list(examples[:test_size]),
+        train=Dataset.from_list(examples[test_size:]),
+    )

@@ -1,0 +1,50 @@
+"""The paper's Figure 1 for one run: loss, deviation m_theta and the Minor SFT weight over training steps."""
+
+from pathlib import Path
+
+PANEL_TITLES = {"deviation": "deviation m_theta (eq. 8)", "minor_weight": "minor weight 2σ(-βr)"}
+
+
+def plot_training_curves(log_history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Save a PNG with one panel per logged curve: `loss`, `deviation` and (for minor_sft) `minor_weight` with its
+    min-max band. `log_history` is `Trainer.state.log_history`; curves that were not logged are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [log for log in log_history if "loss" in log]
+    evaluation = [log for log in log_history if "eval_loss" in log]
+    panels = [key for key in ("loss", "deviation", "minor_weight") if any(key in log for log in train)]
+    if not panels:
+        raise ValueError("The log history holds no training loss: nothing to plot (was `logging_steps` reached?).")
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for axis, key in zip(axes[0], panels, strict=True):
+        logged = [log for log in train if key in log]
+        steps = [log["step"] for log in logged]
+        axis.plot(steps, [log[key] for log in logged], marker=".", label="train")
+        if key == "minor_weight":
+            axis.fill_between(
+                steps,
+                [log["minor_weight_min"] for log in logged],
+                [log["minor_weight_max"] for log in logged],
+                alpha=0.25,
+                label="min-max",
+            )
+            axis.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        eval_logged = [log for log in evaluation if f"eval_{key}" in log]
+        if eval_logged:
+            eval_steps = [log["step"] for log in eval_logged]
+            axis.plot(eval_steps, [log[f"eval_{key}"] for log in eval_logged], marker="o", label="eval")
+        axis.set_xlabel("step")
+        axis.set_title(PANEL_TITLES.get(key, key))
+        axis.grid(alpha=0.3)
+        axis.legend()
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
