@@ -31,6 +31,17 @@ class MinorSFTConfig(SFTConfig):
         log_deviation (`bool`, *optional*, defaults to `False`):
             With `loss_type="nll"` or `"dft"`, run the reference forward anyway to log `deviation` and `log_ratio`, so
             plain SFT compares with Minor SFT on the same scale. Costs one no-grad forward per step.
+        precompute_ref_log_probs (`bool`, *optional*, defaults to `False`):
+            Compute the reference's summed answer log-prob of every train and eval example once, before training,
+            and cache it on disk, keyed by the reference weights (a content hash), the tokenised data and the
+            settings that shape it. Training then runs no reference forward and frees a separate reference model. A
+            second run with another learning rate or beta reuses the cache.
+        precompute_ref_batch_size (`int`, *optional*):
+            Batch size of the precompute pass; defaults to `per_device_train_batch_size` (eval data:
+            `per_device_eval_batch_size`).
+        ref_cache_dir (`str`, *optional*):
+            Where the precomputed reference log-probs are cached. Defaults to `ref_logps` in the per-user cache
+            (`$MINORSFT_TRL_CACHE`, else `~/.cache/minorsft_trl`), so separate runs share it.
 
     Unlike `SFTConfig`, an unset `bf16` stays off on a machine without a bf16 accelerator (where TRL's default fails
     unless `use_cpu=True`).
@@ -61,6 +72,24 @@ class MinorSFTConfig(SFTConfig):
             "help": "With loss_type 'nll' or 'dft', run the reference forward to log `deviation` and `log_ratio`."
         },
     )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference log-probs of the train and eval data once, before training, and cache them "
+            "on disk: training then runs no reference forward and needs no reference weights."
+        },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size of the precompute pass. Defaults to the per-device train/eval batch size."},
+    )
+    ref_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of the precomputed reference cache, shared by runs. Defaults to "
+            "`$MINORSFT_TRL_CACHE/ref_logps` (`~/.cache/minorsft_trl/ref_logps`)."
+        },
+    )
 
     def __post_init__(self):
         # TRL turns bf16 on when unset, which transformers rejects on a machine without a bf16 accelerator unless
@@ -77,6 +106,13 @@ class MinorSFTConfig(SFTConfig):
             raise ValueError(f"beta must be a number > 0, got {self.beta!r} ({type(self.beta).__name__}).")
         if not math.isfinite(self.beta) or self.beta <= 0:
             raise ValueError(f"beta must be a finite number > 0, got {self.beta}. The paper's best is beta=0.04.")
+        if self.precompute_ref_log_probs and not self.uses_reference:
+            raise ValueError(
+                f"precompute_ref_log_probs=True with loss_type={self.loss_type!r} and log_deviation=False: there is "
+                "no reference to precompute. Drop precompute_ref_log_probs, or set log_deviation=True."
+            )
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            raise ValueError(f"precompute_ref_batch_size must be >= 1, got {self.precompute_ref_batch_size}.")
 
     @property
     def uses_reference(self) -> bool:

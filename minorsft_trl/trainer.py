@@ -1,23 +1,44 @@
 """`MinorSFTTrainer`: TRL's `SFTTrainer` with a reference-aware, per-example loss."""
 
+import hashlib
+import json
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from accelerate.utils import is_peft_model
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainingArguments
 from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import add_fused_lm_head, create_model_from_path, get_config_model_id, use_adapter
+from trl.trainer.utils import (
+    add_fused_lm_head,
+    create_model_from_path,
+    get_config_model_id,
+    global_then_local_main_first,
+    use_adapter,
+)
 
+from .cache import cache_root, cached_directory
 from .config import REFERENCE_LOSS_TYPES, TRL_LOSS_TYPES, MinorSFTConfig
 from .examples import ExampleIndex
 from .losses import deviation, minor_sft_loss, minor_sft_weight, sft_dpo_loss
+from .precompute import (
+    CACHE_FORMAT,
+    REF_LOGPS,
+    WithRefLogps,
+    dataset_fingerprint,
+    module_fingerprint,
+    rows_examples,
+    split_per_row,
+)
 from .reference import (
     add_reference_adapter,
     check_same_vocabulary,
@@ -116,7 +137,9 @@ class MinorSFTTrainer(SFTTrainer):
         ref_model: "str | PreTrainedModel | None" = None,
     ):
         args = _as_minor_sft_config(args, model)
-        _check_inputs(args, model, ref_model, train_dataset, compute_loss_func, quantization_config, peft_config)
+        _check_inputs(
+            args, model, ref_model, train_dataset, eval_dataset, compute_loss_func, quantization_config, peft_config
+        )
         # The per-example losses normalise by the examples of the whole optimizer step, see `get_batch_samples`
         self.loss_is_scaled_for_ga = True if args.loss_type in REFERENCE_LOSS_TYPES else None
         policy_has_own_adapter = _is_peft_model(model) and peft_config is None
@@ -142,8 +165,11 @@ class MinorSFTTrainer(SFTTrainer):
         self._check_prepared_dataset(train_dataset)
 
         self.ref_model = None
+        self._reference_released = False
         if args.uses_reference:
             self.ref_model = self._load_reference(ref_model, quantization_config, policy_has_own_adapter)
+        if args.precompute_ref_log_probs:
+            self._attach_precomputed_reference()
 
     # ------------------------------------------------------------------ reference
 
@@ -192,6 +218,11 @@ class MinorSFTTrainer(SFTTrainer):
 
     def _reference_token_logps(self, inputs: dict[str, Any]) -> torch.Tensor:
         """`(batch, seq_len - 1)` per-token log-probs of the reference on the batch (zero where the label is -100)."""
+        if self._reference_released:
+            raise ValueError(
+                "The reference model was released after its log-probs were precomputed for the datasets given at "
+                "init, and this batch has none. Pass every evaluation dataset to the trainer's `eval_dataset`."
+            )
         if self.ref_model is not None:
             model, adapter = self.ref_model, nullcontext()
         else:
@@ -200,6 +231,94 @@ class MinorSFTTrainer(SFTTrainer):
         ref_inputs = {k: v for k, v in inputs.items() if k not in ("output_router_logits", "use_cache")}
         with reference_mode(model), adapter:
             return model(**ref_inputs, use_cache=False, fused_lm_head=True).log_probs
+
+    def _reference_logps(self, inputs: dict[str, Any], index: ExampleIndex) -> torch.Tensor:
+        """`(num_examples,)` summed answer log-probs of the reference, by a reference forward on the batch."""
+        # Prompt-learning PEFT prepends virtual tokens to the policy's outputs only: align from the right
+        return index.sum(self._reference_token_logps(inputs)[:, -index.answer_mask.size(1) :])
+
+    # ------------------------------------------------------------------ precomputed reference
+
+    def _attach_precomputed_reference(self) -> None:
+        """Give every train and eval row its examples' reference log-probs (from the cache, or computed once), feed
+        them through the collator, and release a separate reference model: training needs only the numbers."""
+        args = self.args
+        self.train_dataset = self._precomputed(
+            self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size
+        )
+        if self.eval_dataset is not None:
+            eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    name: self._precomputed(dataset, f"eval {name}", eval_batch_size)
+                    for name, dataset in self.eval_dataset.items()
+                }
+            else:
+                self.eval_dataset = self._precomputed(self.eval_dataset, "eval", eval_batch_size)
+        self.data_collator = WithRefLogps(self.data_collator)
+        if self.ref_model is not None:
+            self.ref_model = None
+            self._reference_released = True
+
+    def _precomputed(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """`dataset` with a `ref_logps` column (one list of floats per row), read from the cache if it holds this
+        exact reference and data, else computed and cached. The global main process computes, the others read."""
+        key = self._ref_cache_key(dataset)
+        entry_name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        entry = Path(self.args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
+
+        def compute(out: Path) -> None:
+            np.save(out / "ref_logps.npy", self._compute_ref_logps(dataset, name, batch_size), allow_pickle=False)
+
+        with global_then_local_main_first():
+            cached_directory(entry, key, compute)
+        values = np.load(entry / "ref_logps.npy", allow_pickle=False)
+        return dataset.add_column(REF_LOGPS, split_per_row(values, rows_examples(dataset)))
+
+    def _compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> np.ndarray:
+        """The summed answer log-probs of the reference for every example of `dataset`, in dataset order."""
+        values = []
+        for start in tqdm(range(0, len(dataset), batch_size), desc=f"Reference log-probs ({name})"):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = self._prepare_inputs(self.data_collator(rows))
+            index = ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
+            with self.compute_loss_context_manager():
+                values.append(self._reference_logps(batch, index).float().cpu())
+        return torch.cat(values).numpy()
+
+    def _ref_cache_key(self, dataset: Dataset) -> dict[str, Any]:
+        """Everything the precomputed numbers depend on: the reference weights, the tokenised data (tokens, loss
+        mask, packing into rows), the settings that shaped it, the batch layout and the precision."""
+        if not hasattr(self, "_reference_fingerprint"):
+            self._reference_fingerprint = self._fingerprint_reference()
+        args = self.args
+        return {
+            "format": CACHE_FORMAT,
+            "reference": self._reference_fingerprint,
+            "data": dataset_fingerprint(dataset),
+            "max_length": args.max_length,
+            "truncation_mode": args.truncation_mode,
+            "packing": [args.packing, args.packing_strategy, args.eval_packing],
+            "padding_free": self.padding_free,
+            "completion_only_loss": self.completion_only_loss,
+            "assistant_only_loss": args.assistant_only_loss,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        }
+
+    def _fingerprint_reference(self) -> str:
+        """A content hash of the weights the reference pass runs, tagged with where they come from."""
+        if self.ref_model is not None:
+            return "separate:" + module_fingerprint(self.accelerator.unwrap_model(self.ref_model))
+        model = self.accelerator.unwrap_model(self.model)
+        adapter = reference_adapter_name(model)
+        other_adapters = [f".{name}." for name in model.peft_config if name != adapter]
+        fingerprint = module_fingerprint(model, skip=lambda name: any(a in name for a in other_adapters))
+        return f"adapter {adapter}:{fingerprint}" if adapter else f"adapters disabled:{fingerprint}"
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.precompute_ref_log_probs and REF_LOGPS not in self._signature_columns:
+            self._signature_columns.append(REF_LOGPS)
 
     # ------------------------------------------------------------------ loss
 
@@ -226,13 +345,18 @@ class MinorSFTTrainer(SFTTrainer):
 
         mode = "train" if self.model.training else "eval"
         index = ExampleIndex.from_batch(inputs["labels"], inputs.get("position_ids"))
-        num_predictions = index.answer_mask.size(1)
-        # Reference first: its activations are freed before the policy's graph is built.
-        # Prompt-learning PEFT prepends virtual tokens to the policy's outputs only: align from the right.
-        ref_logps = index.sum(self._reference_token_logps(inputs)[:, -num_predictions:])
+        ref_logps = inputs.pop(REF_LOGPS, None)
+        if ref_logps is None:
+            # Reference first: its activations are freed before the policy's graph is built
+            ref_logps = self._reference_logps(inputs, index)
+        elif ref_logps.numel() != index.num_examples:
+            raise RuntimeError(
+                f"The batch carries {ref_logps.numel()} precomputed reference log-probs for {index.num_examples} "
+                "examples: the data changed after the precompute. Recreate the trainer to recompute them."
+            )
         recorder = _FusedForwardRecorder(model)
         trl_result = super().compute_loss(recorder, inputs, return_outputs, num_items_in_batch)
-        policy_logps = index.sum(recorder.outputs.log_probs[:, -num_predictions:])
+        policy_logps = index.sum(recorder.outputs.log_probs[:, -index.answer_mask.size(1) :])
 
         log_ratio = policy_logps.detach() - ref_logps
         self._log_reference_metrics(mode, log_ratio, index.num_tokens)
@@ -334,7 +458,9 @@ def _as_minor_sft_config(args, model) -> MinorSFTConfig:
     return MinorSFTConfig(**{f.name: getattr(args, f.name) for f in fields(args) if f.init})
 
 
-def _check_inputs(args, model, ref_model, train_dataset, compute_loss_func, quantization_config, peft_config):
+def _check_inputs(
+    args, model, ref_model, train_dataset, eval_dataset, compute_loss_func, quantization_config, peft_config
+):
     """Errors that must stop a run before it loads or prepares anything."""
     if train_dataset is not None and isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
         raise ValueError("`train_dataset` is empty: pass a dataset with at least one example.")
@@ -348,6 +474,17 @@ def _check_inputs(args, model, ref_model, train_dataset, compute_loss_func, quan
             "The model is quantized (4-bit or 8-bit) but no `peft_config` was given: quantized weights cannot be "
             "trained directly. Pass a `peft_config` (e.g. `peft.LoraConfig(...)`, or `--use_peft` in a recipe) to "
             "train LoRA adapters on top of it (QLoRA)."
+        )
+    if args.precompute_ref_log_probs and (
+        isinstance(train_dataset, IterableDataset)
+        or any(
+            isinstance(d, IterableDataset)
+            for d in (eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])
+        )
+    ):
+        raise ValueError(
+            "precompute_ref_log_probs=True needs map-style datasets: a streaming (IterableDataset) dataset cannot be "
+            "gone through before training. Load the data without streaming, or set precompute_ref_log_probs=False."
         )
     if ref_model is not None and args.ref_model_name_or_path is not None:
         raise ValueError(

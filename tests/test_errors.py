@@ -93,3 +93,18 @@ def test_policy_as_its_own_reference(tmp_path, tokenizer):
 def test_options_that_contradict_a_per_example_loss(tmp_path, tokenizer, overrides, kwargs, message):
     with pytest.raises(ValueError, match=message):
         build(tmp_path, tokenizer, args=cpu_args(tmp_path, **overrides), peft_config=lora_config(), **kwargs)
+
+
+def test_precompute_on_a_streaming_dataset(tmp_path, tokenizer):
+    from datasets import IterableDataset
+
+    rows = prompt_completion_dataset().to_list()
+    streaming = IterableDataset.from_generator(lambda: iter(rows))
+    args = cpu_args(tmp_path, precompute_ref_log_probs=True, max_steps=1)
+    with pytest.raises(ValueError, match=r"precompute_ref_log_probs=True needs map-style datasets.*streaming"):
+        build(tmp_path, tokenizer, dataset=streaming, args=args, peft_config=lora_config())
+
+
+def test_precompute_without_a_reference(tmp_path):
+    with pytest.raises(ValueError, match="no reference to precompute"):
+        MinorSFTConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="nll", precompute_ref_log_probs=True)

@@ -1,0 +1,165 @@
+"""Reference log-probs computed once and cached: same training as on the fly, and a cache that is never trusted
+blindly."""
+
+import numpy as np
+import pytest
+import torch
+from test_gradients import BETA, lora_config, one_step_gradients, step_args
+from tiny import conversational_dataset, cpu_args, make_model, prompt_completion_dataset
+
+from minorsft_trl import MinorSFTTrainer
+
+
+@pytest.fixture
+def count_reference_passes(monkeypatch):
+    """Counts the precompute passes over a dataset (each one a sequence of reference forwards)."""
+    calls = []
+    original = MinorSFTTrainer._compute_ref_logps
+
+    def counting(self, dataset, name, batch_size):
+        calls.append(name)
+        return original(self, dataset, name, batch_size)
+
+    monkeypatch.setattr(MinorSFTTrainer, "_compute_ref_logps", counting)
+    return calls
+
+
+def build(tmp_path, tokenizer, dataset=None, ref_seed=None, args_fn=cpu_args, **overrides):
+    overrides.setdefault("ref_cache_dir", str(tmp_path / "ref-cache"))
+    overrides.setdefault("beta", BETA)
+    kwargs = {"ref_model": make_model(tokenizer, seed=ref_seed)} if ref_seed is not None else {}
+    return MinorSFTTrainer(
+        make_model(tokenizer),
+        args=args_fn(tmp_path / "out", **overrides),
+        train_dataset=dataset if dataset is not None else prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=None if ref_seed is not None else lora_config(),
+        **kwargs,
+    )
+
+
+ACCUMULATE_2 = {"gradient_accumulation_steps": 2}
+
+
+def no_reference_forward(*args, **kwargs):
+    raise AssertionError("a reference forward ran although the reference log-probs were precomputed")
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(),
+        dict(ref_seed=1),
+        dict(ref_seed=1, packing=True),
+        dict(ref_seed=1, padding_free=True, max_length=None, per_device_train_batch_size=4, **ACCUMULATE_2),
+    ],
+    ids=["lora, adapters disabled", "separate reference", "packed", "padding-free, accumulation"],
+)
+@pytest.mark.parametrize("loss_type", ["minor_sft", "sft_dpo"])
+def test_precomputed_and_on_the_fly_reference_give_the_same_gradients(tmp_path, tokenizer, setting, loss_type):
+    def gradients(precompute):
+        trainer = build(
+            tmp_path, tokenizer, args_fn=step_args, loss_type=loss_type, precompute_ref_log_probs=precompute, **setting
+        )
+        if "ref_seed" in setting:
+            # A separate reference is released once its numbers are computed
+            assert (trainer.ref_model is None) == precompute
+        if precompute:
+            trainer._reference_token_logps = no_reference_forward
+        return one_step_gradients(trainer)
+
+    on_the_fly, precomputed = gradients(False), gradients(True)
+    for name, grad in on_the_fly.items():
+        torch.testing.assert_close(precomputed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_precomputed_training_logs_the_same_losses_and_deviation(tmp_path, tokenizer):
+    def history(precompute):
+        trainer = build(
+            tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=precompute, max_steps=3,
+            per_device_train_batch_size=4, learning_rate=1e-2,
+        )  # fmt: skip
+        trainer.train()
+        return [(log["loss"], log["deviation"]) for log in trainer.state.log_history if "loss" in log]
+
+    for (loss, dev), (loss_pre, dev_pre) in zip(history(False), history(True), strict=True):
+        assert loss_pre == pytest.approx(loss, rel=1e-5) and dev_pre == pytest.approx(dev, rel=1e-4, abs=1e-6)
+
+
+def test_second_run_with_another_learning_rate_and_beta_reuses_the_cache(tmp_path, tokenizer, count_reference_passes):
+    first = build(tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=True)
+    second = build(tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=True, learning_rate=0.3, beta=0.1)
+    assert count_reference_passes == ["train"]
+    assert first.train_dataset["ref_logps"] == second.train_dataset["ref_logps"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(ref_seed=2),  # other reference weights
+        dict(dataset=prompt_completion_dataset().map(lambda e: {"completion": e["completion"] + "?"})),
+        dict(max_length=12),
+        dict(packing=True),
+        dict(completion_only_loss=False),
+        dict(padding_free=True, max_length=None),
+        dict(dataset=conversational_dataset(), assistant_only_loss=True),
+    ],
+    ids=["reference weights", "data", "max_length", "packing", "completion-only", "padding-free", "assistant-only"],
+)
+def test_any_change_of_the_key_recomputes(tmp_path, tokenizer, count_reference_passes, change):
+    baseline = {"ref_seed": 1}
+    if "assistant_only_loss" in change:
+        baseline["dataset"] = conversational_dataset()
+    build(tmp_path, tokenizer, precompute_ref_log_probs=True, **baseline)
+    build(tmp_path, tokenizer, precompute_ref_log_probs=True, **{**baseline, **change})
+    assert count_reference_passes == ["train", "train"]
+
+
+def test_lora_cache_ignores_the_fresh_adapter_weights(tmp_path, tokenizer, count_reference_passes):
+    # With adapters disabled the reference is the base model: a new LoRA initialisation must not invalidate it
+    build(tmp_path, tokenizer, precompute_ref_log_probs=True)
+    build(tmp_path, tokenizer, precompute_ref_log_probs=True, seed=123)
+    assert count_reference_passes == ["train"]
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "deleted manifest"])
+def test_a_damaged_cache_is_rebuilt_not_trusted(tmp_path, tokenizer, count_reference_passes, damage):
+    first = build(tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=True)
+    (values_file,) = (tmp_path / "ref-cache").glob("*/ref_logps.npy")
+    if damage == "corrupt":
+        values = np.load(values_file)
+        np.save(values_file, values + 1.0)
+    elif damage == "truncated":
+        values_file.write_bytes(values_file.read_bytes()[:-8])
+    else:
+        (values_file.parent / "manifest.json").unlink()
+    second = build(tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=True)
+    assert count_reference_passes == ["train", "train"]
+    assert second.train_dataset["ref_logps"] == first.train_dataset["ref_logps"]
+
+
+def test_resume_from_checkpoint_reuses_the_cache(tmp_path, tokenizer, count_reference_passes):
+    settings = dict(
+        ref_seed=1, precompute_ref_log_probs=True, max_steps=2, per_device_train_batch_size=4, save_strategy="steps",
+        save_steps=1, learning_rate=1e-2,
+    )  # fmt: skip
+    build(tmp_path, tokenizer, **settings).train()
+    resumed = build(tmp_path, tokenizer, **{**settings, "max_steps": 3})
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert count_reference_passes == ["train"]
+    assert resumed.state.global_step == 3
+
+
+def test_eval_data_is_precomputed_too(tmp_path, tokenizer, count_reference_passes):
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(tmp_path, precompute_ref_log_probs=True, ref_cache_dir=str(tmp_path / "cache")),
+        train_dataset=prompt_completion_dataset(),
+        eval_dataset={"a": prompt_completion_dataset(4), "b": prompt_completion_dataset(2)},
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    assert count_reference_passes == ["train", "eval a", "eval b"]
+    metrics = trainer.evaluate()
+    # TRL logs its own metrics of every eval dataset under the "eval_" prefix; ours follow
+    assert metrics["eval_deviation"] == 0.0 and {"eval_a_loss", "eval_b_loss"} <= metrics.keys()
