@@ -74,27 +74,39 @@ def _extractor(task: str, archive_path: Path | None):
     return extract
 
 
-def multiple_choice_examples(task: str, archive: Path | None = None) -> list[dict[str, Any]]:
-    """The task's multiple-choice examples as prompt-completion pairs with their choices.
+def task_examples(task: str, archive: Path | None = None) -> list[dict[str, Any]]:
+    """The task's examples as prompt-completion pairs, with what scoring them needs.
 
-    Each example has `prompt` (the question, trailing spaces stripped), `completion` (the correct choice, after one
-    space), `choices` (every choice, same form) and `answer` (index of the correct choice in `choices`).
+    A multiple-choice task (examples with `target_scores`) gives `prompt` (the question, trailing spaces stripped),
+    `completion` (the correct choice, after one space), `choices` (every choice, same form) and `answer` (index of the
+    correct choice). An exact-match task (examples with `target` only) gives `prompt`, `completion` (the first
+    target, after one space) and `targets` (every accepted answer).
     """
     data = load_task(task, archive)
+    multiple_choice = any(example.get("target_scores") for example in data["examples"])
     examples = []
     for example in data["examples"]:
-        scores = example.get("target_scores")
-        if not scores:
-            continue
-        choices = [" " + choice.strip() for choice in scores]
         prompt = example["input"].rstrip()
-        if data.get("append_choices_to_input", True):
-            prompt += "".join(f"\n choice: {choice.strip()}" for choice in scores) + "\nAnswer:"
-        answer = max(range(len(choices)), key=lambda i: list(scores.values())[i])
-        examples.append({"prompt": prompt, "completion": choices[answer], "choices": choices, "answer": answer})
+        if multiple_choice:
+            scores = example.get("target_scores")
+            if not scores:
+                continue
+            choices = [" " + choice.strip() for choice in scores]
+            if data.get("append_choices_to_input", True) not in (False, "false"):
+                prompt += "".join(f"\n choice: {choice.strip()}" for choice in scores) + "\nAnswer:"
+            answer = max(range(len(choices)), key=lambda i: list(scores.values())[i])
+            examples.append({"prompt": prompt, "completion": choices[answer], "choices": choices, "answer": answer})
+        elif example.get("target"):
+            targets = [example["target"]] if isinstance(example["target"], str) else list(example["target"])
+            examples.append({"prompt": prompt, "completion": " " + targets[0].strip(), "targets": targets})
     if not examples:
-        raise ValueError(f"BIG-bench task {task!r} has no multiple-choice examples (`target_scores`).")
+        raise ValueError(f"BIG-bench task {task!r} has neither multiple-choice nor exact-match examples.")
     return examples
+
+
+def task_texts(task: str, archive: Path | None = None) -> list[str]:
+    """The raw `input` texts of a task, e.g. the news articles of `gem/xsum`, as held-out natural text."""
+    return [example["input"] for example in load_task(task, archive)["examples"] if example.get("input")]
 
 
 def load_splits(task: str, test_size: int, seed: int = 0, archive: Path | None = None):
@@ -105,7 +117,7 @@ def load_splits(task: str, test_size: int, seed: int = 0, archive: Path | None =
     """
     from datasets import Dataset, DatasetDict
 
-    examples = multiple_choice_examples(task, archive)
+    examples = task_examples(task, archive)
     if not 0 < test_size < len(examples):
         raise ValueError(
             f"test_size must be between 1 and {len(examples) - 1} for BIG-bench task {task!r} "

@@ -82,3 +82,71 @@ def multiple_choice_accuracy(model, tokenizer, dataset, batch_size: int = 32, de
     answers = dataset["answer"]
     correct = sum(max(range(len(s)), key=s.__getitem__) == a for s, a in zip(scores, answers, strict=True))
     return Accuracy(correct=correct, total=len(scores))
+
+
+def _normalise_answer(text: str) -> str:
+    """First line, lower case, single spaces, no trailing period: the form exact-match answers are compared in."""
+    first_line = text.strip().split("\n")[0]
+    return " ".join(first_line.lower().split()).rstrip(".").strip()
+
+
+@torch.no_grad()
+def exact_match_accuracy(
+    model, tokenizer, dataset, batch_size: int = 16, max_new_tokens: int = 16, desc: str = "Generating"
+) -> Accuracy:
+    """Accuracy on a dataset with `prompt` and `targets` columns: greedy generation, first line compared with every
+    accepted target (case, spacing and a final period ignored)."""
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues every prompt from its last token
+    device = next(model.parameters()).device
+    correct = 0
+    try:
+        for start in tqdm(range(0, len(dataset), batch_size), desc=desc):
+            rows = dataset[start : start + batch_size]
+            inputs = tokenizer(rows["prompt"], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            output = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            correct += sum(
+                _normalise_answer(answer) in {_normalise_answer(t) for t in targets}
+                for answer, targets in zip(answers, rows["targets"], strict=True)
+            )
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = padding_side
+    return Accuracy(correct=correct, total=len(dataset))
+
+
+def task_accuracy(model, tokenizer, dataset, desc: str = "Scoring") -> Accuracy:
+    """Multiple-choice accuracy if the dataset has `choices`, else exact-match accuracy on its `targets`."""
+    if "choices" in dataset.column_names:
+        return multiple_choice_accuracy(model, tokenizer, dataset, desc=desc)
+    return exact_match_accuracy(model, tokenizer, dataset, desc=desc)
+
+
+@torch.no_grad()
+def mean_token_nll(model, tokenizer, texts: list[str], max_tokens: int = 256, batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per predicted token of `texts` (each cut to its first `max_tokens` tokens)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc="Held-out text NLL"):
+            ids = [
+                torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens])
+                for text in texts[start : start + batch_size]
+            ]
+            input_ids = pad(ids, padding_value=pad_id).to(device)
+            attention_mask = pad([torch.ones_like(i) for i in ids], padding_value=0).to(device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+            token_logps = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+            mask = attention_mask[:, 1:].bool()
+            total_nll -= token_logps[mask].sum().item()
+            total_tokens += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return total_nll / total_tokens

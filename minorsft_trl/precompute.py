@@ -38,16 +38,27 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
-def module_fingerprint(module: torch.nn.Module, skip: Callable[[str], bool] = lambda name: False) -> str:
-    """A sha256 of a module's weights and buffers (names, dtypes, values), leaving out the names `skip` accepts."""
+def module_fingerprint(
+    module: torch.nn.Module, canonical_name: Callable[[str], str | None] = lambda name: name
+) -> str:
+    """A sha256 of a module's weights and buffers (names, dtypes, shapes, values). `canonical_name` renames each
+    entry of the state dict, or returns `None` to leave it out."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if skip(name) or not isinstance(tensor, torch.Tensor):
-            continue
+    entries = {canonical_name(name): tensor for name, tensor in module.state_dict().items()}
+    for name, tensor in sorted((n, t) for n, t in entries.items() if n is not None and isinstance(t, torch.Tensor)):
         tensor = tensor.detach().cpu()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def peft_reference_name(name: str, other_adapters: list[str]) -> str | None:
+    """The name of a PEFT model's state-dict entry in the plain model, or `None` for the weights of an adapter the
+    reference does not run: the adapter-disabled reference then fingerprints exactly like its base model, whatever
+    modules the LoRA wraps."""
+    if any(f".{adapter}." in name for adapter in other_adapters):
+        return None
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 def rows_examples(dataset: Dataset) -> list[int]:
@@ -75,6 +86,8 @@ class WithRefLogps:
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if REF_LOGPS not in examples[0]:  # a dataset passed to `evaluate` later: the reference runs on the fly
+            return self.collator(examples)
         ref_logps = [value for example in examples for value in example[REF_LOGPS]]
         batch = self.collator([{k: v for k, v in example.items() if k != REF_LOGPS} for example in examples])
         batch[REF_LOGPS] = torch.tensor(ref_logps, dtype=torch.float32)

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -16,7 +18,9 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
+from trl.data_utils import is_conversational
 from trl.models.utils import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import (
     add_fused_lm_head,
@@ -27,6 +31,7 @@ from trl.trainer.utils import (
 )
 
 from .cache import cache_root, cached_directory
+from .checkpoints import has_manifest, is_complete, last_complete_checkpoint, mark_complete
 from .config import REFERENCE_LOSS_TYPES, TRL_LOSS_TYPES, MinorSFTConfig
 from .examples import ExampleIndex
 from .losses import deviation, minor_sft_loss, minor_sft_weight, sft_dpo_loss
@@ -36,6 +41,7 @@ from .precompute import (
     WithRefLogps,
     dataset_fingerprint,
     module_fingerprint,
+    peft_reference_name,
     rows_examples,
     split_per_row,
 )
@@ -67,6 +73,18 @@ class _FusedForwardRecorder:
         if kwargs.get("fused_lm_head"):
             self.outputs = outputs
         return outputs
+
+
+@contextmanager
+def _removed_on_error(output_dir: str) -> Iterator[None]:
+    """If the block fails, remove `output_dir` when it did not exist before and is still empty."""
+    existed = os.path.exists(output_dir)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(output_dir) and not os.listdir(output_dir):
+            os.rmdir(output_dir)
+        raise
 
 
 @contextmanager
@@ -138,38 +156,46 @@ class MinorSFTTrainer(SFTTrainer):
     ):
         args = _as_minor_sft_config(args, model)
         _check_inputs(
-            args, model, ref_model, train_dataset, eval_dataset, compute_loss_func, quantization_config, peft_config
+            args,
+            model,
+            ref_model,
+            train_dataset,
+            eval_dataset,
+            processing_class,
+            compute_loss_func,
+            quantization_config,
+            peft_config,
         )
         # The per-example losses normalise by the examples of the whole optimizer step, see `get_batch_samples`
         self.loss_is_scaled_for_ga = True if args.loss_type in REFERENCE_LOSS_TYPES else None
         policy_has_own_adapter = _is_peft_model(model) and peft_config is None
-
-        with _loss_type_seen_by_trl(args):
-            super().__init__(
-                model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                compute_loss_func=compute_loss_func,
-                compute_metrics=compute_metrics,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-                quantization_config=quantization_config,
-                peft_config=peft_config,
-                formatting_func=formatting_func,
-            )
-        self._check_prepared_dataset(train_dataset)
-
-        self.ref_model = None
-        self._reference_released = False
-        if args.uses_reference:
-            self.ref_model = self._load_reference(ref_model, quantization_config, policy_has_own_adapter)
-        if args.precompute_ref_log_probs:
-            self._attach_precomputed_reference()
+        # `Trainer.__init__` creates the output directory; a failed init leaves nothing behind
+        with _removed_on_error(args.output_dir):
+            with _loss_type_seen_by_trl(args):
+                super().__init__(
+                    model,
+                    args=args,
+                    data_collator=data_collator,
+                    train_dataset=train_dataset,
+                    eval_dataset=eval_dataset,
+                    processing_class=processing_class,
+                    compute_loss_func=compute_loss_func,
+                    compute_metrics=compute_metrics,
+                    callbacks=callbacks,
+                    optimizers=optimizers,
+                    optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                    preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                    quantization_config=quantization_config,
+                    peft_config=peft_config,
+                    formatting_func=formatting_func,
+                )
+            self._check_prepared_dataset(train_dataset)
+            self.ref_model = None
+            self._reference_released = False
+            if args.uses_reference:
+                self.ref_model = self._load_reference(ref_model, quantization_config, policy_has_own_adapter)
+            if args.precompute_ref_log_probs:
+                self._attach_precomputed_reference()
 
     # ------------------------------------------------------------------ reference
 
@@ -306,14 +332,13 @@ class MinorSFTTrainer(SFTTrainer):
         }
 
     def _fingerprint_reference(self) -> str:
-        """A content hash of the weights the reference pass runs, tagged with where they come from."""
+        """A content hash of the weights the reference pass runs: a separate model, or the policy's base model (plus
+        its frozen `"ref"` adapter, if any) named as in the plain model, so equal weights share one cache entry."""
         if self.ref_model is not None:
-            return "separate:" + module_fingerprint(self.accelerator.unwrap_model(self.ref_model))
+            return module_fingerprint(self.accelerator.unwrap_model(self.ref_model))
         model = self.accelerator.unwrap_model(self.model)
-        adapter = reference_adapter_name(model)
-        other_adapters = [f".{name}." for name in model.peft_config if name != adapter]
-        fingerprint = module_fingerprint(model, skip=lambda name: any(a in name for a in other_adapters))
-        return f"adapter {adapter}:{fingerprint}" if adapter else f"adapters disabled:{fingerprint}"
+        other_adapters = [name for name in model.peft_config if name != reference_adapter_name(model)]
+        return module_fingerprint(model, lambda name: peft_reference_name(name, other_adapters))
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -423,6 +448,36 @@ class MinorSFTTrainer(SFTTrainer):
                 metrics[key] = [reduce(metrics[key])]
         super().log(logs, start_time)
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            mark_complete(
+                os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`, resuming only from complete checkpoints: `resume_from_checkpoint=True` (or `"true"`,
+        `"latest"`, as a recipe passes it) takes the last checkpoint whose files were all written."""
+        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "latest"):
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint: there is no complete checkpoint in {self.args.output_dir!r}. Drop "
+                    "`resume_from_checkpoint` to start from scratch, or pass the path of a checkpoint."
+                )
+        elif (
+            isinstance(resume_from_checkpoint, str)
+            and has_manifest(resume_from_checkpoint)
+            and not is_complete(resume_from_checkpoint)
+        ):
+            raise ValueError(
+                f"resume_from_checkpoint={resume_from_checkpoint!r} is incomplete (killed while saving, or files "
+                f"removed since). The last complete one is {last_complete_checkpoint(self.args.output_dir)!r}."
+            )
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
     # ------------------------------------------------------------------ checks
 
     def _check_prepared_dataset(self, train_dataset) -> None:
@@ -443,6 +498,18 @@ class MinorSFTTrainer(SFTTrainer):
             )
 
 
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"The reference cache directory {str(directory)!r} is not writable ({error.strerror or error}). Set "
+            "`ref_cache_dir` (or the MINORSFT_TRL_CACHE environment variable) to a writable directory."
+        ) from error
+
+
 def _is_peft_model(model: "str | torch.nn.Module") -> bool:
     return not isinstance(model, str) and is_peft_model(model)
 
@@ -459,11 +526,33 @@ def _as_minor_sft_config(args, model) -> MinorSFTConfig:
 
 
 def _check_inputs(
-    args, model, ref_model, train_dataset, eval_dataset, compute_loss_func, quantization_config, peft_config
+    args,
+    model,
+    ref_model,
+    train_dataset,
+    eval_dataset,
+    processing_class,
+    compute_loss_func,
+    quantization_config,
+    peft_config,
 ):
     """Errors that must stop a run before it loads or prepares anything."""
     if train_dataset is not None and isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
         raise ValueError("`train_dataset` is empty: pass a dataset with at least one example.")
+    if (
+        train_dataset is not None
+        and processing_class is not None
+        and getattr(processing_class, "chat_template", None) is None
+        and args.chat_template_path is None
+        and is_conversational(next(iter(train_dataset)))
+    ):
+        raise ValueError(
+            "The dataset is conversational but the tokenizer has no chat template to render it. Set "
+            "`chat_template_path` (a .jinja file, or a tokenizer that has a template), or "
+            "`processing_class.chat_template`."
+        )
+    if args.precompute_ref_log_probs:
+        _check_writable(Path(args.ref_cache_dir or cache_root() / "ref_logps"))
     quantized = (
         quantization_config is not None
         or getattr(model, "is_loaded_in_4bit", False)

@@ -14,7 +14,7 @@ import os
 import time
 
 import torch
-from minor_sft import first, load_data, main, make_parser
+from minor_sft import first, load_data, main, parse_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import get_quantization_config
 
@@ -95,4 +95,4 @@ def run(script_args, training_args, model_args) -> dict:
 
 
 if __name__ == "__main__":
-    run(*make_parser().parse_args_and_config())
+    run(*parse_args())

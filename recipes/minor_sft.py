@@ -16,11 +16,15 @@ packages (see `minorsft_trl.embedded` and `minorsft_trl.bigbench`); anything els
 """
 
 import argparse
+import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 
 from accelerate import PartialState
 from datasets import IterableDataset, load_dataset
+from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer, bigbench
@@ -75,9 +79,13 @@ def main(script_args: MinorSFTScriptArguments, training_args: MinorSFTConfig, mo
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+    )
     trainer = MinorSFTTrainer(
         model=model_path,
         args=training_args,
+        processing_class=tokenizer,
         train_dataset=first(dataset[script_args.dataset_train_split], script_args.max_train_examples),
         eval_dataset=(
             first(dataset[script_args.dataset_test_split], script_args.max_eval_examples)
@@ -105,6 +113,41 @@ def main(script_args: MinorSFTScriptArguments, training_args: MinorSFTConfig, mo
     return trainer
 
 
+_SIMPLE_TYPES = (bool, int, float, str)
+
+
+def check_types(*configs) -> None:
+    """Refuse a recipe value of the wrong type. argparse converts the YAML values that are strings (`2e-5` is one),
+    but passes the others as they are: `learning_rate: true` or `max_steps: 2.5` would only fail mid-training."""
+    for config in configs:
+        hints = typing.get_type_hints(type(config))
+        for config_field in dataclasses.fields(config):
+            hint = hints.get(config_field.name)
+            allowed = (
+                typing.get_args(hint)
+                if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+                else (hint,)
+            )
+            allowed = tuple(t for t in allowed if t is not type(None))
+            value = getattr(config, config_field.name)
+            if value is None or not allowed or not all(t in _SIMPLE_TYPES for t in allowed):
+                continue  # optional, or a type this check does not cover (lists, dicts, enums)
+            accepted = allowed + ((int,) if float in allowed else ())
+            if isinstance(value, bool) and bool not in allowed or not isinstance(value, accepted):
+                names = " or ".join(t.__name__ for t in allowed)
+                raise ValueError(
+                    f"`{config_field.name}` must be {names}, got {value!r} ({type(value).__name__}): fix it in the "
+                    "recipe or on the command line."
+                )
+
+
+def parse_args(args: list[str] | None = None):
+    """Parse `--config <recipe.yaml>` and command-line overrides strictly: unknown keys and wrong types are errors."""
+    configs = make_parser().parse_args_and_config(args)
+    check_types(*configs)
+    return configs
+
+
 def make_parser(subparsers: argparse._SubParsersAction | None = None) -> TrlParser:
     dataclass_types = (MinorSFTScriptArguments, MinorSFTConfig, ModelConfig)
     if subparsers is not None:
@@ -113,4 +156,4 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> TrlPars
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    main(*parse_args())

@@ -10,6 +10,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from tiny import make_model, make_tokenizer  # noqa: E402
 
+from minorsft_trl import MinorSFTTrainer  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
@@ -23,3 +25,17 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     make_model(tokenizer, seed=0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def count_reference_passes(monkeypatch):
+    """Counts the precompute passes over a dataset (each one a sequence of reference forwards)."""
+    calls = []
+    original = MinorSFTTrainer._compute_ref_logps
+
+    def counting(self, dataset, name, batch_size):
+        calls.append(name)
+        return original(self, dataset, name, batch_size)
+
+    monkeypatch.setattr(MinorSFTTrainer, "_compute_ref_logps", counting)
+    return calls

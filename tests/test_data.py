@@ -90,9 +90,19 @@ TASK = {
 }
 
 
+def test_bigbench_exact_match_tasks_and_texts(tmp_path):
+    examples = [{"input": "Capital of France is ", "target": ["Paris", "paris."]}, {"input": "x", "target": "y"}]
+    task = {"examples": examples}
+    archive = fake_bigbench(tmp_path, {"capitals": task})
+    first, second = bigbench.task_examples("capitals", archive)
+    assert first == {"prompt": "Capital of France is", "completion": " Paris", "targets": ["Paris", "paris."]}
+    assert second["targets"] == ["y"]
+    assert bigbench.task_texts("capitals", archive) == ["Capital of France is ", "x"]
+
+
 def test_bigbench_multiple_choice_and_disjoint_seeded_splits(tmp_path):
     archive = fake_bigbench(tmp_path, {"units/metres": TASK})
-    examples = bigbench.multiple_choice_examples("units/metres", archive)
+    examples = bigbench.task_examples("units/metres", archive)
     assert len(examples) == 10  # the example without target_scores is not multiple choice
     assert examples[3] == {
         "prompt": "3 m in cm is",
@@ -110,7 +120,7 @@ def test_bigbench_multiple_choice_and_disjoint_seeded_splits(tmp_path):
 def test_bigbench_appends_choices_when_the_task_says_so(tmp_path):
     task = {"examples": [{"input": "Pick one.", "target_scores": {"red": 0, "blue": 1}}]}
     archive = fake_bigbench(tmp_path, {"colours": task})
-    (example,) = bigbench.multiple_choice_examples("colours", archive)
+    (example,) = bigbench.task_examples("colours", archive)
     assert example["prompt"] == "Pick one.\n choice: red\n choice: blue\nAnswer:" and example["answer"] == 1
 
 
@@ -158,3 +168,38 @@ def test_multiple_choice_accuracy_counts_argmax_hits(tokenizer):
     dataset = Dataset.from_dict({"prompt": prompts, "choices": choices, "answer": [best[0], 1 - best[1]]})
     accuracy = multiple_choice_accuracy(model, tokenizer, dataset)
     assert (accuracy.correct, accuracy.total) == (1, 2)
+
+
+def test_exact_match_compares_the_greedy_answer_with_every_target(tokenizer):
+    from datasets import Dataset
+
+    from minorsft_trl.evaluation import exact_match_accuracy
+
+    model = make_model(tokenizer).eval()
+    prompts = ["2+2=", "sky colour is a long prompt"]
+    greedy = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        greedy.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    # The first target set holds the model's own answer (in another case, with a final period): a hit
+    targets = [["nope", greedy[0].split("\n")[0].strip().upper() + "."], ["certainly not this"]]
+    dataset = Dataset.from_dict({"prompt": prompts, "targets": targets})
+    accuracy = exact_match_accuracy(model, tokenizer, dataset, batch_size=2)
+    assert (accuracy.correct, accuracy.total) == (1, 2)
+
+
+def test_mean_token_nll_matches_a_direct_computation_and_ignores_padding(tokenizer):
+    from minorsft_trl.evaluation import mean_token_nll
+
+    model = make_model(tokenizer).eval()
+    texts = ["a short text", "a somewhat longer text than the first one", "mid length text"]
+    batched = mean_token_nll(model, tokenizer, texts, batch_size=3)
+    assert batched == pytest.approx(mean_token_nll(model, tokenizer, texts, batch_size=1), rel=1e-5)
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text).input_ids])
+        with torch.no_grad():
+            logps = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])
+        nll, count = nll - logps.sum().item(), count + ids.shape[1] - 1
+    assert batched == pytest.approx(nll / count, rel=1e-5)

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from tiny import prompt_completion_dataset
+from tiny import write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,36 +53,8 @@ def test_fsdp_config_falls_back_to_ddp_on_cpu(tmp_path, tiny_model_dir):
 
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_model_dir):
-    """A recipe for the generic script: the tiny model, 8 examples on disk, one SGD step over all of them."""
-    data_dir = tmp_path / "data"
-    prompt_completion_dataset().to_json(data_dir / "train.jsonl")
-    prompt_completion_dataset().map(lambda e: {"completion": e["completion"] + "!"}).to_json(data_dir / "test.jsonl")
-    recipe = {
-        "model_name_or_path": tiny_model_dir,
-        "use_peft": True,
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,  # dropout masks would differ between the two layouts
-        "lora_target_modules": ["q_proj", "v_proj"],
-        "dataset_name": str(data_dir),
-        "max_length": 64,
-        "loss_type": "minor_sft",
-        "beta": 0.5,
-        "optim": "sgd",
-        "learning_rate": 0.5,
-        "max_grad_norm": 0.0,
-        "max_steps": 1,
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": 0,
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    """The tiny model, 8 examples on disk, one SGD step over all of them (no clipping: the update is the gradient)."""
+    return write_recipe(tmp_path, tiny_model_dir, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
 
 
 def test_generic_script_two_processes_x_batch_4_equals_one_process_x_batch_8(tmp_path, tiny_recipe):

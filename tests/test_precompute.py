@@ -4,24 +4,11 @@ blindly."""
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig
 from test_gradients import BETA, lora_config, one_step_gradients, step_args
 from tiny import conversational_dataset, cpu_args, make_model, prompt_completion_dataset
 
 from minorsft_trl import MinorSFTTrainer
-
-
-@pytest.fixture
-def count_reference_passes(monkeypatch):
-    """Counts the precompute passes over a dataset (each one a sequence of reference forwards)."""
-    calls = []
-    original = MinorSFTTrainer._compute_ref_logps
-
-    def counting(self, dataset, name, batch_size):
-        calls.append(name)
-        return original(self, dataset, name, batch_size)
-
-    monkeypatch.setattr(MinorSFTTrainer, "_compute_ref_logps", counting)
-    return calls
 
 
 def build(tmp_path, tokenizer, dataset=None, ref_seed=None, args_fn=cpu_args, **overrides):
@@ -115,10 +102,23 @@ def test_any_change_of_the_key_recomputes(tmp_path, tokenizer, count_reference_p
     assert count_reference_passes == ["train", "train"]
 
 
-def test_lora_cache_ignores_the_fresh_adapter_weights(tmp_path, tokenizer, count_reference_passes):
-    # With adapters disabled the reference is the base model: a new LoRA initialisation must not invalidate it
+def test_the_adapter_disabled_reference_is_keyed_by_the_base_weights_alone(
+    tmp_path, tokenizer, count_reference_passes
+):
+    # With adapters disabled the reference is the base model: neither a new LoRA initialisation, nor other LoRA target
+    # modules, nor a separate copy of the same base weights invalidate the cache
     build(tmp_path, tokenizer, precompute_ref_log_probs=True)
     build(tmp_path, tokenizer, precompute_ref_log_probs=True, seed=123)
+    MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(
+            tmp_path / "out", beta=BETA, precompute_ref_log_probs=True, ref_cache_dir=str(tmp_path / "ref-cache")
+        ),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=2, target_modules=["k_proj"]),
+    )
+    build(tmp_path, tokenizer, precompute_ref_log_probs=True, ref_seed=0)  # full fine-tuning, reference = seed-0 copy
     assert count_reference_passes == ["train"]
 
 
@@ -163,3 +163,15 @@ def test_eval_data_is_precomputed_too(tmp_path, tokenizer, count_reference_passe
     metrics = trainer.evaluate()
     # TRL logs its own metrics of every eval dataset under the "eval_" prefix; ours follow
     assert metrics["eval_deviation"] == 0.0 and {"eval_a_loss", "eval_b_loss"} <= metrics.keys()
+
+
+def test_a_dataset_given_to_evaluate_later_falls_back_to_the_reference_forward(tmp_path, tokenizer):
+    trainer = build(tmp_path, tokenizer, precompute_ref_log_probs=True)
+    metrics = trainer.evaluate(eval_dataset=prompt_completion_dataset(4))
+    assert metrics["eval_deviation"] == 0.0 and metrics["eval_minor_weight"] == 1.0
+
+
+def test_a_released_separate_reference_cannot_score_a_later_dataset(tmp_path, tokenizer):
+    trainer = build(tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=True)
+    with pytest.raises(ValueError, match="reference model was released.*Pass every evaluation dataset"):
+        trainer.evaluate(eval_dataset=prompt_completion_dataset(4))

@@ -11,7 +11,7 @@ from trl.chat_template_utils import has_generation_markers
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 
-from minor_sft import make_parser  # noqa: E402
+from minor_sft import parse_args  # noqa: E402
 
 RECIPES = sorted((REPO / "recipes").glob("*/*/config_*.yaml"))
 ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
@@ -19,7 +19,7 @@ ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 
 def parse(*args):
     # GPU recipes set bf16, which transformers refuses on a machine without a GPU unless use_cpu is set
-    return make_parser().parse_args_and_config(list(map(str, args)) + ["--use_cpu", "true"])
+    return parse_args(list(map(str, args)) + ["--use_cpu", "true"])
 
 
 def test_there_are_recipes_and_configs():

@@ -88,3 +88,42 @@ def cpu_args(output_dir, **overrides):
         max_length=64,
     )
     return MinorSFTConfig(**{**defaults, **overrides})
+
+
+def write_recipe(directory, model_dir: str, **overrides):
+    """A recipe for `recipes/minor_sft.py`: the tiny model and 8 prompt-completion examples saved under `directory`."""
+    from pathlib import Path
+
+    import yaml
+
+    directory = Path(directory)
+    data_dir = directory / "data"
+    if not data_dir.exists():
+        prompt_completion_dataset().to_json(data_dir / "train.jsonl")
+        prompt_completion_dataset().to_json(data_dir / "test.jsonl")
+    recipe = {
+        "model_name_or_path": model_dir,
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "dataset_name": str(data_dir),
+        "max_length": 64,
+        "loss_type": "minor_sft",
+        "beta": 0.5,
+        "learning_rate": 1.0e-02,
+        "max_steps": 1,
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 0,
+        "output_dir": str(directory / "out"),
+        **overrides,
+    }
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

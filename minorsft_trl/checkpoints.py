@@ -1,0 +1,56 @@
+"""Checkpoints that say when they are complete, so a run killed while saving never resumes from a half-written one.
+
+Transformers writes `checkpoint-<step>/` file by file and picks the highest step as the latest. Once a checkpoint
+is fully written, `mark_complete` adds a manifest of its files (written to a temporary name, then renamed: the
+manifest exists whole or not at all), and `last_complete_checkpoint` only considers checkpoints whose manifest matches
+their files.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+MANIFEST = "minorsft_complete.json"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def mark_complete(checkpoint: str | Path) -> None:
+    checkpoint = Path(checkpoint)
+    files = {
+        str(path.relative_to(checkpoint)): path.stat().st_size
+        for path in sorted(checkpoint.rglob("*"))
+        if path.is_file() and not path.name.startswith(MANIFEST)
+    }
+    staging = checkpoint / f"{MANIFEST}.partial"
+    staging.write_text(json.dumps(files, indent=1))
+    os.replace(staging, checkpoint / MANIFEST)
+
+
+def has_manifest(checkpoint: str | Path) -> bool:
+    return (Path(checkpoint) / MANIFEST).is_file()
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    """Whether `checkpoint` has a manifest and still holds every file it lists, at the size it was written."""
+    checkpoint = Path(checkpoint)
+    try:
+        files = json.loads((checkpoint / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(files) and all(
+        (checkpoint / name).is_file() and (checkpoint / name).stat().st_size == size for name, size in files.items()
+    )
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The complete checkpoint with the highest step in `output_dir`, or `None`."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = {
+        int(match.group(1)): path
+        for path in output_dir.iterdir()
+        if path.is_dir() and (match := _CHECKPOINT.fullmatch(path.name))
+    }
+    return next((str(steps[step]) for step in sorted(steps, reverse=True) if is_complete(steps[step])), None)

