@@ -1,0 +1,106 @@
+"""Bad input refused before a run loads or prepares anything, with the value and the fix in the message."""
+
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from trl.data_utils import is_conversational
+
+from .cache import cache_root
+from .config import REFERENCE_LOSS_TYPES
+
+
+def is_peft_model_or_path(model: "str | torch.nn.Module") -> bool:
+    return not isinstance(model, str) and is_peft_model(model)
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"The reference cache directory {str(directory)!r} is not writable ({error.strerror or error}). Set "
+            "`ref_cache_dir` (or the MINORSFT_TRL_CACHE environment variable) to a writable directory."
+        ) from error
+
+
+def check_inputs(
+    args,
+    model,
+    ref_model,
+    train_dataset,
+    eval_dataset,
+    processing_class,
+    compute_loss_func,
+    quantization_config,
+    peft_config,
+):
+    """Errors that must stop a run before it loads or prepares anything."""
+    if train_dataset is not None and isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
+        raise ValueError("`train_dataset` is empty: pass a dataset with at least one example.")
+    if (
+        train_dataset is not None
+        and processing_class is not None
+        and getattr(processing_class, "chat_template", None) is None
+        and args.chat_template_path is None
+        and is_conversational(next(iter(train_dataset)))
+    ):
+        raise ValueError(
+            "The dataset is conversational but the tokenizer has no chat template to render it. Set "
+            "`chat_template_path` (a .jinja file, or a tokenizer that has a template), or "
+            "`processing_class.chat_template`."
+        )
+    if args.precompute_ref_log_probs:
+        _check_writable(Path(args.ref_cache_dir or cache_root() / "ref_logps"))
+    quantized = (
+        quantization_config is not None
+        or getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+    )
+    if quantized and peft_config is None and not is_peft_model_or_path(model):
+        raise ValueError(
+            "The model is quantized (4-bit or 8-bit) but no `peft_config` was given: quantized weights cannot be "
+            "trained directly. Pass a `peft_config` (e.g. `peft.LoraConfig(...)`, or `--use_peft` in a recipe) to "
+            "train LoRA adapters on top of it (QLoRA)."
+        )
+    if args.precompute_ref_log_probs and (
+        isinstance(train_dataset, IterableDataset)
+        or any(
+            isinstance(d, IterableDataset)
+            for d in (eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])
+        )
+    ):
+        raise ValueError(
+            "precompute_ref_log_probs=True needs map-style datasets: a streaming (IterableDataset) dataset cannot be "
+            "gone through before training. Load the data without streaming, or set precompute_ref_log_probs=False."
+        )
+    if ref_model is not None and args.ref_model_name_or_path is not None:
+        raise ValueError(
+            f"Both `ref_model` and `ref_model_name_or_path={args.ref_model_name_or_path!r}` are set: keep one."
+        )
+    if args.loss_type not in REFERENCE_LOSS_TYPES:
+        return
+    if compute_loss_func is not None:
+        raise ValueError(
+            f"`compute_loss_func` replaces the loss, which contradicts loss_type={args.loss_type!r}. Drop one of them."
+        )
+    if args.label_smoothing_factor > 0:
+        raise ValueError(
+            f"label_smoothing_factor={args.label_smoothing_factor} is not supported with loss_type="
+            f"{args.loss_type!r}. Set `label_smoothing_factor=0`."
+        )
+    if args.packing and args.packing_strategy == "wrapped":
+        raise ValueError(
+            f"packing_strategy='wrapped' cuts examples in the middle, so loss_type={args.loss_type!r} cannot tell one "
+            "example from the next. Use packing_strategy='bfd' (the default)."
+        )
+    parallelism = args.parallelism_config
+    if parallelism is not None and (parallelism.tp_enabled or parallelism.cp_enabled or parallelism.sp_enabled):
+        raise ValueError(
+            f"loss_type={args.loss_type!r} does not support tensor, context or sequence parallelism, which split one "
+            "example across processes. Use data parallelism (DDP, FSDP, DeepSpeed ZeRO)."
+        )
