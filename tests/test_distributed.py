@@ -51,6 +51,20 @@ def test_fsdp_config_falls_back_to_ddp_on_cpu(tmp_path, tiny_model_dir):
     assert not first["fsdp"] and first["weights_sha256"] == second["weights_sha256"]
 
 
+def test_two_processes_with_a_precomputed_reference_train_as_on_the_fly(tmp_path, tiny_model_dir):
+    """Each rank's batches carry the precomputed values of its own examples."""
+    launch(REPO / "tests" / "distributed_worker.py", tiny_model_dir, tmp_path / "fly")
+    launch(REPO / "tests" / "distributed_worker.py", tiny_model_dir, tmp_path / "pre", "precompute")
+    assert any((tmp_path / "pre" / "cache").iterdir())
+    for rank in range(2):
+        fly, pre = (torch.load(tmp_path / run / f"rank{rank}.pt") for run in ("fly", "pre"))
+        for name, tensor in fly.items():
+            torch.testing.assert_close(pre[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
+    fly_report, pre_report = (rank_reports(tmp_path / run)[0] for run in ("fly", "pre"))
+    assert pre_report["losses"] == pytest.approx(fly_report["losses"], rel=1e-5)
+    assert pre_report["deviation"] == pytest.approx(fly_report["deviation"], rel=1e-4, abs=1e-7)
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_model_dir):
     """The tiny model, 8 examples on disk, one SGD step over all of them (no clipping: the update is the gradient)."""

@@ -6,7 +6,9 @@ from dataclasses import fields
 import pytest
 import torch
 from datasets import IterableDataset
+from peft import IA3Config, LoHaConfig, PromptTuningConfig
 from test_gradients import answer_logps, lora_config, one_step_gradients, step_args, whole_dataset_batch
+from test_reference import fused_logps, pristine
 from tiny import conversational_dataset, cpu_args, make_model, prompt_completion_dataset
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
@@ -210,3 +212,28 @@ def test_moe_load_balancing_loss_is_added_to_the_minor_sft_loss(tmp_path, tokeni
     loss_with, aux = loss_and_aux(0.5)
     assert aux > 0
     torch.testing.assert_close(loss_with - loss_without, 0.5 * aux)
+
+
+@pytest.mark.parametrize(
+    "peft_config",
+    [
+        lambda: IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        lambda: LoHaConfig(r=2, target_modules=["q_proj", "v_proj"]),
+        lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    ],
+    ids=["IA3", "LoHa", "prompt tuning"],
+)
+def test_other_peft_types_train_against_their_disabled_adapters(tmp_path, tokenizer, tiny_model_dir, peft_config):
+    trainer = MinorSFTTrainer(
+        tiny_model_dir,
+        args=cpu_args(tmp_path, max_steps=2, learning_rate=1e-2, per_device_train_batch_size=4),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=peft_config(),
+    )
+    trainer.train()
+    batch = whole_dataset_batch(trainer)
+    # The reference is the base model, whatever the adapter adds (prompt tuning adds virtual tokens to the policy)
+    torch.testing.assert_close(trainer._reference_token_logps(batch), fused_logps(pristine(tiny_model_dir), batch))
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert all(math.isfinite(log["loss"]) and "deviation" in log for log in logs)
