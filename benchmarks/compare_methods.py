@@ -7,7 +7,8 @@ train split, evaluated on the same held-out split and on general data none of th
 Every run has the same seed and data order, LoRA on the same base model. Measured per run: accuracy on the held-out
 split of `--task` (multiple choice scored by log-likelihood, or exact match for generation tasks); drift on data it
 was not trained on: accuracy on `--general_tasks` and the per-token NLL of held-out natural text (`--nll_task`)
-relative to the base model; the `deviation` curve during training. The base model's evaluations are cached.
+relative to the base model; the `deviation` curve during training. The base model's evaluation and every run are
+cached (keyed by the base weights, the data and the settings), so extending the grid trains only the new runs.
 
 Outputs in `--output_dir`: `results.md` (the table), `results.json`, `deviation_curves.png` (the paper's Figure 1)
 and `accuracy_vs_drift.png` (one point per run).
@@ -49,6 +50,7 @@ class Run:
 
 METHOD_NAMES = {"nll": "SFT", "sft_dpo": "SFT using DPO", "minor_sft": "Minor SFT"}
 METHOD_COLOURS = {"nll": "tab:grey", "sft_dpo": "tab:orange", "minor_sft": "tab:blue"}
+MARKERS = ["o", "s", "^", "D", "v", "P"]
 
 
 def parse_grid(specs: list[str]) -> list[Run]:
@@ -103,24 +105,51 @@ def evaluate(model, tokenizer, data, cli) -> dict:
     }
 
 
-def base_evaluation(model_path: str, tokenizer, data, cli) -> dict:
-    """The base model's evaluation, cached: keyed by the weights file and every setting that changes the numbers."""
-    weights = sorted(Path(model_path).glob("*.safetensors"))
-    key = {
-        "format": EVAL_FORMAT,
-        "weights": [file_sha256(path) for path in weights] or model_path,
-        **{k: getattr(cli, k) for k in ("task", "general_tasks", "nll_task", "test_size", "general_size", "seed")},
-        **{k: getattr(cli, k) for k in ("nll_texts", "nll_max_tokens")},
-    }
+def cached_result(name: str, key: dict, compute) -> dict:
+    """`compute()`'s JSON result, cached under `name` and `key` (rerunning a grid trains only its new runs)."""
+    entry_name = f"{name}-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
     def build(out: Path) -> None:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        (out / "evaluation.json").write_text(json.dumps(evaluate(model, tokenizer, data, cli)))
+        (out / "evaluation.json").write_text(json.dumps(compute()))
 
-    entry_name = "base-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return json.loads(
-        (cached_directory(cache_root() / "evals" / entry_name, key, build) / "evaluation.json").read_text()
+    entry = cached_directory(cache_root() / "evals" / entry_name, key, build)
+    return json.loads((entry / "evaluation.json").read_text())
+
+
+def evaluation_key(model_path: str, cli) -> dict:
+    """Everything that changes an evaluation: the base weights (by content), the data and the evaluation settings."""
+    weights = sorted(Path(model_path).glob("*.safetensors"))
+    settings = (
+        "task",
+        "general_tasks",
+        "nll_task",
+        "test_size",
+        "general_size",
+        "seed",
+        "nll_texts",
+        "nll_max_tokens",
     )
+    return {
+        "format": EVAL_FORMAT,
+        "weights": [file_sha256(path) for path in weights] or model_path,
+        **{k: getattr(cli, k) for k in settings},
+    }
+
+
+def base_evaluation(model_path: str, tokenizer, data, cli) -> dict:
+    def compute() -> dict:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        return evaluate(model, tokenizer, data, cli)
+
+    return cached_result("base", evaluation_key(model_path, cli), compute)
+
+
+def run_result(run: Run, model_path: str, tokenizer, data, cli) -> dict:
+    """One run of the grid, trained and evaluated, or read from the cache if it was already."""
+    training = ("train_size", "batch_size", "max_length", "lora_r")
+    key = {**evaluation_key(model_path, cli), "run": asdict(run), **{k: getattr(cli, k) for k in training}}
+    slug = f"{run.method}-lr{run.learning_rate:g}-beta{run.beta}"
+    return cached_result(slug, key, lambda: train_and_evaluate(run, model_path, tokenizer, data, cli))
 
 
 def train_and_evaluate(run: Run, model_path: str, tokenizer, data, cli) -> dict:
@@ -232,30 +261,25 @@ def plot(base: dict, results: list[dict], output_dir: Path) -> None:
         ("general accuracy change (points)", lambda r: accuracy(r, "general") - accuracy(base, "general")),
     ]
     for axis, (label, drift) in zip(axes, drifts, strict=True):
-        axis.scatter([0], [accuracy(base, "in_domain")], color="black", marker="*", s=140, label="base model")
         for method in METHOD_NAMES:
             points = [r for r in results if r["run"]["method"] == method]
             if not points:
                 continue
-            axis.scatter(
-                [drift(r) for r in points],
-                [accuracy(r, "in_domain") for r in points],
-                color=METHOD_COLOURS[method],
-                s=60,
-                label=METHOD_NAMES[method],
-            )
-            for r in points:
-                beta = "" if r["run"]["beta"] is None else f", β={r['run']['beta']:g}"
-                axis.annotate(
-                    f"lr={r['run']['learning_rate']:g}{beta}", (drift(r), accuracy(r, "in_domain")), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points",
-                )  # fmt: skip
+            for index, r in enumerate(points):
+                axis.scatter(
+                    [drift(r)],
+                    [accuracy(r, "in_domain")],
+                    color=METHOD_COLOURS[method],
+                    marker=MARKERS[index % len(MARKERS)],
+                    s=70,
+                    label=r["name"],
+                )
         axis.set(xlabel=label)
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("in-domain accuracy (%)")
+    axes[0].set_ylabel(f"in-domain accuracy (%); base model {accuracy(base, 'in_domain'):.1f}")
     axes[0].set_title("better: up; less drift: left (closer to 0)")
     axes[1].set_title("better: up; general ability kept: right")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(output_dir / "accuracy_vs_drift.png", dpi=110)
     plt.close(figure)
@@ -275,7 +299,7 @@ def main() -> None:
     parser.add_argument(
         "--grid",
         nargs="+",
-        default=["sft:lr=2.5e-4,5e-4", "sft_dpo:lr=5e-4,1e-3:beta=0.04", "minor_sft:lr=5e-4,1e-3:beta=0.04,0.2"],
+        default=["sft:lr=2.5e-4,5e-4,1e-3", "sft_dpo:lr=5e-4,1e-3:beta=0.04", "minor_sft:lr=5e-4,1e-3:beta=0.04,0.2"],
         help="method:lr=a,b[:beta=c,d] per method; sft means plain SFT",
     )
     parser.add_argument("--batch_size", type=int, default=8)
@@ -297,7 +321,7 @@ def main() -> None:
     results = []
     for index, run in enumerate(runs, start=1):
         print(f"[{index}/{len(runs)}] {run.name}", flush=True)
-        results.append(train_and_evaluate(run, model_path, tokenizer, data, cli))
+        results.append(run_result(run, model_path, tokenizer, data, cli))
         (output_dir / "results.json").write_text(json.dumps({"config": vars(cli), "base": base, "runs": results}))
         (output_dir / "results.md").write_text(table(base, results, cli))
         plot(base, results, output_dir)
