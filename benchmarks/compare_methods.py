@@ -1,7 +1,7 @@
 """Does Minor SFT do what the paper says? Plain SFT, "SFT using DPO" and Minor SFT over a small grid, on the same
 train split, evaluated on the same held-out split and on general data none of them was trained on.
 
-    python benchmarks/compare_methods.py       # our answer: SmolLM2-135M-Instruct on si_conversion, ~45 min, 2 CPUs
+    python benchmarks/compare_methods.py       # our answer: SmolLM2-135M-Instruct on si_conversion, ~40 min, 2 CPUs
     python benchmarks/compare_methods.py --task bigbench:hyperbaton --grid "sft:lr=1e-4" "minor_sft:lr=2e-4:beta=0.1"
 
 Every run has the same seed and data order, LoRA on the same base model. Measured per run: accuracy on the held-out
@@ -198,9 +198,8 @@ def train_and_evaluate(run: Run, model_path: str, tokenizer, data, cli) -> dict:
 
 
 def percent(accuracy: dict) -> str:
-    value = accuracy["correct"] / accuracy["total"]
-    stderr = (value * (1 - value) / accuracy["total"]) ** 0.5
-    return f"{100 * value:.1f} ± {100 * stderr:.1f}"
+    accuracy = Accuracy(**accuracy)
+    return f"{100 * accuracy.value:.1f} ± {100 * accuracy.stderr:.1f}"
 
 
 def table(base: dict, results: list[dict], cli) -> str:
@@ -253,7 +252,7 @@ def plot(base: dict, results: list[dict], output_dir: Path) -> None:
     plt.close(figure)
 
     def accuracy(entry, key):
-        return 100 * entry[key]["correct"] / entry[key]["total"]
+        return 100 * Accuracy(**entry[key]).value
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     drifts = [

@@ -33,9 +33,9 @@ class MinorSFTConfig(SFTConfig):
             plain SFT compares with Minor SFT on the same scale. Costs one no-grad forward per step.
         precompute_ref_log_probs (`bool`, *optional*, defaults to `False`):
             Compute the reference's summed answer log-prob of every train and eval example once, before training,
-            and cache it on disk, keyed by the reference weights (a content hash), the tokenised data and the
-            settings that shape it. Training then runs no reference forward and frees a separate reference model. A
-            second run with another learning rate or beta reuses the cache.
+            and cache it on disk, keyed by the reference weights and the tokenised data (content hashes), the
+            padding-free layout and the precision. Training then runs no reference forward and frees a separate
+            reference model. A second run with another learning rate or beta reuses the cache.
         precompute_ref_batch_size (`int`, *optional*):
             Batch size of the precompute pass; defaults to `per_device_train_batch_size` (eval data:
             `per_device_eval_batch_size`).

@@ -156,14 +156,14 @@ class MinorSFTTrainer(SFTTrainer):
         args = _as_minor_sft_config(args, model)
         check_inputs(
             args,
-            model,
-            ref_model,
-            train_dataset,
-            eval_dataset,
-            processing_class,
-            compute_loss_func,
-            quantization_config,
-            peft_config,
+            model=model,
+            ref_model=ref_model,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
         )
         # The per-example losses normalise by the examples of the whole optimizer step, see `get_batch_samples`
         self.loss_is_scaled_for_ga = True if args.loss_type in REFERENCE_LOSS_TYPES else None
@@ -228,10 +228,6 @@ class MinorSFTTrainer(SFTTrainer):
             init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
             init_kwargs.setdefault("dtype", self.model.dtype)
             ref_model = create_model_from_path(ref_model, **init_kwargs)
-        elif ref_model is self.model:
-            raise ValueError(
-                "`ref_model` is the model being trained. Leave `ref_model` unset to get a frozen reference."
-            )
         check_same_vocabulary(self.model, ref_model)
         freeze(ref_model)
         add_fused_lm_head(ref_model.get_base_model() if is_peft_model(ref_model) else ref_model)
@@ -268,27 +264,39 @@ class MinorSFTTrainer(SFTTrainer):
         """Give every train and eval row its examples' reference log-probs (from the cache, or computed once), feed
         them through the collator, and release a separate reference model: training needs only the numbers."""
         args = self.args
+        reference = self._fingerprint_reference()
         self.train_dataset = self._precomputed(
-            self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size
+            self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size, reference
         )
         if self.eval_dataset is not None:
             eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {
-                    name: self._precomputed(dataset, f"eval {name}", eval_batch_size)
+                    name: self._precomputed(dataset, f"eval {name}", eval_batch_size, reference)
                     for name, dataset in self.eval_dataset.items()
                 }
             else:
-                self.eval_dataset = self._precomputed(self.eval_dataset, "eval", eval_batch_size)
+                self.eval_dataset = self._precomputed(self.eval_dataset, "eval", eval_batch_size, reference)
         self.data_collator = WithRefLogps(self.data_collator)
         if self.ref_model is not None:
             self.ref_model = None
             self._reference_released = True
 
-    def _precomputed(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+    def _precomputed(self, dataset: Dataset, name: str, batch_size: int, reference: str) -> Dataset:
         """`dataset` with a `ref_logps` column (one list of floats per row), read from the cache if it holds this
-        exact reference and data, else computed and cached. The global main process computes, the others read."""
-        key = self._ref_cache_key(dataset)
+        exact reference and data, else computed and cached. The global main process computes, the others read.
+
+        The key: the reference weights (`reference`, a content hash), the tokenised data (tokens, loss mask and packing
+        into rows, which reflect `max_length`, truncation, packing and completion/assistant-only masking), and what
+        changes the numbers without changing the data: the batch layout (padding-free) and the precision."""
+        args = self.args
+        key = {
+            "format": CACHE_FORMAT,
+            "reference": reference,
+            "data": dataset_fingerprint(dataset),
+            "padding_free": self.padding_free,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        }
         entry_name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         entry = Path(self.args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
 
@@ -310,25 +318,6 @@ class MinorSFTTrainer(SFTTrainer):
             with self.compute_loss_context_manager():
                 values.append(self._reference_logps(batch, index).float().cpu())
         return torch.cat(values).numpy()
-
-    def _ref_cache_key(self, dataset: Dataset) -> dict[str, Any]:
-        """Everything the precomputed numbers depend on: the reference weights, the tokenised data (tokens, loss
-        mask, packing into rows), the settings that shaped it, the batch layout and the precision."""
-        if not hasattr(self, "_reference_fingerprint"):
-            self._reference_fingerprint = self._fingerprint_reference()
-        args = self.args
-        return {
-            "format": CACHE_FORMAT,
-            "reference": self._reference_fingerprint,
-            "data": dataset_fingerprint(dataset),
-            "max_length": args.max_length,
-            "truncation_mode": args.truncation_mode,
-            "packing": [args.packing, args.packing_strategy, args.eval_packing],
-            "padding_free": self.padding_free,
-            "completion_only_loss": self.completion_only_loss,
-            "assistant_only_loss": args.assistant_only_loss,
-            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        }
 
     def _fingerprint_reference(self) -> str:
         """A content hash of the weights the reference pass runs: a separate model, or the policy's base model (plus
@@ -425,19 +414,21 @@ class MinorSFTTrainer(SFTTrainer):
                 weight.max() if weight.numel() else log_ratio.new_tensor(float("-inf")),
             ]
         )
-        count, deviation_sum, log_ratio_sum, weight_sum, weight_min, weight_max = (
-            self.accelerator.gather(local[None]).view(-1, local.numel()).T
-        )
-        total = count.sum()
+        stats = self.accelerator.gather(local[None]).view(-1, local.numel())
+        sums, weight_min, weight_max = stats[:, :4].sum(0), stats[:, 4].min(), stats[:, 5].max()
+        # One device-to-host copy per micro-batch
+        total, deviation_sum, log_ratio_sum, weight_sum, weight_min, weight_max = torch.cat(
+            [sums, weight_min[None], weight_max[None]]
+        ).tolist()
         if total == 0:
             return
         metrics = self._metrics[mode]
-        metrics["deviation"].append((deviation_sum.sum() / total).item())
-        metrics["log_ratio"].append((log_ratio_sum.sum() / total).item())
+        metrics["deviation"].append(deviation_sum / total)
+        metrics["log_ratio"].append(log_ratio_sum / total)
         if self.args.loss_type == "minor_sft":
-            metrics["minor_weight"].append((weight_sum.sum() / total).item())
-            metrics["minor_weight_min"].append(weight_min.min().item())
-            metrics["minor_weight_max"].append(weight_max.max().item())
+            metrics["minor_weight"].append(weight_sum / total)
+            metrics["minor_weight_min"].append(weight_min)
+            metrics["minor_weight_max"].append(weight_max)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # `SFTTrainer.log` averages each metric over the logging window; the extremes take their min and max instead

@@ -30,6 +30,7 @@ def _check_writable(directory: Path) -> None:
 
 def check_inputs(
     args,
+    *,
     model,
     ref_model,
     train_dataset,
@@ -40,6 +41,9 @@ def check_inputs(
     peft_config,
 ):
     """Errors that must stop a run before it loads or prepares anything."""
+    if ref_model is not None and ref_model is model:
+        # Checked on the objects as given: `get_peft_model` would inject the adapters into this very model
+        raise ValueError("`ref_model` is the model being trained. Leave `ref_model` unset to get a frozen reference.")
     if train_dataset is not None and isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
         raise ValueError("`train_dataset` is empty: pass a dataset with at least one example.")
     if (

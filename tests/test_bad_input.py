@@ -99,6 +99,12 @@ def policy_as_reference(c):
     c.trainer(model=model, ref_model=model)
 
 
+def policy_as_reference_under_lora(c):
+    # `get_peft_model` injects the adapters into this very object: as a "reference" it would carry them
+    model = make_model(c.tokenizer)
+    c.lora_trainer(model=model, ref_model=model)
+
+
 def code_in_yaml(c):
     marker = c.tmp_path / "executed"
     try:
@@ -146,6 +152,8 @@ CASES = [
      lambda c: c.lora_trainer(args=c.args(ref_model_name_or_path=c.model_dir), ref_model=c.model_dir), ValueError,
      r"Both `ref_model` and `ref_model_name_or_path"),
     ("python", "policy as its own reference", policy_as_reference, ValueError,
+     r"`ref_model` is the model being trained"),
+    ("python", "policy as its own reference, under LoRA", policy_as_reference_under_lora, ValueError,
      r"`ref_model` is the model being trained"),
     ("python", "full fine-tuning of a model without a path", lambda c: c.trainer(), ValueError,
      r"needs a reference model.*Pass `ref_model=...`"),

@@ -237,3 +237,34 @@ def test_other_peft_types_train_against_their_disabled_adapters(tmp_path, tokeni
     torch.testing.assert_close(trainer._reference_token_logps(batch), fused_logps(pristine(tiny_model_dir), batch))
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert all(math.isfinite(log["loss"]) and "deviation" in log for log in logs)
+
+
+def test_logged_reference_metrics_match_an_independent_computation(tmp_path, tokenizer):
+    """Step 1's `deviation`, `log_ratio` and `minor_weight` (mean, min, max) come from the forward before the first
+    update: recompute them from the full logits of the same model and reference."""
+    reference = make_model(tokenizer, seed=1)
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(tmp_path, max_steps=1, beta=0.5),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        ref_model=reference,
+    )
+    batch = whole_dataset_batch(trainer)
+    with torch.no_grad():
+        policy_logps, num_tokens = answer_logps(trainer.model, batch)
+        ref_logps, _ = answer_logps(reference, batch)
+    log_ratio = policy_logps - ref_logps
+    weight = 2 * torch.sigmoid(-0.5 * log_ratio)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    expected = {
+        "deviation": (log_ratio / num_tokens).mean(),
+        "log_ratio": log_ratio.mean(),
+        "minor_weight": weight.mean(),
+        "minor_weight_min": weight.min(),
+        "minor_weight_max": weight.max(),
+    }
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value.item(), rel=1e-4, abs=1e-6), key
+    assert weight.max() - weight.min() > 0.05, "the test needs weights that differ"

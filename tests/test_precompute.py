@@ -175,3 +175,12 @@ def test_a_released_separate_reference_cannot_score_a_later_dataset(tmp_path, to
     trainer = build(tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=True)
     with pytest.raises(ValueError, match="reference model was released.*Pass every evaluation dataset"):
         trainer.evaluate(eval_dataset=prompt_completion_dataset(4))
+
+
+def test_a_setting_that_leaves_the_tokenised_data_unchanged_reuses_the_cache(
+    tmp_path, tokenizer, count_reference_passes
+):
+    # No example is longer than 64 tokens: max_length 64 and 256 give the same data, hence the same numbers
+    build(tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=True, max_length=64)
+    build(tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=True, max_length=256)
+    assert count_reference_passes == ["train"]
