@@ -41,15 +41,21 @@ def is_complete(entry: Path, key: dict[str, Any]) -> bool:
     )
 
 
-def cached_directory(entry: Path, key: dict[str, Any], build: Callable[[Path], None]) -> Path:
-    """Return `entry` if it holds a complete build for `key`; else build it and return it.
+def cached_directory(
+    entry: Path,
+    key: dict[str, Any],
+    build: Callable[[Path], None],
+    verify: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Return `entry` if it holds a complete build for `key` (that `verify`, if given, accepts); else build it and
+    return it.
 
     `build(directory)` writes the files into a fresh temporary directory next to `entry`, which replaces `entry` only
     once the build has finished and its manifest (the key and a sha256 per file) is written: an interrupted build
     leaves nothing that a later call would trust, and a corrupt, truncated or stale entry is rebuilt.
     """
     entry = Path(entry)
-    if is_complete(entry, key):
+    if is_complete(entry, key) and (verify is None or verify(entry)):
         return entry
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = entry.parent / f".{entry.name}.{uuid.uuid4().hex}.partial"

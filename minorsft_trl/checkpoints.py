@@ -11,8 +11,12 @@ import os
 import re
 from pathlib import Path
 
+import transformers
+
 MANIFEST = "minorsft_complete.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+logger = transformers.utils.logging.get_logger(__name__)
 
 
 def mark_complete(checkpoint: str | Path) -> None:
@@ -54,3 +58,41 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
         if path.is_dir() and (match := _CHECKPOINT.fullmatch(path.name))
     }
     return next((str(steps[step]) for step in sorted(steps, reverse=True) if is_complete(steps[step])), None)
+
+
+RUN_IDENTITY = "minorsft_run.json"
+
+
+def write_run_identity(checkpoint: str | Path, identity: dict[str, str]) -> None:
+    """Record what a checkpoint belongs to (loss type, model, reference fingerprint), before it is marked complete."""
+    (Path(checkpoint) / RUN_IDENTITY).write_text(json.dumps(identity, indent=1, sort_keys=True))
+
+
+def check_run_identity(checkpoint: str | Path, identity: dict[str, str]) -> None:
+    """Refuse to resume from a checkpoint of another run: another loss type, or another model or reference (adapters
+    of equal shapes would load silently and stitch two runs together)."""
+    try:
+        recorded = json.loads((Path(checkpoint) / RUN_IDENTITY).read_text())
+    except (OSError, ValueError):
+        logger.warning(
+            f"The checkpoint {str(checkpoint)!r} does not record which model and loss type it belongs to (written by "
+            "another trainer or an older version): resuming without checking that it continues this run."
+        )
+        return
+    differences = []
+    if recorded.get("loss_type") != identity["loss_type"]:
+        differences.append(
+            f"it was trained with loss_type={recorded.get('loss_type')!r}, this run has {identity['loss_type']!r}"
+        )
+    if recorded.get("reference") != identity["reference"]:
+        differences.append(
+            f"it was trained from other weights ({recorded.get('model')!r}, fingerprint "
+            f"{str(recorded.get('reference'))[:12]}) than this run's ({identity['model']!r}, "
+            f"{identity['reference'][:12]})"
+        )
+    if differences:
+        raise ValueError(
+            f"resume_from_checkpoint={str(checkpoint)!r} belongs to another run: {'; '.join(differences)}. Resume "
+            "with the model and loss_type the checkpoint was trained with, or drop `resume_from_checkpoint` (or use "
+            "another `output_dir`) to start a new run."
+        )

@@ -64,16 +64,3 @@ class ExampleIndex:
         """
         sums = per_token.new_zeros(self.num_examples)
         return sums.index_add(0, self.example_ids, per_token[self.answer_mask])
-
-
-def examples_per_row(labels: list[int], seq_lengths: list[int] | None = None) -> int:
-    """The number of examples with answer tokens in one row of a prepared dataset, counted as `ExampleIndex` does.
-
-    Args:
-        labels: the row's labels, `-100` where no loss is taken.
-        seq_lengths: for a packed row, the lengths of the examples packed into it (TRL's `seq_lengths` column).
-    """
-    position_ids = None
-    if seq_lengths is not None:
-        position_ids = torch.cat([torch.arange(length) for length in seq_lengths])[None]
-    return ExampleIndex.from_batch(torch.tensor(labels)[None], position_ids).num_examples

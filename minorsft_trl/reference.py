@@ -5,17 +5,42 @@
 | `ref_model` given (path or model)           | that model, frozen, in eval mode                     |
 | PEFT model built from a `peft_config`       | the same model with its adapters disabled            |
 | PEFT model passed in (an adapter re-trained) | a frozen copy of that adapter, loaded as `"ref"`     |
-| full fine-tuning                            | a frozen copy loaded from the policy's path          |
+| full fine-tuning                            | a frozen copy of the policy as training starts       |
 """
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from accelerate.utils import is_peft_model
 from torch import nn
+from transformers.utils import is_bitsandbytes_available
 
 REF_ADAPTER = "ref"
+
+
+@contextmanager
+def quantized_layers_in_train_mode(model: nn.Module) -> Iterator[None]:
+    """Keep bitsandbytes 4-bit layers in train mode through a no-grad forward of a model in eval mode.
+
+    On CPUs with AVX512-BF16, `bnb.nn.Linear4bit.forward` in eval mode on an input without grad repacks its weight in
+    place into another CPU format: the forward then runs other kernels than training does (other numerics), layers
+    narrower than the format's blocks fail, and biased layers break autograd on the next training forward. A 4-bit
+    layer has no dropout, so its train mode changes nothing else.
+    """
+    layers = []
+    if is_bitsandbytes_available():
+        from bitsandbytes.nn import Linear4bit
+
+        layers = [module for module in model.modules() if isinstance(module, Linear4bit) and not module.training]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
 
 
 @contextmanager
@@ -23,12 +48,13 @@ def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` as a frozen reference: no gradient, eval mode (no dropout, no gradient checkpointing).
 
     The previous train/eval mode comes back on exit, also when the forward raises. The reference pass draws no random
-    numbers, so the policy forward that follows is bit-identical to one without a reference pass.
+    numbers, so the policy forward that follows is bit-identical to one without a reference pass. Quantized 4-bit
+    layers stay on their training kernels (see `quantized_layers_in_train_mode`).
     """
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quantized_layers_in_train_mode(model):
             yield model
     finally:
         model.train(was_training)
@@ -44,12 +70,26 @@ def add_reference_adapter(model: nn.Module) -> None:
     active = model.active_adapter
     model.add_adapter(REF_ADAPTER, model.peft_config[active])
     model.set_adapter(active)
-    marker = f".{active}."
+    copied = 0
     for name, param in model.named_parameters():
-        if marker in name:
-            ref_param = model.get_parameter(name.replace(marker, f".{REF_ADAPTER}."))
+        if belongs_to_adapter(name, active):
+            ref_name = ".".join(REF_ADAPTER if part == active else part for part in name.split("."))
+            ref_param = model.get_parameter(ref_name)
             ref_param.data = param.data.detach().clone()
             ref_param.requires_grad_(False)
+            copied += 1
+    if copied == 0:
+        raise RuntimeError(
+            f"Found no parameter of adapter {active!r} to copy into the reference adapter {REF_ADAPTER!r}: the "
+            "reference would be the bare base model. Pass the initial model as `ref_model` explicitly."
+        )
+
+
+def belongs_to_adapter(name: str, adapter: str) -> bool:
+    """Whether the parameter `name` belongs to `adapter`. PEFT types place the adapter name differently (LoRA
+    `...lora_A.default.weight`, IA3 `...ia3_l.default`, prompt learning `prompt_encoder.default.embedding.weight`):
+    match a whole component of the name, not a substring."""
+    return adapter in name.split(".")
 
 
 def reference_adapter_name(model: nn.Module) -> str | None:
@@ -64,13 +104,30 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_same_vocabulary(policy: nn.Module, reference: nn.Module) -> None:
-    """Raise if the reference scores tokens over a different vocabulary than the policy."""
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of `model` as it is now (its weights, resized embeddings included), with its class's forward.
+
+    `add_fused_lm_head` binds the original's forward into the patched one, so a plain `deepcopy` would run the
+    original's weights on the plain forward path: patch the copy again (`add_fused_lm_head`) to score with it."""
+    reference = copy.deepcopy(model)
+    vars(reference).pop("forward", None)
+    return freeze(reference)
+
+
+def check_same_vocabulary(policy: nn.Module, reference: nn.Module, explicit: bool) -> None:
+    """Raise if the reference scores tokens over a different vocabulary than the policy; `explicit` says whether the
+    user chose the reference (`ref_model`) or it was loaded again from the policy's path."""
     policy_vocab = policy.get_output_embeddings().weight.shape[0]
     ref_vocab = reference.get_output_embeddings().weight.shape[0]
     if policy_vocab != ref_vocab:
+        fix = (
+            "Use a reference with the policy's tokenizer (for instance the model the policy was initialised from, "
+            "resized the same way), or leave `ref_model` unset to compare with the policy as training starts."
+            if explicit
+            else "The policy's embeddings were resized after loading (e.g. by `chat_template_path`): resize the saved "
+            "model first and train from that, or set `precompute_ref_log_probs=True`."
+        )
         raise ValueError(
             f"The reference model has a vocabulary of {ref_vocab} tokens but the policy has {policy_vocab}: their "
-            "log-probabilities cannot be compared. Use a reference with the policy's tokenizer (for instance the "
-            "model the policy was initialised from, resized the same way), or leave `ref_model` unset."
+            f"log-probabilities cannot be compared. {fix}"
         )

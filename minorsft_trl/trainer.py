@@ -2,8 +2,10 @@
 
 import hashlib
 import json
+import math
 import os
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import fields
@@ -17,8 +19,9 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 from trl.models.utils import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import (
     add_fused_lm_head,
@@ -29,27 +32,29 @@ from trl.trainer.utils import (
 )
 
 from .cache import cache_root, cached_directory
-from .checkpoints import has_manifest, is_complete, last_complete_checkpoint, mark_complete
+from .checkpoints import (
+    check_run_identity,
+    has_manifest,
+    is_complete,
+    last_complete_checkpoint,
+    mark_complete,
+    write_run_identity,
+)
 from .config import REFERENCE_LOSS_TYPES, TRL_LOSS_TYPES, MinorSFTConfig
 from .examples import ExampleIndex
+from .fingerprint import batches_fingerprint, model_identity, module_fingerprint, peft_reference_name
 from .losses import deviation, minor_sft_loss, minor_sft_weight, sft_dpo_loss
-from .precompute import (
-    CACHE_FORMAT,
-    REF_LOGPS,
-    WithRefLogps,
-    dataset_fingerprint,
-    module_fingerprint,
-    peft_reference_name,
-    rows_examples,
-    split_per_row,
-)
+from .precompute import CACHE_FORMAT, REF_LOGPS, WithRefLogps, per_row_values
 from .reference import (
     add_reference_adapter,
     check_same_vocabulary,
     freeze,
+    frozen_copy,
+    quantized_layers_in_train_mode,
     reference_adapter_name,
     reference_mode,
 )
+from .reference_check import ReferenceCheck, deviation_tolerance
 from .validation import check_inputs, is_peft_model_or_path
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -191,34 +196,78 @@ class MinorSFTTrainer(SFTTrainer):
             self._check_prepared_dataset(train_dataset)
             self.ref_model = None
             self._reference_released = False
+            self._reference_check = None
             if args.uses_reference:
-                self.ref_model = self._load_reference(ref_model, quantization_config, policy_has_own_adapter)
+                self.ref_model, self._reference_check = self._load_reference(
+                    ref_model, quantization_config, policy_has_own_adapter
+                )
+            # What a checkpoint of this run belongs to, taken before a separate reference may be released
+            self._run_identity = {
+                "loss_type": args.loss_type,
+                "model": get_config_model_id(self.accelerator.unwrap_model(self.model).config),
+                "reference": module_fingerprint(*self._reference_weights()[:2], sample=1024),
+            }
             if args.precompute_ref_log_probs:
                 self._attach_precomputed_reference()
 
     # ------------------------------------------------------------------ reference
 
-    def _load_reference(self, ref_model, quantization_config, policy_has_own_adapter: bool):
-        """Resolve the reference (see `minorsft_trl.reference`); returns the separate model, or `None` when the
-        policy itself (adapters disabled, or its `"ref"` adapter) is the reference."""
+    def _load_reference(
+        self, ref_model, quantization_config, policy_has_own_adapter: bool
+    ) -> tuple[torch.nn.Module | None, ReferenceCheck]:
+        """Resolve the reference (see `minorsft_trl.reference`): the separate model (`None` when the policy itself is
+        the reference, adapters disabled or its `"ref"` adapter), and what the reference check expects of it."""
         ref_model = ref_model if ref_model is not None else self.args.ref_model_name_or_path
-        if ref_model is None and is_peft_model(self.model):
+        explicit = ref_model is not None
+        policy = self.accelerator.unwrap_model(self.model)
+        if not explicit and is_peft_model(policy):
+            adapter_config = policy.peft_config[policy.active_adapter]
             if policy_has_own_adapter:
-                add_reference_adapter(self.model)
-            return None
-        if ref_model is None:
-            ref_model = get_config_model_id(self.model.config)
-            if not ref_model:
-                raise ValueError(
-                    f"loss_type={self.args.loss_type!r} needs a reference model, and full fine-tuning loads it from "
-                    "the policy's path, but this model has none (`config._name_or_path` is empty). Pass "
-                    "`ref_model=...` (a path or a model), set `ref_model_name_or_path`, or train with a `peft_config`."
+                add_reference_adapter(policy)
+                return None, ReferenceCheck(
+                    f"a frozen copy of the {adapter_config.peft_type.value} adapter {policy.active_adapter!r} being "
+                    "re-trained",
+                    starts_at_reference=True,
+                    hint="Pass the reference you mean as `ref_model`.",
                 )
-            logger.warning(
-                f"Full fine-tuning with a reference: loading a second, frozen copy of {ref_model!r} as the reference, "
-                "which doubles the model memory. Train with a `peft_config` (LoRA/QLoRA) to use the policy with its "
-                "adapters disabled instead."
+            # Prompt learning adds virtual tokens, and an adapter initialised as a non-identity on purpose changes the
+            # outputs: there the policy legitimately starts away from its base model
+            identity_init = all(
+                getattr(adapter_config, field, True) is not False
+                for field in ("init_lora_weights", "init_weights", "init_ia3_weights")
             )
+            return None, ReferenceCheck(
+                f"the base model with the {adapter_config.peft_type.value} adapters disabled",
+                starts_at_reference=identity_init and not adapter_config.is_prompt_learning,
+                hint="The base weights seen with the adapters disabled are not those the policy starts from (an "
+                "initialisation such as PiSSA, OLoRA or LoftQ rewrites them): pass the original model as `ref_model`.",
+            )
+        if explicit:
+            name = ref_model if isinstance(ref_model, str) else get_config_model_id(ref_model.config) or "a model"
+            check = ReferenceCheck(f"the model given as `ref_model` ({name})", starts_at_reference=False, hint="")
+        else:
+            logger.warning(
+                "Full fine-tuning with a reference: a second, frozen copy of the policy is the reference, which "
+                "doubles the model memory. Train with a `peft_config` (LoRA/QLoRA) to use the policy with its "
+                "adapters disabled instead, or set `precompute_ref_log_probs=True` to free it after one"
+                " pass over the data."
+            )
+            check = ReferenceCheck(
+                "a frozen copy of the policy as training starts",
+                starts_at_reference=True,
+                hint="Pass the reference you mean as `ref_model`.",
+            )
+            if is_deepspeed_zero3_enabled():
+                # ZeRO-3 partitions the weights at load time: a copy would hold empty shards, so load them again
+                ref_model = get_config_model_id(policy.config)
+                if not ref_model:
+                    raise ValueError(
+                        f"loss_type={self.args.loss_type!r} under DeepSpeed ZeRO-3 loads the reference from the "
+                        "policy's path, but this model has none (`config._name_or_path` is empty). Pass `ref_model` "
+                        "(a path or a model), or set `precompute_ref_log_probs=True`."
+                    )
+            else:
+                ref_model = frozen_copy(policy)
         if isinstance(ref_model, str):
             init_kwargs = dict(self.args.model_init_kwargs or {})
             if quantization_config is not None:
@@ -228,14 +277,29 @@ class MinorSFTTrainer(SFTTrainer):
             init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
             init_kwargs.setdefault("dtype", self.model.dtype)
             ref_model = create_model_from_path(ref_model, **init_kwargs)
-        check_same_vocabulary(self.model, ref_model)
+        check_same_vocabulary(self.model, ref_model, explicit=explicit)
         freeze(ref_model)
         add_fused_lm_head(ref_model.get_base_model() if is_peft_model(ref_model) else ref_model)
         if self.is_deepspeed_enabled:
-            return prepare_deepspeed(ref_model, self.accelerator)
+            return prepare_deepspeed(ref_model, self.accelerator), check
         if self.is_fsdp_enabled:
-            return prepare_fsdp(ref_model, self.accelerator)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            return prepare_fsdp(ref_model, self.accelerator), check
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True), check
+
+    def _reference_weights(self):
+        """The module whose weights the reference pass runs, how to name its state-dict entries (`None`: leave out),
+        and the configuration of the adapter it runs. For a PEFT policy without a separate reference: its base model
+        (plus its frozen `"ref"` adapter, if any), named as in the plain model, so equal weights are equal. Without any
+        reference (`nll`): the policy as it starts, which is what a checkpoint of the run continues from."""
+        if self.ref_model is not None:
+            return self.accelerator.unwrap_model(self.ref_model), lambda name: name, None
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_peft_model(model):
+            return model, lambda name: name, None
+        ref_adapter = reference_adapter_name(model)
+        other_adapters = [name for name in model.peft_config if name != ref_adapter]
+        adapter_config = model.peft_config[ref_adapter] if ref_adapter else None
+        return model, lambda name: peft_reference_name(name, other_adapters), adapter_config
 
     def _reference_token_logps(self, inputs: dict[str, Any]) -> torch.Tensor:
         """`(batch, seq_len - 1)` per-token log-probs of the reference on the batch (zero where the label is -100)."""
@@ -249,9 +313,8 @@ class MinorSFTTrainer(SFTTrainer):
         else:
             model = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(model, reference_adapter_name(model))
-        ref_inputs = {k: v for k, v in inputs.items() if k not in ("output_router_logits", "use_cache")}
         with reference_mode(model), adapter:
-            return model(**ref_inputs, use_cache=False, fused_lm_head=True).log_probs
+            return _fused_token_logps(model, inputs)
 
     def _reference_logps(self, inputs: dict[str, Any], index: ExampleIndex) -> torch.Tensor:
         """`(num_examples,)` summed answer log-probs of the reference, by a reference forward on the batch."""
@@ -264,7 +327,7 @@ class MinorSFTTrainer(SFTTrainer):
         """Give every train and eval row its examples' reference log-probs (from the cache, or computed once), feed
         them through the collator, and release a separate reference model: training needs only the numbers."""
         args = self.args
-        reference = self._fingerprint_reference()
+        reference = model_identity(*self._reference_weights())
         self.train_dataset = self._precomputed(
             self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size, reference
         )
@@ -282,51 +345,87 @@ class MinorSFTTrainer(SFTTrainer):
             self.ref_model = None
             self._reference_released = True
 
-    def _precomputed(self, dataset: Dataset, name: str, batch_size: int, reference: str) -> Dataset:
+    def _precomputed(self, dataset: Dataset, name: str, batch_size: int, reference: dict) -> Dataset:
         """`dataset` with a `ref_logps` column (one list of floats per row), read from the cache if it holds this
         exact reference and data, else computed and cached. The global main process computes, the others read.
 
-        The key: the reference weights (`reference`, a content hash), the tokenised data (tokens, loss mask and packing
-        into rows, which reflect `max_length`, truncation, packing and completion/assistant-only masking), and what
-        changes the numbers without changing the data: the batch layout (padding-free) and the precision."""
-        args = self.args
+        The key: the reference (`reference`: weights, configuration, adapter), the batches as the collator builds them
+        (tokens, loss mask, packing, padding-free positions, batch layout) and the autocast precision the forward runs
+        under. A cache hit is trusted only once a sample of its values agrees with a live reference pass."""
         key = {
             "format": CACHE_FORMAT,
             "reference": reference,
-            "data": dataset_fingerprint(dataset),
-            "padding_free": self.padding_free,
-            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            "data": batches_fingerprint(self._collated_batches(dataset, batch_size)),
+            "autocast": self._autocast_precision(),
         }
         entry_name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         entry = Path(self.args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
 
         def compute(out: Path) -> None:
-            np.save(out / "ref_logps.npy", self._compute_ref_logps(dataset, name, batch_size), allow_pickle=False)
+            values, examples_per_row = self._compute_ref_logps(dataset, name, batch_size)
+            np.save(out / "ref_logps.npy", values, allow_pickle=False)
+            np.save(out / "examples_per_row.npy", examples_per_row, allow_pickle=False)
+
+        def agrees_with_live_reference(cached: Path) -> bool:
+            return self._sample_agrees(dataset, name, per_row_values(cached), batch_size)
 
         with global_then_local_main_first():
-            cached_directory(entry, key, compute)
-        values = np.load(entry / "ref_logps.npy", allow_pickle=False)
-        return dataset.add_column(REF_LOGPS, split_per_row(values, rows_examples(dataset)))
+            cached_directory(entry, key, compute, verify=agrees_with_live_reference)
+        return dataset.add_column(REF_LOGPS, per_row_values(entry))
 
-    def _compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> np.ndarray:
-        """The summed answer log-probs of the reference for every example of `dataset`, in dataset order."""
+    def _collated_batches(self, dataset: Dataset, batch_size: int) -> Iterator[dict[str, Any]]:
+        """The batches of the precompute pass, in dataset order, as the training collator builds them."""
+        for start in range(0, len(dataset), batch_size):
+            yield self.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+    def _batch_ref_logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(num_examples,)` summed answer log-probs of the reference on a collated batch, under the autocast that
+        training runs under, and `(num_examples,)` answer lengths."""
+        batch = self._prepare_inputs(batch)
+        index = ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
+        with self.accelerator.autocast():
+            ref_logps = self._reference_logps(batch, index)
+        return ref_logps.float().cpu(), index.num_tokens.cpu()
+
+    def _compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The summed answer log-probs of the reference for every example of `dataset`, in dataset order, and the
+        number of examples of each row (a padding-free collator merges the rows of a batch: count them one by one)."""
         values = []
-        for start in tqdm(range(0, len(dataset), batch_size), desc=f"Reference log-probs ({name})"):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = self._prepare_inputs(self.data_collator(rows))
-            index = ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
-            with self.compute_loss_context_manager():
-                values.append(self._reference_logps(batch, index).float().cpu())
-        return torch.cat(values).numpy()
+        batches = self._collated_batches(dataset, batch_size)
+        for batch in tqdm(batches, total=math.ceil(len(dataset) / batch_size), desc=f"Reference log-probs ({name})"):
+            values.append(self._batch_ref_logps(batch)[0])
+        counts = [
+            ExampleIndex.from_batch(batch["labels"], batch.get("position_ids")).num_examples
+            for batch in self._collated_batches(dataset, 1)
+        ]
+        return torch.cat(values).numpy(), np.array(counts, dtype=np.int64)
 
-    def _fingerprint_reference(self) -> str:
-        """A content hash of the weights the reference pass runs: a separate model, or the policy's base model (plus
-        its frozen `"ref"` adapter, if any) named as in the plain model, so equal weights share one cache entry."""
-        if self.ref_model is not None:
-            return module_fingerprint(self.accelerator.unwrap_model(self.ref_model))
-        model = self.accelerator.unwrap_model(self.model)
-        other_adapters = [name for name in model.peft_config if name != reference_adapter_name(model)]
-        return module_fingerprint(model, lambda name: peft_reference_name(name, other_adapters))
+    def _sample_agrees(self, dataset: Dataset, name: str, cached: list[list[float]], batch_size: int) -> bool:
+        """Whether a live reference pass over a sample of rows, spread over `dataset`, gives the cached values."""
+        rows = sorted({round(i) for i in np.linspace(0, len(dataset) - 1, num=min(batch_size, len(dataset)))})
+        live, num_tokens = self._batch_ref_logps(self.data_collator([dataset[i] for i in rows]))
+        expected = torch.tensor([value for row in rows for value in cached[row]])
+        if expected.shape != live.shape:
+            logger.warning(f"The cached reference log-probs of {name!r} hold another number of examples: rebuilding.")
+            return False
+        per_token = ((live - expected) / num_tokens).abs().max().item() if live.numel() else 0.0
+        tolerance = deviation_tolerance(self._half_precision())
+        if per_token > tolerance:
+            logger.warning(
+                f"The cached reference log-probs of {name!r} differ from a live reference pass by up to "
+                f"{per_token:.3g} nats per answer token (tolerance {tolerance:g}) on {len(rows)} sampled rows: "
+                "rebuilding the cache entry."
+            )
+            return False
+        return True
+
+    def _autocast_precision(self) -> str:
+        """The precision the forward really runs under: accelerate's autocast (which `accelerate launch` may turn on
+        while `args.bf16` is False), not what the training arguments say."""
+        return self.accelerator.mixed_precision if self.accelerator.native_amp else "no"
+
+    def _half_precision(self) -> bool:
+        return self._autocast_precision() != "no" or self.model.dtype in (torch.bfloat16, torch.float16)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -367,6 +466,10 @@ class MinorSFTTrainer(SFTTrainer):
                 f"The batch carries {ref_logps.numel()} precomputed reference log-probs for {index.num_examples} "
                 "examples: the data changed after the precompute. Recreate the trainer to recompute them."
             )
+        if mode == "train" and self._reference_check is not None:
+            if self.state.global_step == 0:  # not when resuming: the policy has moved by then
+                self._check_reference_at_start(model, inputs, index, ref_logps)
+            self._reference_check = None
         recorder = _FusedForwardRecorder(model)
         trl_result = super().compute_loss(recorder, inputs, return_outputs, num_items_in_batch)
         policy_logps = index.sum(recorder.outputs.log_probs[:, -index.answer_mask.size(1) :])
@@ -386,6 +489,28 @@ class MinorSFTTrainer(SFTTrainer):
             steps = self.current_gradient_accumulation_steps if num_examples_in_step is not None else 1
             loss = loss + self.router_aux_loss_coef * recorder.outputs.aux_loss / steps
         return (loss, trl_result[1]) if return_outputs else loss
+
+    def _check_reference_at_start(
+        self, model, inputs: dict[str, Any], index: ExampleIndex, ref_logps: torch.Tensor
+    ) -> None:
+        """Before the first update, compare the policy in reference mode with the reference on this batch (all
+        processes), and stop if a reference that must equal the policy's starting point does not (`ReferenceCheck`)."""
+        start = time.perf_counter()
+        policy = self.accelerator.unwrap_model(model)
+        with reference_mode(policy):
+            policy_logps = index.sum(_fused_token_logps(policy, inputs)[:, -index.answer_mask.size(1) :])
+        per_token = (policy_logps - ref_logps) / index.num_tokens
+        local = torch.stack(
+            [
+                per_token.abs().max() if per_token.numel() else per_token.new_tensor(0.0),
+                per_token.sum(),
+                per_token.new_tensor(float(per_token.numel())),
+            ]
+        )
+        stats = self.accelerator.gather(local[None]).view(-1, 3)
+        max_abs, total, count = stats[:, 0].max().item(), stats[:, 1].sum().item(), stats[:, 2].sum().item()
+        self._reference_check.verify(max_abs, total / max(count, 1), deviation_tolerance(self._half_precision()))
+        logger.info(f"The reference check took {time.perf_counter() - start:.3f} s.")
 
     def _mean_over_examples(self, per_example: torch.Tensor, num_examples_in_step: torch.Tensor | None):
         """Sum of this micro-batch's per-example losses over the examples of the optimizer step (training), or over
@@ -438,14 +563,22 @@ class MinorSFTTrainer(SFTTrainer):
                 metrics[key] = [reduce(metrics[key])]
         super().log(logs, start_time)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Evaluation forwards in eval mode without grad: keep 4-bit layers on their training kernels, see
+        # `quantized_layers_in_train_mode` (stock `SFTTrainer.evaluate` breaks the next training step on some CPUs)
+        with quantized_layers_in_train_mode(model):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
     # ------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            mark_complete(
-                os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            checkpoint = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
+            write_run_identity(checkpoint, self._run_identity)
+            mark_complete(checkpoint)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """`Trainer.train`, resuming only from complete checkpoints: `resume_from_checkpoint=True` (or `"true"`,
@@ -466,6 +599,8 @@ class MinorSFTTrainer(SFTTrainer):
                 f"resume_from_checkpoint={resume_from_checkpoint!r} is incomplete (killed while saving, or files "
                 f"removed since). The last complete one is {last_complete_checkpoint(self.args.output_dir)!r}."
             )
+        if isinstance(resume_from_checkpoint, str):
+            check_run_identity(resume_from_checkpoint, self._run_identity)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # ------------------------------------------------------------------ checks
@@ -488,6 +623,12 @@ class MinorSFTTrainer(SFTTrainer):
             )
 
 
+def _fused_token_logps(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """`(batch, seq_len - 1)` per-token log-probs from the fused LM head, without the policy-only forward options."""
+    inputs = {k: v for k, v in inputs.items() if k not in ("output_router_logits", "use_cache")}
+    return model(**inputs, use_cache=False, fused_lm_head=True).log_probs
+
+
 def _as_minor_sft_config(args, model) -> MinorSFTConfig:
     """`None`, a plain `TrainingArguments` or an `SFTConfig` become a `MinorSFTConfig` (as `SFTTrainer` does)."""
     if args is None:
@@ -496,4 +637,13 @@ def _as_minor_sft_config(args, model) -> MinorSFTConfig:
     if isinstance(args, MinorSFTConfig):
         return args
     # Field by field: `to_dict` masks every `*_token` field, `eos_token` and `pad_token` included
-    return MinorSFTConfig(**{f.name: getattr(args, f.name) for f in fields(args) if f.init})
+    values = {f.name: getattr(args, f.name) for f in fields(args) if f.init}
+    if isinstance(args, SFTConfig):
+        # An `SFTConfig` always carries a loss type, "nll" by default: kept as is, it would train plain SFT
+        sft_loss_type = values.pop("loss_type")
+        logger.warning(
+            f"MinorSFTTrainer got an `SFTConfig` (loss_type={sft_loss_type!r}, which has no reference): training "
+            "Minor SFT with loss_type='minor_sft' and beta=0.04. Pass a `MinorSFTConfig` to choose the loss and beta "
+            "(`MinorSFTConfig(loss_type='nll')` trains plain SFT)."
+        )
+    return MinorSFTConfig(**values)

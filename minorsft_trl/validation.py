@@ -86,6 +86,12 @@ def check_inputs(
         raise ValueError(
             f"Both `ref_model` and `ref_model_name_or_path={args.ref_model_name_or_path!r}` are set: keep one."
         )
+    if args.uses_reference and args.packing and args.packing_strategy != "bfd":
+        raise ValueError(
+            f"packing_strategy={args.packing_strategy!r} splits examples that do not fit into fragments (or cuts them "
+            f"mid-sequence), and loss_type={args.loss_type!r} would count each fragment as an example. Use "
+            "packing_strategy='bfd' (the default), which packs whole examples and truncates over-long ones."
+        )
     if args.loss_type not in REFERENCE_LOSS_TYPES:
         return
     if compute_loss_func is not None:
@@ -96,11 +102,6 @@ def check_inputs(
         raise ValueError(
             f"label_smoothing_factor={args.label_smoothing_factor} is not supported with loss_type="
             f"{args.loss_type!r}. Set `label_smoothing_factor=0`."
-        )
-    if args.packing and args.packing_strategy == "wrapped":
-        raise ValueError(
-            f"packing_strategy='wrapped' cuts examples in the middle, so loss_type={args.loss_type!r} cannot tell one "
-            "example from the next. Use packing_strategy='bfd' (the default)."
         )
     parallelism = args.parallelism_config
     if parallelism is not None and (parallelism.tp_enabled or parallelism.cp_enabled or parallelism.sp_enabled):

@@ -1,0 +1,104 @@
+"""Content fingerprints of what a reference computes: its weights, its configuration, and the batches it scores.
+
+Two runs may share precomputed reference log-probs only if everything that changes those numbers is equal: the
+weights (by value, not by name or path), the model configuration (`rms_norm_eps`, `hidden_act`, rope scaling,
+softcapping, the 4-bit quantization settings, ...), the attention implementation, the configuration of a `"ref"`
+adapter (`lora_alpha` scales its output), and the batches exactly as the collator builds them (tokens, loss mask,
+packing, padding-free positions, and whatever a custom collator or a vision processor adds).
+"""
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .reference import belongs_to_adapter
+
+# Configuration entries that say where a model came from, or set forward options the reference pass overrides
+# (TRL turns `use_cache` off on the policy), not what it computes
+_IGNORED_KEYS = (
+    "_name_or_path",
+    "name_or_path",
+    "transformers_version",
+    "base_model_name_or_path",
+    "revision",
+    "use_cache",
+)
+
+
+def canonical(value: Any) -> Any:
+    """A JSON-serialisable, order-stable form of a configuration value (sets sorted, dtypes and enums as strings,
+    provenance and forward options left out)."""
+    if isinstance(value, dict):
+        return {
+            str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0])) if k not in _IGNORED_KEYS
+        }
+    if isinstance(value, (set, frozenset)):
+        return sorted(canonical(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def module_fingerprint(
+    module: torch.nn.Module,
+    canonical_name: Callable[[str], str | None] = lambda name: name,
+    sample: int | None = None,
+) -> str:
+    """A sha256 of a module's weights and buffers (names, dtypes, shapes, values).
+
+    Args:
+        module: the module.
+        canonical_name: renames each state-dict entry, or returns `None` to leave it out.
+        sample: hash only this many evenly spaced values of each tensor (a cheap identity that still tells two models
+            apart); `None` hashes every value.
+    """
+    digest = hashlib.sha256()
+    entries = {canonical_name(name): tensor for name, tensor in module.state_dict().items()}
+    for name, tensor in sorted((n, t) for n, t in entries.items() if n is not None and isinstance(t, torch.Tensor)):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        values = tensor.detach().reshape(-1)
+        if sample is not None and values.numel() > sample:
+            values = values[:: values.numel() // sample][:sample]
+        digest.update(values.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def peft_reference_name(name: str, other_adapters: list[str]) -> str | None:
+    """The name of a PEFT model's state-dict entry in the plain model, or `None` for the weights of an adapter the
+    reference does not run: the adapter-disabled reference then fingerprints exactly like its base model, whatever
+    modules the adapter wraps."""
+    if any(belongs_to_adapter(name, adapter) for adapter in other_adapters):
+        return None
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def model_identity(model: torch.nn.Module, canonical_name: Callable[[str], str | None], adapter_config=None) -> dict:
+    """Everything of a reference model that changes its log-probs: weights (full content hash), configuration,
+    attention implementation, and the configuration of the adapter it runs (if any)."""
+    config = model.config
+    return {
+        "weights": module_fingerprint(model, canonical_name),
+        "config": canonical(config.to_dict()),
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "adapter": canonical(adapter_config.to_dict()) if adapter_config is not None else None,
+    }
+
+
+def batches_fingerprint(batches: Iterable[dict[str, Any]]) -> str:
+    """A sha256 of collated batches: every tensor (name, dtype, shape, values) and every other entry (its repr)."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            value = batch[key]
+            if isinstance(value, torch.Tensor):
+                tensor = value.detach().cpu().contiguous()
+                digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                digest.update(f"{key}:{json.dumps(canonical(value))}".encode())
+    return digest.hexdigest()

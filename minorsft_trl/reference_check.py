@@ -1,0 +1,62 @@
+"""The reference self-check: a wrong reference gives plausible curves, so check it against what it must be.
+
+Where the policy starts equal to its reference (a new adapter with its adapters disabled, a re-trained adapter and its
+frozen copy, full fine-tuning and its frozen copy), the per-example log-ratios of the first batch, computed before any
+optimizer step with both models in reference mode, must be 0 up to float noise. Where they legitimately differ (an
+explicit `ref_model`, prompt learning's virtual tokens), the initial deviation is logged once.
+"""
+
+from dataclasses import dataclass
+
+import transformers
+
+logger = transformers.utils.logging.get_logger(__name__)
+
+
+def deviation_tolerance(half_precision: bool) -> float:
+    """The largest `|log-ratio per answer token|` of one example that counts as 0: the float noise of one forward run
+    in two batch layouts (other padding, other rows alongside), as between a precompute pass and a training batch."""
+    return 2e-2 if half_precision else 1e-4
+
+
+@dataclass(frozen=True)
+class ReferenceCheck:
+    """What a run's reference is, and whether the policy starts equal to it.
+
+    Attributes:
+        description: the reference in words, for the log and the error ("the base model with the adapters disabled").
+        starts_at_reference: whether the policy before its first update must give the reference's log-probs.
+        hint: what to do when it does not.
+    """
+
+    description: str
+    starts_at_reference: bool
+    hint: str
+
+    def verify(self, max_abs_deviation: float, mean_deviation: float, tolerance: float) -> None:
+        """Stop the run if the policy must start at its reference and does not; otherwise log the outcome.
+
+        Args:
+            max_abs_deviation: the largest `|r_i / m_i|` over the examples of the first batch, on all processes.
+            mean_deviation: the mean of `r_i / m_i` over the same examples (the paper's m_theta at step 0).
+            tolerance: the largest `|r_i / m_i|` that counts as 0.
+        """
+        if not self.starts_at_reference:
+            logger.warning(
+                f"The reference is {self.description}, which the policy does not start from: before the first update "
+                f"the deviation m_theta is already {mean_deviation:.4g} nats per answer token (largest per example "
+                f"{max_abs_deviation:.4g}). `deviation` and the brake measure drift from that reference."
+            )
+            return
+        if max_abs_deviation > tolerance:
+            raise RuntimeError(
+                f"Reference check failed: the reference is {self.description}, which must give the policy's own "
+                f"log-probs before the first update, but on the first batch the log-ratio per answer token is "
+                f"{max_abs_deviation:.4g} nats for one example (mean {mean_deviation:.4g}; tolerance {tolerance:g}). "
+                f"Training would brake and measure drift against another model than the one the run starts from. "
+                f"{self.hint}"
+            )
+        logger.info(
+            f"Reference check passed: {self.description} gives the policy's log-probs before the first update "
+            f"(largest log-ratio per answer token {max_abs_deviation:.2g}, tolerance {tolerance:g})."
+        )
