@@ -47,17 +47,18 @@ def quantized_layers_in_train_mode(model: nn.Module) -> Iterator[None]:
 def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` as a frozen reference: no gradient, eval mode (no dropout, no gradient checkpointing).
 
-    The previous train/eval mode comes back on exit, also when the forward raises. The reference pass draws no random
-    numbers, so the policy forward that follows is bit-identical to one without a reference pass. Quantized 4-bit
-    layers stay on their training kernels (see `quantized_layers_in_train_mode`).
+    Every module's previous train/eval mode comes back on exit, also when the forward raises. The reference pass draws
+    no random numbers, so the policy forward that follows is bit-identical to one without a reference pass. Quantized
+    4-bit layers stay on their training kernels (see `quantized_layers_in_train_mode`).
     """
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad(), quantized_layers_in_train_mode(model):
             yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def add_reference_adapter(model: nn.Module) -> None:

@@ -1,13 +1,15 @@
 """Where the reference comes from, that it stays frozen, and that the reference pass leaves the policy untouched."""
 
 import copy
+import math
 
+import bitsandbytes.nn.modules as bnb_modules
 import pytest
 import torch
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from test_gradients import lora_config, whole_dataset_batch
-from tiny import cpu_args, make_model, prompt_completion_dataset
+from tiny import QUANTIZABLE_WIDTHS, cpu_args, make_model, prompt_completion_dataset
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl.trainer.utils import add_fused_lm_head
 
@@ -40,27 +42,77 @@ def pristine(model_dir, **init_kwargs):
     return model
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora-4bit"])
-def test_adapter_disabled_reference_equals_a_pristine_base_after_training(
-    tmp_path, tokenizer, tiny_model_dir, quantized
-):
-    init_kwargs = {"quantization_config": four_bit_config()} if quantized else {}
+@pytest.fixture(params=["this CPU", "CPU without AVX512-BF16"])
+def bnb_cpu_path(request, monkeypatch):
+    """The 4-bit CPU path bitsandbytes takes: this machine's own, and the one of a CPU without AVX512-BF16 (where
+    bitsandbytes never repacks weights). On a CPU without AVX512-BF16 both are the same path."""
+    if request.param != "this CPU":
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+    return request.param
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"], ids=["llama, unbiased", "qwen2, biased q/k/v"])
+def quantizable_model_dir(request, tmp_path_factory, tokenizer):
+    """A tiny random model with layer widths that bitsandbytes' 4-bit CPU paths accept, saved to disk."""
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}-quantizable")
+    make_model(tokenizer, architecture=request.param, **QUANTIZABLE_WIDTHS).save_pretrained(path)
+    return str(path)
+
+
+def pristine_in_training_kernels(model_dir, **init_kwargs):
+    """The base model loaded afresh from disk, run as training runs it (train mode: the 4-bit layers' training
+    kernels; the tiny models have no dropout), for a no-grad comparison."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **init_kwargs).train()
+    add_fused_lm_head(model)
+    return model
+
+
+def test_adapter_disabled_reference_equals_a_pristine_base_after_training(tmp_path, tokenizer, tiny_model_dir):
     trainer = MinorSFTTrainer(
         tiny_model_dir,
         args=train_args(tmp_path),
         train_dataset=prompt_completion_dataset(),
         processing_class=tokenizer,
         peft_config=lora_config(),
-        **init_kwargs,
     )
     trainer.train()
     batch = whole_dataset_batch(trainer)
-    base_logps = fused_logps(pristine(tiny_model_dir, **init_kwargs), batch)
+    base_logps = fused_logps(pristine(tiny_model_dir), batch)
 
     torch.testing.assert_close(trainer._reference_token_logps(batch), base_logps, rtol=0, atol=0)
     # The policy did move, and the reference pass reads the policy's own (single) copy of the base weights
     assert not torch.allclose(fused_logps(trainer.model, batch), base_logps, atol=1e-3)
     assert trainer.ref_model is None
+
+
+def test_qlora_reference_equals_a_pristine_4bit_base_after_training_and_evaluation(
+    tmp_path, tokenizer, quantizable_model_dir, bnb_cpu_path
+):
+    trainer = MinorSFTTrainer(
+        quantizable_model_dir,
+        args=train_args(tmp_path, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4),
+        train_dataset=prompt_completion_dataset(),
+        eval_dataset=prompt_completion_dataset(4),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        quantization_config=four_bit_config(),
+    )
+    trainer.train()  # evaluation between training steps: eval-mode no-grad forwards, then training again
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert trainer.state.global_step == 4 and len(losses) == 4 and all(map(math.isfinite, losses))
+    assert trainer.state.log_history[0]["deviation"] == 0.0
+
+    batch = whole_dataset_batch(trainer)
+    base = pristine_in_training_kernels(quantizable_model_dir, quantization_config=four_bit_config())
+    torch.testing.assert_close(trainer._reference_token_logps(batch), fused_logps(base, batch), rtol=0, atol=0)
+    # No 4-bit weight was repacked into bitsandbytes' inference-only CPU format by training, evaluation or the
+    # reference passes
+    assert not any(
+        getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+        for module in trainer.model.modules()
+        if isinstance(module, bnb_modules.Linear4bit)
+    )
+    assert not torch.allclose(fused_logps(trainer.model.train(), batch), fused_logps(base, batch), atol=1e-3)
 
 
 def test_reference_pass_restores_adapters_and_train_mode_even_when_the_forward_raises(tmp_path, tokenizer):

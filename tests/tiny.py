@@ -3,7 +3,12 @@
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+# Layer widths that bitsandbytes' 4-bit CPU paths accept: multiples of its quantization block (64) and of the packing
+# block (32) of the AVX512-BF16 path
+QUANTIZABLE_WIDTHS = dict(hidden_size=64, intermediate_size=128)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -30,8 +35,10 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_model(tokenizer, seed: int = 0, **config_overrides) -> LlamaForCausalLM:
-    """A randomly initialised 2-layer Llama, hidden size 32, on the tokenizer's vocabulary."""
+def make_model(tokenizer, seed: int = 0, architecture: str = "llama", **config_overrides):
+    """A randomly initialised 2-layer Llama (no biases) or Qwen2 (q/k/v biases), hidden size 32, on the tokenizer's
+    vocabulary."""
+    config_class, model_class = ARCHITECTURES[architecture]
     torch.manual_seed(seed)
     config_kwargs = dict(
         vocab_size=len(tokenizer),
@@ -45,7 +52,7 @@ def make_model(tokenizer, seed: int = 0, **config_overrides) -> LlamaForCausalLM
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    return LlamaForCausalLM(LlamaConfig(**{**config_kwargs, **config_overrides}))
+    return model_class(config_class(**{**config_kwargs, **config_overrides}))
 
 
 PROMPTS = ["2+2=", "capital of France?", "3*3=", "sky colour?", "10-7=", "opposite of hot?", "5+6=", "say hi"]
