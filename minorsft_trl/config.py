@@ -27,15 +27,17 @@ class MinorSFTConfig(SFTConfig):
             Temperature of the implicit reward, as in DPO. The paper's best for both reference losses is `0.04`.
         ref_model_name_or_path (`str`, *optional*):
             Path or Hub id of a separate reference model. If `None`, a PEFT model is its own reference with its
-            adapters disabled, and full fine-tuning loads a frozen copy of the policy from its path.
+            adapters disabled, and full fine-tuning uses a frozen copy of the policy as training starts.
         log_deviation (`bool`, *optional*, defaults to `False`):
             With `loss_type="nll"` or `"dft"`, run the reference forward anyway to log `deviation` and `log_ratio`, so
             plain SFT compares with Minor SFT on the same scale. Costs one no-grad forward per step.
         precompute_ref_log_probs (`bool`, *optional*, defaults to `False`):
             Compute the reference's summed answer log-prob of every train and eval example once, before training,
-            and cache it on disk, keyed by the reference weights and the tokenised data (content hashes), the
-            padding-free layout and the precision. Training then runs no reference forward and frees a separate
-            reference model. A second run with another learning rate or beta reuses the cache.
+            and cache it on disk, keyed by what changes the numbers: the reference (weights, configuration,
+            attention implementation, adapter configuration), the batches as the collator builds them, and the
+            autocast precision the forward runs under. A cache hit is used once a live pass over a sample agrees.
+            Training then runs no reference forward and frees a separate reference model. A second run with another
+            learning rate or beta reuses the cache.
         precompute_ref_batch_size (`int`, *optional*):
             Batch size of the precompute pass; defaults to `per_device_train_batch_size` (eval data:
             `per_device_eval_batch_size`).
@@ -63,7 +65,7 @@ class MinorSFTConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Path or Hub id of a separate reference model. Default: the PEFT model with adapters disabled, or "
-            "a frozen copy of the policy loaded from its path."
+            "a frozen copy of the policy as training starts."
         },
     )
     log_deviation: bool = field(

@@ -15,8 +15,11 @@ logger = transformers.utils.logging.get_logger(__name__)
 
 def deviation_tolerance(half_precision: bool) -> float:
     """The largest `|log-ratio per answer token|` of one example that counts as 0: the float noise of one forward run
-    in two batch layouts (other padding, other rows alongside), as between a precompute pass and a training batch."""
-    return 2e-2 if half_precision else 1e-4
+    in two batch layouts (other padding, other rows alongside), as between a precompute pass and a training batch.
+
+    Measured on SmolLM2-135M-Instruct, 64 BIG-bench examples in batches of 8 against batches of 3 and 5: at most
+    2.7e-6 in float32 and 0.04 under bfloat16 autocast. A wrong reference is off by tenths of a nat or more."""
+    return 0.1 if half_precision else 1e-4
 
 
 @dataclass(frozen=True)

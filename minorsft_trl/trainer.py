@@ -116,7 +116,8 @@ class MinorSFTTrainer(SFTTrainer):
         ref_model (`str` or `PreTrainedModel`, *optional*):
             The reference. Defaults to `args.ref_model_name_or_path`; if neither is set, a PEFT model is its own
             reference with its adapters disabled (a frozen `"ref"` copy of the adapter when the model arrives with
-            one), and full fine-tuning loads a frozen copy of the policy from its path.
+            one), and full fine-tuning uses a frozen copy of the policy as training starts. Before the first update the
+            reference is checked against the policy's starting point (see `minorsft_trl.reference_check`).
 
     Logged on train and eval, next to TRL's metrics: `deviation` (the paper's m_theta, eq. 8), `log_ratio` (mean of
     `log(pi_theta(y|x) / pi_ref(y|x))`) and, for `minor_sft`, `minor_weight` with `minor_weight_min` and
