@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .reference import belongs_to_adapter
 
@@ -60,6 +61,8 @@ def module_fingerprint(
     digest = hashlib.sha256()
     entries = {canonical_name(name): tensor for name, tensor in module.state_dict().items()}
     for name, tensor in sorted((n, t) for n, t in entries.items() if n is not None and isinstance(t, torch.Tensor)):
+        if isinstance(tensor, DTensor):  # sharded by FSDP2: gather it (every process hashes, in the same order)
+            tensor = tensor.full_tensor()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         values = tensor.detach().reshape(-1)
         if sample is not None and values.numel() > sample:

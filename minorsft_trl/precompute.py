@@ -3,15 +3,32 @@
 The reference is frozen, so all Minor SFT needs from it is one number per example: the sum of its answer-token
 log-probs. They are stored per dataset row (a packed row holds several examples), attached as a `ref_logps` column,
 and the collator concatenates them in the order in which `ExampleIndex` numbers the examples of a batch.
+
+Under several processes every process computes its share of the batches (a sharded reference, FSDP or ZeRO-3, needs
+every process in each forward anyway), the values are gathered in dataset order, and only the main process reads and
+writes the cache; the others follow its lead (`_follow_main`) and receive the values.
 """
 
-from collections.abc import Callable
+import hashlib
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import transformers
+from accelerate.utils import broadcast_object_list
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from .cache import cache_root, cached_directory
+from .examples import ExampleIndex
+from .fingerprint import batches_fingerprint
+from .reference_check import deviation_tolerance
+
+logger = transformers.utils.logging.get_logger(__name__)
 
 REF_LOGPS = "ref_logps"
 # 2: keyed by the reference's configuration and the collated batches, computed under the training autocast
@@ -46,3 +63,162 @@ class WithRefLogps:
         batch = self.collator([{k: v for k, v in example.items() if k != REF_LOGPS} for example in examples])
         batch[REF_LOGPS] = torch.tensor(ref_logps, dtype=torch.float32)
         return batch
+
+
+# Steps of the precompute that every process runs together, announced by the main process
+_COMPUTE, _SAMPLE, _DONE = "compute", "sample", "done"
+
+
+class PrecomputedReferenceMixin:
+    """The precomputed reference of `MinorSFTTrainer`: the values, their cache, and the passes that compute them."""
+
+    def _attach_precomputed_reference(self, reference: dict) -> None:
+        """Give every train and eval row its examples' reference log-probs (from the cache, or computed once), feed
+        them through the collator, and release a separate reference model: training needs only the numbers.
+
+        Args:
+            reference: the identity of the reference (`fingerprint.model_identity`), taken before it was sharded.
+        """
+        args = self.args
+        self.train_dataset = self._precomputed(
+            self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size, reference
+        )
+        if self.eval_dataset is not None:
+            eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    name: self._precomputed(dataset, f"eval {name}", eval_batch_size, reference)
+                    for name, dataset in self.eval_dataset.items()
+                }
+            else:
+                self.eval_dataset = self._precomputed(self.eval_dataset, "eval", eval_batch_size, reference)
+        self.data_collator = WithRefLogps(self.data_collator)
+        if self.ref_model is not None:
+            self.ref_model = None
+            self._reference_released = True
+
+    def _precomputed(self, dataset: Dataset, name: str, batch_size: int, reference: dict) -> Dataset:
+        """`dataset` with a `ref_logps` column (one list of floats per row), read from the cache if it holds this
+        exact reference and data, else computed by all processes and cached by the main one.
+
+        The key: the reference (weights, configuration, adapter), the batches as the collator builds them (tokens,
+        loss mask, packing, padding-free positions, batch layout) and the autocast precision the forward runs under.
+        A cache hit is trusted only once a sample of its values agrees with a live reference pass."""
+        key = {
+            "format": CACHE_FORMAT,
+            "reference": reference,
+            "data": batches_fingerprint(self._collated_batches(dataset, batch_size)),
+            "autocast": self._autocast_precision(),
+        }
+        key = from_main_process(key)  # one entry for all processes, whatever each one could hash
+        if not self.accelerator.is_main_process:
+            self._follow_main(dataset, name, batch_size)
+            return dataset.add_column(REF_LOGPS, from_main_process(None))
+
+        entry_name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        entry = Path(self.args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
+
+        def build(out: Path) -> None:
+            values = self._lead(_COMPUTE, dataset, name, batch_size)
+            counts = [
+                ExampleIndex.from_batch(batch["labels"], batch.get("position_ids")).num_examples
+                for batch in self._collated_batches(dataset, 1)  # a padding-free collator merges a batch's rows
+            ]
+            np.save(out / "ref_logps.npy", values, allow_pickle=False)
+            np.save(out / "examples_per_row.npy", np.array(counts, dtype=np.int64), allow_pickle=False)
+
+        def agrees_with_live_reference(cached: Path) -> bool:
+            live, num_tokens = self._lead(_SAMPLE, dataset, name, batch_size)
+            return self._sample_agrees(
+                name, per_row_values(cached), live, num_tokens, _sample_rows(dataset, batch_size)
+            )
+
+        cached_directory(entry, key, build, verify=agrees_with_live_reference)
+        self._lead(_DONE, dataset, name, batch_size)
+        return dataset.add_column(REF_LOGPS, from_main_process(per_row_values(entry)))
+
+    def _lead(self, step: str, dataset: Dataset, name: str, batch_size: int):
+        """On the main process: announce `step` to the other processes, then run it with them."""
+        from_main_process(step)
+        return self._run_step(step, dataset, name, batch_size)
+
+    def _follow_main(self, dataset: Dataset, name: str, batch_size: int) -> None:
+        """On the other processes: run each step the main process announces, until it is done."""
+        while (step := from_main_process(None)) != _DONE:
+            self._run_step(step, dataset, name, batch_size)
+
+    def _run_step(self, step: str, dataset: Dataset, name: str, batch_size: int):
+        if step == _COMPUTE:
+            return self._compute_ref_logps(dataset, name, batch_size)
+        if step == _SAMPLE:
+            rows = _sample_rows(dataset, batch_size)
+            return self._batch_ref_logps(self.data_collator([dataset[i] for i in rows]))
+        return None
+
+    def _collated_batches(self, dataset: Dataset, batch_size: int, starts=None) -> Iterator[dict[str, Any]]:
+        """The batches of the precompute pass (all, or those beginning at `starts`), as the training collator builds
+        them, in dataset order."""
+        for start in range(0, len(dataset), batch_size) if starts is None else starts:
+            yield self.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+    def _batch_ref_logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(num_examples,)` summed answer log-probs of the reference on a collated batch, under the autocast that
+        training runs under, and `(num_examples,)` answer lengths."""
+        batch = self._prepare_inputs(batch)
+        index = ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
+        with self.accelerator.autocast():
+            ref_logps = self._reference_logps(batch, index)
+        return ref_logps.float().cpu(), index.num_tokens.cpu()
+
+    def _compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> np.ndarray:
+        """The summed answer log-probs of the reference for every example of `dataset`, in dataset order. Each
+        process computes a contiguous share of the batches (padded with repeats so every process runs as many
+        forwards as the others, as a sharded model needs); the values are gathered on every process."""
+        starts = list(range(0, len(dataset), batch_size))
+        with self.accelerator.split_between_processes(list(enumerate(starts)), apply_padding=True) as share:
+            batches = self._collated_batches(dataset, batch_size, [start for _, start in share])
+            progress = tqdm(
+                batches, total=len(share), desc=f"Reference log-probs ({name})",
+                disable=not self.accelerator.is_local_main_process,
+            )  # fmt: skip
+            # A repeat of the padding overwrites its original with the same values
+            computed = {i: self._batch_ref_logps(batch)[0] for (i, _), batch in zip(share, progress, strict=True)}
+        local = torch.cat(list(computed.values())).to(self.accelerator.device)
+        if self.accelerator.num_processes == 1:
+            return local.cpu().numpy()
+        # Tensors, not `gather_object`: all_gather_object over gloo leaves the process to abort at exit
+        lengths = self.accelerator.gather(torch.tensor([local.numel()], device=local.device)).tolist()
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0)).view(len(lengths), -1)
+        return torch.cat([row[:length] for row, length in zip(gathered, lengths, strict=True)]).cpu().numpy()
+
+    def _sample_agrees(self, name, cached: list[list[float]], live, num_tokens, rows: list[int]) -> bool:
+        """Whether the live reference log-probs of the sampled `rows` equal the cached ones, to float noise."""
+        expected = torch.tensor([value for row in rows for value in cached[row]])
+        if expected.shape != live.shape:
+            logger.warning(f"The cached reference log-probs of {name!r} hold another number of examples: rebuilding.")
+            return False
+        per_token = ((live - expected) / num_tokens).abs().max().item() if live.numel() else 0.0
+        tolerance = deviation_tolerance(self._half_precision())
+        if per_token > tolerance:
+            logger.warning(
+                f"The cached reference log-probs of {name!r} differ from a live reference pass by up to "
+                f"{per_token:.3g} nats per answer token (tolerance {tolerance:g}) on {len(rows)} sampled rows: "
+                "rebuilding the cache entry."
+            )
+            return False
+        return True
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.precompute_ref_log_probs and REF_LOGPS not in self._signature_columns:
+            self._signature_columns.append(REF_LOGPS)
+
+
+def _sample_rows(dataset: Dataset, batch_size: int) -> list[int]:
+    """The rows whose cached values are checked against a live pass: one batch, spread over the dataset."""
+    return sorted({round(i) for i in np.linspace(0, len(dataset) - 1, num=min(batch_size, len(dataset)))})
+
+
+def from_main_process(value):
+    """The main process's `value`, on every process (unchanged in a single process)."""
+    return broadcast_object_list([value], from_process=0)[0]

@@ -1,37 +1,29 @@
 """`MinorSFTTrainer`: TRL's `SFTTrainer` with a reference-aware, per-example loss."""
 
-import hashlib
-import json
-import math
 import os
 import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import transformers
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import (
     add_fused_lm_head,
     create_model_from_path,
     get_config_model_id,
-    global_then_local_main_first,
     use_adapter,
 )
 
-from .cache import cache_root, cached_directory
 from .checkpoints import (
     check_run_identity,
     has_manifest,
@@ -42,9 +34,9 @@ from .checkpoints import (
 )
 from .config import REFERENCE_LOSS_TYPES, TRL_LOSS_TYPES, MinorSFTConfig
 from .examples import ExampleIndex
-from .fingerprint import batches_fingerprint, model_identity, module_fingerprint, peft_reference_name
+from .fingerprint import model_identity, module_fingerprint, peft_reference_name
 from .losses import deviation, minor_sft_loss, minor_sft_weight, sft_dpo_loss
-from .precompute import CACHE_FORMAT, REF_LOGPS, WithRefLogps, per_row_values
+from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process
 from .reference import (
     add_reference_adapter,
     check_same_vocabulary,
@@ -55,7 +47,7 @@ from .reference import (
     reference_mode,
 )
 from .reference_check import ReferenceCheck, deviation_tolerance
-from .validation import check_inputs, is_peft_model_or_path
+from .validation import check_inputs, check_parallelism, is_peft_model_or_path
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -103,7 +95,7 @@ def _loss_type_seen_by_trl(args: MinorSFTConfig) -> Iterator[None]:
         args.loss_type = loss_type
 
 
-class MinorSFTTrainer(SFTTrainer):
+class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
     """
     Drop-in replacement for TRL's `SFTTrainer` that brakes the drift from a reference model (Minor SFT, arXiv
     2408.10642). Every argument of `SFTTrainer` keeps its meaning; `args` may be a `MinorSFTConfig`, an `SFTConfig`,
@@ -195,6 +187,8 @@ class MinorSFTTrainer(SFTTrainer):
                     formatting_func=formatting_func,
                 )
             self._check_prepared_dataset(train_dataset)
+            check_parallelism(args, self.accelerator.parallelism_config)
+            self._warn_if_launcher_overrides_precision()
             self.ref_model = None
             self._reference_released = False
             self._reference_check = None
@@ -202,22 +196,33 @@ class MinorSFTTrainer(SFTTrainer):
                 self.ref_model, self._reference_check = self._load_reference(
                     ref_model, quantization_config, policy_has_own_adapter
                 )
-            # What a checkpoint of this run belongs to, taken before a separate reference may be released
-            self._run_identity = {
-                "loss_type": args.loss_type,
-                "model": get_config_model_id(self.accelerator.unwrap_model(self.model).config),
-                "reference": module_fingerprint(*self._reference_weights()[:2], sample=1024),
-            }
+            # What the reference is, taken before it is sharded (FSDP, ZeRO-3) or released, and settled by the main
+            # process: what a checkpoint of this run belongs to, and the reference part of the precompute cache key
+            self._run_identity = from_main_process(
+                {
+                    "loss_type": args.loss_type,
+                    "model": get_config_model_id(self.accelerator.unwrap_model(self.model).config),
+                    "reference": module_fingerprint(*self._reference_weights()[:2], sample=1024),
+                }
+            )
+            reference_identity = (
+                from_main_process(model_identity(*self._reference_weights()))
+                if args.precompute_ref_log_probs
+                else None
+            )
+            if self.ref_model is not None:
+                self.ref_model = self._prepare_reference(self.ref_model)
             if args.precompute_ref_log_probs:
-                self._attach_precomputed_reference()
+                self._attach_precomputed_reference(reference_identity)
 
     # ------------------------------------------------------------------ reference
 
     def _load_reference(
         self, ref_model, quantization_config, policy_has_own_adapter: bool
     ) -> tuple[torch.nn.Module | None, ReferenceCheck]:
-        """Resolve the reference (see `minorsft_trl.reference`): the separate model (`None` when the policy itself is
-        the reference, adapters disabled or its `"ref"` adapter), and what the reference check expects of it."""
+        """Resolve the reference (see `minorsft_trl.reference`): the separate model, not yet prepared (`None` when the
+        policy itself is the reference, adapters disabled or its `"ref"` adapter), and what the reference check
+        expects of it."""
         ref_model = ref_model if ref_model is not None else self.args.ref_model_name_or_path
         explicit = ref_model is not None
         policy = self.accelerator.unwrap_model(self.model)
@@ -281,11 +286,15 @@ class MinorSFTTrainer(SFTTrainer):
         check_same_vocabulary(self.model, ref_model, explicit=explicit)
         freeze(ref_model)
         add_fused_lm_head(ref_model.get_base_model() if is_peft_model(ref_model) else ref_model)
+        return ref_model, check
+
+    def _prepare_reference(self, ref_model: torch.nn.Module) -> torch.nn.Module:
+        """Place (and under FSDP / ZeRO, shard) a separate reference, as TRL's `DPOTrainer` does."""
         if self.is_deepspeed_enabled:
-            return prepare_deepspeed(ref_model, self.accelerator), check
+            return prepare_deepspeed(ref_model, self.accelerator)
         if self.is_fsdp_enabled:
-            return prepare_fsdp(ref_model, self.accelerator), check
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True), check
+            return prepare_fsdp(ref_model, self.accelerator)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     def _reference_weights(self):
         """The module whose weights the reference pass runs, how to name its state-dict entries (`None`: leave out),
@@ -322,103 +331,7 @@ class MinorSFTTrainer(SFTTrainer):
         # Prompt-learning PEFT prepends virtual tokens to the policy's outputs only: align from the right
         return index.sum(self._reference_token_logps(inputs)[:, -index.answer_mask.size(1) :])
 
-    # ------------------------------------------------------------------ precomputed reference
-
-    def _attach_precomputed_reference(self) -> None:
-        """Give every train and eval row its examples' reference log-probs (from the cache, or computed once), feed
-        them through the collator, and release a separate reference model: training needs only the numbers."""
-        args = self.args
-        reference = model_identity(*self._reference_weights())
-        self.train_dataset = self._precomputed(
-            self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size, reference
-        )
-        if self.eval_dataset is not None:
-            eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
-            if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {
-                    name: self._precomputed(dataset, f"eval {name}", eval_batch_size, reference)
-                    for name, dataset in self.eval_dataset.items()
-                }
-            else:
-                self.eval_dataset = self._precomputed(self.eval_dataset, "eval", eval_batch_size, reference)
-        self.data_collator = WithRefLogps(self.data_collator)
-        if self.ref_model is not None:
-            self.ref_model = None
-            self._reference_released = True
-
-    def _precomputed(self, dataset: Dataset, name: str, batch_size: int, reference: dict) -> Dataset:
-        """`dataset` with a `ref_logps` column (one list of floats per row), read from the cache if it holds this
-        exact reference and data, else computed and cached. The global main process computes, the others read.
-
-        The key: the reference (`reference`: weights, configuration, adapter), the batches as the collator builds them
-        (tokens, loss mask, packing, padding-free positions, batch layout) and the autocast precision the forward runs
-        under. A cache hit is trusted only once a sample of its values agrees with a live reference pass."""
-        key = {
-            "format": CACHE_FORMAT,
-            "reference": reference,
-            "data": batches_fingerprint(self._collated_batches(dataset, batch_size)),
-            "autocast": self._autocast_precision(),
-        }
-        entry_name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-        entry = Path(self.args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
-
-        def compute(out: Path) -> None:
-            values, examples_per_row = self._compute_ref_logps(dataset, name, batch_size)
-            np.save(out / "ref_logps.npy", values, allow_pickle=False)
-            np.save(out / "examples_per_row.npy", examples_per_row, allow_pickle=False)
-
-        def agrees_with_live_reference(cached: Path) -> bool:
-            return self._sample_agrees(dataset, name, per_row_values(cached), batch_size)
-
-        with global_then_local_main_first():
-            cached_directory(entry, key, compute, verify=agrees_with_live_reference)
-        return dataset.add_column(REF_LOGPS, per_row_values(entry))
-
-    def _collated_batches(self, dataset: Dataset, batch_size: int) -> Iterator[dict[str, Any]]:
-        """The batches of the precompute pass, in dataset order, as the training collator builds them."""
-        for start in range(0, len(dataset), batch_size):
-            yield self.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-
-    def _batch_ref_logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(num_examples,)` summed answer log-probs of the reference on a collated batch, under the autocast that
-        training runs under, and `(num_examples,)` answer lengths."""
-        batch = self._prepare_inputs(batch)
-        index = ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
-        with self.accelerator.autocast():
-            ref_logps = self._reference_logps(batch, index)
-        return ref_logps.float().cpu(), index.num_tokens.cpu()
-
-    def _compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """The summed answer log-probs of the reference for every example of `dataset`, in dataset order, and the
-        number of examples of each row (a padding-free collator merges the rows of a batch: count them one by one)."""
-        values = []
-        batches = self._collated_batches(dataset, batch_size)
-        for batch in tqdm(batches, total=math.ceil(len(dataset) / batch_size), desc=f"Reference log-probs ({name})"):
-            values.append(self._batch_ref_logps(batch)[0])
-        counts = [
-            ExampleIndex.from_batch(batch["labels"], batch.get("position_ids")).num_examples
-            for batch in self._collated_batches(dataset, 1)
-        ]
-        return torch.cat(values).numpy(), np.array(counts, dtype=np.int64)
-
-    def _sample_agrees(self, dataset: Dataset, name: str, cached: list[list[float]], batch_size: int) -> bool:
-        """Whether a live reference pass over a sample of rows, spread over `dataset`, gives the cached values."""
-        rows = sorted({round(i) for i in np.linspace(0, len(dataset) - 1, num=min(batch_size, len(dataset)))})
-        live, num_tokens = self._batch_ref_logps(self.data_collator([dataset[i] for i in rows]))
-        expected = torch.tensor([value for row in rows for value in cached[row]])
-        if expected.shape != live.shape:
-            logger.warning(f"The cached reference log-probs of {name!r} hold another number of examples: rebuilding.")
-            return False
-        per_token = ((live - expected) / num_tokens).abs().max().item() if live.numel() else 0.0
-        tolerance = deviation_tolerance(self._half_precision())
-        if per_token > tolerance:
-            logger.warning(
-                f"The cached reference log-probs of {name!r} differ from a live reference pass by up to "
-                f"{per_token:.3g} nats per answer token (tolerance {tolerance:g}) on {len(rows)} sampled rows: "
-                "rebuilding the cache entry."
-            )
-            return False
-        return True
+    # ------------------------------------------------------------------ precision
 
     def _autocast_precision(self) -> str:
         """The precision the forward really runs under: accelerate's autocast (which `accelerate launch` may turn on
@@ -427,11 +340,6 @@ class MinorSFTTrainer(SFTTrainer):
 
     def _half_precision(self) -> bool:
         return self._autocast_precision() != "no" or self.model.dtype in (torch.bfloat16, torch.float16)
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if self.args.precompute_ref_log_probs and REF_LOGPS not in self._signature_columns:
-            self._signature_columns.append(REF_LOGPS)
 
     # ------------------------------------------------------------------ loss
 
@@ -445,7 +353,9 @@ class MinorSFTTrainer(SFTTrainer):
                 for batch in batch_samples
             )
             num_examples = torch.tensor(num_examples, device=device)
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            if self.args.world_size > 1:
+                # The paper's mean is over the examples of the global batch: count them on every process, whatever
+                # `average_tokens_across_devices` says of TRL's token mean
                 num_examples = self.accelerator.gather(num_examples).sum()
             for batch in batch_samples:
                 batch[NUM_EXAMPLES_KEY] = num_examples
@@ -519,7 +429,7 @@ class MinorSFTTrainer(SFTTrainer):
         if num_examples_in_step is None:
             return per_example.sum() / max(per_example.numel(), 1)
         loss = per_example.sum() / num_examples_in_step.clamp(min=1)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+        if self.args.world_size > 1:
             # The count spans every process and DDP averages the gradients across processes
             loss = loss * self.accelerator.num_processes
         return loss
@@ -573,13 +483,26 @@ class MinorSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        """`Trainer._save_checkpoint`, then mark the checkpoint complete once every process has written its part
+        (sharded FSDP / ZeRO saves write from all ranks), and only then delete old checkpoints (`save_total_limit`):
+        a run killed at any point keeps a complete checkpoint it had before."""
+        save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = save_total_limit
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            checkpoint = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
+            run_dir = self._get_output_dir(trial=trial)
+            checkpoint = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             write_run_identity(checkpoint, self._run_identity)
             mark_complete(checkpoint)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """`Trainer.train`, resuming only from complete checkpoints: `resume_from_checkpoint=True` (or `"true"`,
@@ -605,6 +528,19 @@ class MinorSFTTrainer(SFTTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # ------------------------------------------------------------------ checks
+
+    def _warn_if_launcher_overrides_precision(self) -> None:
+        """`accelerate launch` with `mixed_precision: bf16` trains under autocast even when the arguments say
+        `bf16: false`: say so, since the precision that runs is not the one the recipe shows."""
+        launched = self.accelerator.mixed_precision
+        requested = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
+        if launched != requested:
+            logger.warning(
+                f"The accelerate config (or `--mixed_precision`) sets mixed_precision={launched!r}, which overrides "
+                f"the training arguments (bf16={self.args.bf16}, fp16={self.args.fp16}): training and the reference "
+                f"run under {launched} autocast. Set `mixed_precision: {requested}` in the accelerate config (or pass "
+                f"`--mixed_precision {requested}` to `accelerate launch`) to train as the recipe says."
+            )
 
     def _check_prepared_dataset(self, train_dataset) -> None:
         """TRL drops the examples that truncation leaves without answer tokens: say so, and stop if none is left."""

@@ -1,5 +1,6 @@
 """Bad input refused before a run loads or prepares anything, with the value and the fix in the message."""
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def check_inputs(
     peft_config,
 ):
     """Errors that must stop a run before it loads or prepares anything."""
+    check_launch(args)
     if ref_model is not None and ref_model is model:
         # Checked on the objects as given: `get_peft_model` would inject the adapters into this very model
         raise ValueError("`ref_model` is the model being trained. Leave `ref_model` unset to get a frozen reference.")
@@ -103,9 +105,34 @@ def check_inputs(
             f"label_smoothing_factor={args.label_smoothing_factor} is not supported with loss_type="
             f"{args.loss_type!r}. Set `label_smoothing_factor=0`."
         )
-    parallelism = args.parallelism_config
-    if parallelism is not None and (parallelism.tp_enabled or parallelism.cp_enabled or parallelism.sp_enabled):
+    check_parallelism(args, args.parallelism_config)
+
+
+def check_parallelism(args, parallelism) -> None:
+    """Refuse tensor, context and sequence parallelism for the reference losses. Called with the training arguments'
+    `parallelism_config` before anything loads, and again with the one the `Accelerator` really holds (set through
+    accelerate's config file or environment, it never reaches the training arguments)."""
+    if args.loss_type not in REFERENCE_LOSS_TYPES or parallelism is None:
+        return
+    if parallelism.tp_enabled or parallelism.cp_enabled or parallelism.sp_enabled:
         raise ValueError(
             f"loss_type={args.loss_type!r} does not support tensor, context or sequence parallelism, which split one "
-            "example across processes. Use data parallelism (DDP, FSDP, DeepSpeed ZeRO)."
+            f"example across processes (got tp_size={parallelism.tp_size}, cp_size={parallelism.cp_size}, "
+            f"sp_size={parallelism.sp_size}). Use data parallelism (DDP, FSDP, DeepSpeed ZeRO): remove "
+            "`parallelism_config` from the training arguments and the accelerate config."
+        )
+
+
+def check_launch(args) -> None:
+    """Refuse a launch whose processes are not one training: `accelerate launch --num_processes 2` of a multi-GPU
+    config on a machine without GPUs and without `use_cpu` starts processes that each train alone (world size 1),
+    each on all the data, all writing one output directory."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise ValueError(
+            f"This process is one of {launched} launched processes (WORLD_SIZE={launched}), but it trains alone "
+            f"(world size 1, distributed type {args.distributed_state.distributed_type}): each process would train on "
+            "all the data and write the same output directory. On a machine without GPUs set `use_cpu: true` in "
+            "the recipe (or `--use_cpu true`) so the processes train together over gloo; elsewhere check that every "
+            "process sees its device."
         )

@@ -94,6 +94,27 @@ def four_bit_model(c):
     return AutoModelForCausalLM.from_pretrained(c.model_dir, quantization_config=four_bit_config())
 
 
+def context_parallelism_from_the_accelerate_config(c):
+    # accelerate reads `parallelism_config` from its config file (environment) into the Accelerator, not the arguments
+    from accelerate import Accelerator
+    from accelerate.parallelism_config import ParallelismConfig
+
+    create_accelerator = MinorSFTTrainer.create_accelerator_and_postprocess
+
+    def with_context_parallelism(trainer):
+        create_accelerator(trainer)
+        c.monkeypatch.setattr(Accelerator, "parallelism_config", property(lambda _: ParallelismConfig(cp_size=2)))
+
+    c.monkeypatch.setattr(MinorSFTTrainer, "create_accelerator_and_postprocess", with_context_parallelism)
+    c.lora_trainer()
+
+
+def processes_that_each_train_alone(c):
+    # What `accelerate launch --num_processes 2` of a multi-GPU config sets on a machine without GPUs and `use_cpu`
+    c.monkeypatch.setenv("WORLD_SIZE", "2")
+    c.lora_trainer(args=c.args(use_cpu=False))
+
+
 def policy_as_reference(c):
     model = make_model(c.tokenizer)
     c.trainer(model=model, ref_model=model)
@@ -165,6 +186,10 @@ CASES = [
          args=c.args(loss_type="nll", log_deviation=True, packing=True, packing_strategy="bfd_split")
      ),
      ValueError, r"packing_strategy='bfd_split' splits examples"),
+    ("python", "context parallelism from the accelerate config", context_parallelism_from_the_accelerate_config,
+     ValueError, r"does not support tensor, context or sequence parallelism.*cp_size=2.*Use data parallelism"),
+    ("python", "launched processes that each train alone", processes_that_each_train_alone, ValueError,
+     r"one of 2 launched processes \(WORLD_SIZE=2\), but it trains alone.*set `use_cpu: true`"),
     ("python", "label smoothing", lambda c: c.lora_trainer(args=c.args(label_smoothing_factor=0.1)), ValueError,
      r"label_smoothing_factor=0.1 is not supported.*Set"),
     ("python", "compute_loss_func with a reference loss", lambda c: c.lora_trainer(compute_loss_func=lambda *a: 0),

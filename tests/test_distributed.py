@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 from tiny import write_recipe
 
+from minorsft_trl.checkpoints import MANIFEST
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -65,10 +67,67 @@ def test_two_processes_with_a_precomputed_reference_train_as_on_the_fly(tmp_path
     assert pre_report["deviation"] == pytest.approx(fly_report["deviation"], rel=1e-4, abs=1e-7)
 
 
+def flat(ref_logps: list[list[float]]) -> list[float]:
+    return [value for row in ref_logps for value in row]
+
+
+def one_process_precompute(tmp_path, model_dir) -> list[float]:
+    launch(REPO / "tests" / "distributed_worker.py", model_dir, tmp_path / "one", "precompute", num_processes=1,
+           config="single_gpu")  # fmt: skip
+    return flat(json.loads((tmp_path / "one" / "rank0.json").read_text())["ref_logps"])
+
+
+def test_two_processes_share_the_precompute_and_get_the_one_process_values(tmp_path, tiny_model_dir):
+    launch(REPO / "tests" / "distributed_worker.py", tiny_model_dir, tmp_path / "two", "precompute")
+    first, second = rank_reports(tmp_path / "two")
+    # 8 examples in batches of 2: each process runs 2 of the 4 reference forwards
+    assert first["reference_forwards"] == second["reference_forwards"] == 2
+    assert first["ref_logps"] == second["ref_logps"]
+    expected = one_process_precompute(tmp_path, tiny_model_dir)
+    assert flat(first["ref_logps"]) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_a_reference_sharded_with_fsdp2_is_hashed_and_precomputed_across_processes(tmp_path, tiny_model_dir):
+    """FSDP2 over a CPU device mesh (gloo): the reference is sharded before the precompute; its fingerprint is taken
+    before sharding, and every process joins each forward of the sharded model."""
+    launch(REPO / "tests" / "distributed_worker.py", tiny_model_dir, tmp_path / "fsdp", "fsdp reference")
+    first, second = rank_reports(tmp_path / "fsdp")
+    assert first["fsdp"] and first["reference_sharded"] and second["reference_sharded"]
+    assert first["reference_forwards"] == second["reference_forwards"] == 2
+    expected = one_process_precompute(tmp_path, tiny_model_dir)  # the same weights, unsharded, as the reference
+    assert first["ref_logps"] == second["ref_logps"]
+    assert flat(first["ref_logps"]) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_a_checkpoint_is_marked_complete_only_once_every_process_has_written_its_part(tmp_path, tiny_model_dir):
+    launch(REPO / "tests" / "distributed_worker.py", tiny_model_dir, tmp_path, "sharded save")
+    for step in (1, 2):
+        manifest = json.loads((tmp_path / f"checkpoint-{step}" / MANIFEST).read_text())
+        assert "shard-rank1.bin" in manifest, f"checkpoint-{step} was marked complete before process 1 finished"
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_model_dir):
     """The tiny model, 8 examples on disk, one SGD step over all of them (no clipping: the update is the gradient)."""
     return write_recipe(tmp_path, tiny_model_dir, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+
+
+def test_examples_are_counted_across_processes_even_without_averaging_tokens_across_devices(tmp_path, tiny_recipe):
+    """8 examples packed at max_length 80 make two rows of 3 and 5 examples: one row per process is a per-rank mean
+    of 3 and of 5 examples unless the example count spans both processes (the paper's mean over the global batch)."""
+    script = REPO / "recipes" / "minor_sft.py"
+    packed = ["--packing", "true", "--max_length", 80, "--average_tokens_across_devices", "false"]
+    launch(
+        script, "--config", tiny_recipe, *packed, "--per_device_train_batch_size", 1, "--output_dir", tmp_path / "two"
+    )
+    launch(
+        script, "--config", tiny_recipe, *packed, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "one",
+        num_processes=1, config="single_gpu",
+    )  # fmt: skip
+    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_generic_script_two_processes_x_batch_4_equals_one_process_x_batch_8(tmp_path, tiny_recipe):

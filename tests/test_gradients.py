@@ -141,6 +141,12 @@ BATCHINGS = {
     "batch 2 x accumulation 4": dict(per_device_train_batch_size=2, gradient_accumulation_steps=4),
     "padding-free": dict(padding_free=True, max_length=None),
     "packed (bfd)": dict(packing=True, max_length=64),
+    # Unequal micro-batches (3 + 3 + 2 examples; packed rows of different example counts): a per-micro-batch mean
+    # would weigh the examples of the small ones more
+    "batch 3 x accumulation 3": dict(per_device_train_batch_size=3, gradient_accumulation_steps=3),
+    "packed rows one by one": dict(
+        packing=True, max_length=64, per_device_train_batch_size=1, gradient_accumulation_steps=8
+    ),
 }
 
 

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from test_gradients import lora_config
 from tiny import cpu_args, make_model, prompt_completion_dataset, write_recipe
 
+import minorsft_trl.trainer as trainer_module
 from minorsft_trl import MinorSFTTrainer
-from minorsft_trl.checkpoints import MANIFEST, is_complete, last_complete_checkpoint
+from minorsft_trl.checkpoints import MANIFEST, is_complete, last_complete_checkpoint, mark_complete
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "recipes" / "minor_sft.py"
@@ -111,6 +112,56 @@ def test_half_written_checkpoint_is_never_resumed(tmp_path, tokenizer):
     assert [log["step"] for log in resumed.state.log_history if "loss" in log] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_run_killed_between_saving_and_rotating_keeps_its_last_complete_checkpoint(tmp_path, tokenizer, monkeypatch):
+    # save_total_limit=1: the old checkpoint may go only once the new one is complete
+    marked = []
+
+    def killed_on_the_second_checkpoint(checkpoint):
+        if marked:
+            raise KeyboardInterrupt("killed")
+        marked.append(checkpoint)
+        mark_complete(checkpoint)
+
+    monkeypatch.setattr(trainer_module, "mark_complete", killed_on_the_second_checkpoint)
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(
+            tmp_path,
+            max_steps=2,
+            save_strategy="steps",
+            save_steps=1,
+            save_total_limit=1,
+            per_device_train_batch_size=4,
+        ),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path, tokenizer):
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(
+            tmp_path,
+            max_steps=3,
+            save_strategy="steps",
+            save_steps=1,
+            save_total_limit=1,
+            per_device_train_batch_size=4,
+        ),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert is_complete(tmp_path / "checkpoint-3")
+
+
 def test_resume_without_any_complete_checkpoint_says_so(tmp_path, tokenizer):
     trainer = MinorSFTTrainer(
         make_model(tokenizer),
@@ -135,11 +186,11 @@ def test_run_killed_during_the_precompute_leaves_no_trusted_cache(
     ref_cache = cache / "ref_logps"
 
     kill_when(recipe, cache, lambda: any(ref_cache.glob(".*.partial")))
-    # Only the staging directory of the killed build is left, under a name no run reads from
-    assert all(entry.name.endswith(".partial") for entry in ref_cache.iterdir())
+    # Only the staging directory of the killed build (and the lock it held) is left, under names no run reads from
+    assert all(entry.name.endswith((".partial", ".lock")) for entry in ref_cache.iterdir())
 
     # The same run again computes the reference log-probs anew, and completes
     monkeypatch.setenv("MINORSFT_TRL_CACHE", str(cache))
     main(*parse_args(["--config", str(recipe), "--output_dir", str(tmp_path / "again")]))
     assert count_reference_passes == ["train"]
-    assert len([entry for entry in ref_cache.iterdir() if not entry.name.endswith(".partial")]) == 1
+    assert len([entry for entry in ref_cache.iterdir() if not entry.name.endswith((".partial", ".lock"))]) == 1
