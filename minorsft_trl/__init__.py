@@ -1,8 +1,15 @@
 """minorsft_trl: Minor SFT (arXiv 2408.10642) as a drop-in for TRL's `SFTTrainer`."""
 
-from .config import MinorSFTConfig
-from .losses import deviation, minor_sft_loss, minor_sft_weight, sft_dpo_loss
-from .trainer import MinorSFTTrainer
+import logging
+
+# On CPUs with AVX512-BF16, importing bitsandbytes (PEFT does, for any run) warns that an optional faster kernel could
+# not be fetched from the Hugging Face Hub. It concerns no run of this library (4-bit training takes another path,
+# see `reference.quantized_layers_in_train_mode`), so it is kept out of the user's log.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from .config import MinorSFTConfig  # noqa: E402  (after the logging setting above)
+from .losses import deviation, minor_sft_loss, minor_sft_weight, sft_dpo_loss  # noqa: E402
+from .trainer import MinorSFTTrainer  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -98,6 +98,7 @@ class MinorSFTConfig(SFTConfig):
         # `use_cpu=True`; there, unset means full precision, so `args=None` runs on any machine.
         if self.bf16 is None and not (self.fp16 or self.use_cpu or is_torch_bf16_gpu_available()):
             self.bf16 = is_torch_xla_available()
+        self._check_sizes()
         super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(
@@ -115,6 +116,23 @@ class MinorSFTConfig(SFTConfig):
             )
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
             raise ValueError(f"precompute_ref_batch_size must be >= 1, got {self.precompute_ref_batch_size}.")
+
+    def _check_sizes(self) -> None:
+        """Values that transformers accepts and only trips over once training starts (a division by zero, a NaN
+        step), after the output directory was made."""
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if (
+            not isinstance(self.learning_rate, (int, float))
+            or not math.isfinite(self.learning_rate)
+            or self.learning_rate < 0
+        ):
+            raise ValueError(
+                f"learning_rate must be a finite number >= 0, got {self.learning_rate!r}. The paper's best for Minor "
+                "SFT is 2e-5."
+            )
 
     @property
     def uses_reference(self) -> bool:

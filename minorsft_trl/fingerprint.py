@@ -7,6 +7,7 @@ adapter (`lora_alpha` scales its output), and the batches exactly as the collato
 packing, padding-free positions, and whatever a custom collator or a vision processor adds).
 """
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterable
@@ -59,16 +60,28 @@ def module_fingerprint(
             apart); `None` hashes every value.
     """
     digest = hashlib.sha256()
-    entries = {canonical_name(name): tensor for name, tensor in module.state_dict().items()}
+    entries = {canonical_name(name): tensor for name, tensor in module.state_dict(keep_vars=True).items()}
     for name, tensor in sorted((n, t) for n, t in entries.items() if n is not None and isinstance(t, torch.Tensor)):
-        if isinstance(tensor, DTensor):  # sharded by FSDP2: gather it (every process hashes, in the same order)
-            tensor = tensor.full_tensor()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        values = tensor.detach().reshape(-1)
-        if sample is not None and values.numel() > sample:
-            values = values[:: values.numel() // sample][:sample]
-        digest.update(values.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # Sharded weights are gathered (every process hashes, in the same order): FSDP2 DTensors, and ZeRO-3
+        # parameters, which hold an empty shard outside `GatheredParameters`
+        with _zero3_gathered(tensor):
+            if isinstance(tensor, DTensor):
+                tensor = tensor.full_tensor()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            values = tensor.detach().reshape(-1)
+            if sample is not None and values.numel() > sample:
+                values = values[:: values.numel() // sample][:sample]
+            digest.update(values.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _zero3_gathered(tensor: torch.Tensor):
+    """DeepSpeed's `GatheredParameters` for a ZeRO-3 partitioned parameter, else a no-op."""
+    if not hasattr(tensor, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([tensor], modifier_rank=None)
 
 
 def peft_reference_name(name: str, other_adapters: list[str]) -> str | None:

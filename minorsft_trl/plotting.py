@@ -2,22 +2,32 @@
 
 from pathlib import Path
 
+import transformers
+
+logger = transformers.utils.logging.get_logger(__name__)
+
 PANEL_TITLES = {"deviation": "deviation m_theta (eq. 8)", "minor_weight": "minor weight 2σ(-βr)"}
 
 
-def plot_training_curves(log_history: list[dict], path: str | Path, title: str = "") -> Path:
+def plot_training_curves(log_history: list[dict], path: str | Path, title: str = "") -> Path | None:
     """Save a PNG with one panel per logged curve: `loss`, `deviation` and (for minor_sft) `minor_weight` with its
-    min-max band. `log_history` is `Trainer.state.log_history`; curves that were not logged are left out."""
-    import matplotlib
+    min-max band. `log_history` is `Trainer.state.log_history`; curves that were not logged are left out.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    A plot never fails the run it illustrates: without matplotlib (the `embedded` extra) or without a logged training
+    loss (a run shorter than `logging_steps`), it says why and returns `None`."""
     train = [log for log in log_history if "loss" in log]
     evaluation = [log for log in log_history if "eval_loss" in log]
     panels = [key for key in ("loss", "deviation", "minor_weight") if any(key in log for log in train)]
     if not panels:
-        raise ValueError("The log history holds no training loss: nothing to plot (was `logging_steps` reached?).")
+        logger.warning("No training curves plotted: the run logged no training loss (shorter than `logging_steps`).")
+        return None
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("No training curves plotted: matplotlib is not installed (`pip install matplotlib`).")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for axis, key in zip(axes[0], panels, strict=True):

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from accelerate.utils import is_peft_model
 from torch import nn
+from transformers import AutoTokenizer
 from transformers.utils import is_bitsandbytes_available
 
 REF_ADAPTER = "ref"
@@ -131,4 +132,28 @@ def check_same_vocabulary(policy: nn.Module, reference: nn.Module, explicit: boo
         raise ValueError(
             f"The reference model has a vocabulary of {ref_vocab} tokens but the policy has {policy_vocab}: their "
             f"log-probabilities cannot be compared. {fix}"
+        )
+
+
+def check_same_tokenizer(tokenizer, ref_path: str) -> None:
+    """Raise if the reference at `ref_path` ships a tokenizer that maps tokens to other ids than the policy's: equal
+    vocabulary sizes do not make the log-probabilities comparable. Nothing to compare without both tokenizers."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    if vocab is None:
+        return
+    try:
+        ref_tokenizer = AutoTokenizer.from_pretrained(ref_path)
+    except (OSError, ValueError):
+        return
+    policy_vocab, ref_vocab = vocab(), ref_tokenizer.get_vocab()
+    if policy_vocab != ref_vocab:
+        differing = sorted(
+            token
+            for token in policy_vocab.keys() | ref_vocab.keys()
+            if policy_vocab.get(token) != ref_vocab.get(token)
+        )
+        raise ValueError(
+            f"The reference {ref_path!r} has another tokenizer than the policy: {len(differing)} tokens differ (e.g. "
+            f"{differing[:3]}), so its log-probabilities score other tokens. Use a reference trained with the "
+            "policy's tokenizer (the model the policy was initialised from)."
         )

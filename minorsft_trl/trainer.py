@@ -39,6 +39,7 @@ from .losses import deviation, minor_sft_loss, minor_sft_weight, sft_dpo_loss
 from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process
 from .reference import (
     add_reference_adapter,
+    check_same_tokenizer,
     check_same_vocabulary,
     freeze,
     frozen_copy,
@@ -50,6 +51,9 @@ from .reference_check import ReferenceCheck, deviation_tolerance
 from .validation import check_inputs, check_parallelism, is_peft_model_or_path
 
 logger = transformers.utils.logging.get_logger(__name__)
+
+# A `minor_weight` below this everywhere in a logging window leaves gradients of a thousandth: learning has stopped
+STALLED_WEIGHT = 1e-3
 
 # Key under which `get_batch_samples` hands `compute_loss` the number of examples of the whole optimizer step
 NUM_EXAMPLES_KEY = "num_examples_in_step"
@@ -162,6 +166,7 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             compute_loss_func=compute_loss_func,
             quantization_config=quantization_config,
             peft_config=peft_config,
+            formatting_func=formatting_func,
         )
         # The per-example losses normalise by the examples of the whole optimizer step, see `get_batch_samples`
         self.loss_is_scaled_for_ga = True if args.loss_type in REFERENCE_LOSS_TYPES else None
@@ -275,6 +280,7 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             else:
                 ref_model = frozen_copy(policy)
         if isinstance(ref_model, str):
+            check_same_tokenizer(self.processing_class, ref_model)
             init_kwargs = dict(self.args.model_init_kwargs or {})
             if quantization_config is not None:
                 init_kwargs["quantization_config"] = quantization_config
@@ -468,10 +474,19 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # `SFTTrainer.log` averages each metric over the logging window; the extremes take their min and max instead
-        metrics = self._metrics["train" if self.model.training else "eval"]
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
         for key, reduce in (("minor_weight_min", min), ("minor_weight_max", max)):
             if metrics.get(key):
                 metrics[key] = [reduce(metrics[key])]
+        if mode == "train" and metrics.get("minor_weight_max") and metrics["minor_weight_max"][0] < STALLED_WEIGHT:
+            log_ratio = sum(metrics["log_ratio"]) / len(metrics["log_ratio"])
+            logger.warning(
+                f"Every Minor SFT weight of the last logging window is below {STALLED_WEIGHT:g} (largest "
+                f"{metrics['minor_weight_max'][0]:.3g}, mean log-ratio {log_ratio:.3g}): "
+                f"the brake has stopped learning. beta={self.args.beta:g} is too large for these log-ratios; lower "
+                "it (the paper's best is 0.04)."
+            )
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

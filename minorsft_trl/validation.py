@@ -6,15 +6,32 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import Dataset, IterableDataset
+from datasets import IterableDataset
 from trl.data_utils import is_conversational
 
 from .cache import cache_root
 from .config import REFERENCE_LOSS_TYPES
+from .dataset_checks import check_dataset
 
 
 def is_peft_model_or_path(model: "str | torch.nn.Module") -> bool:
     return not isinstance(model, str) and is_peft_model(model)
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse an output directory that cannot be written, without creating it: a run would otherwise train until its
+    first save and lose the compute."""
+    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".minorsft-write-check-"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} cannot be written ({error.strerror or error}: {str(existing)!r}): the "
+            "run would fail at its first save. Choose a writable `output_dir`."
+        ) from error
 
 
 def _check_writable(directory: Path) -> None:
@@ -40,14 +57,17 @@ def check_inputs(
     compute_loss_func,
     quantization_config,
     peft_config,
+    formatting_func,
 ):
     """Errors that must stop a run before it loads or prepares anything."""
     check_launch(args)
     if ref_model is not None and ref_model is model:
         # Checked on the objects as given: `get_peft_model` would inject the adapters into this very model
         raise ValueError("`ref_model` is the model being trained. Leave `ref_model` unset to get a frozen reference.")
-    if train_dataset is not None and isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
-        raise ValueError("`train_dataset` is empty: pass a dataset with at least one example.")
+    _check_output_dir(Path(args.output_dir))
+    if formatting_func is None:
+        check_dataset(train_dataset, "train_dataset", args.dataset_text_field)
+        check_dataset(eval_dataset, "eval_dataset", args.dataset_text_field)
     if (
         train_dataset is not None
         and processing_class is not None

@@ -94,6 +94,31 @@ def four_bit_model(c):
     return AutoModelForCausalLM.from_pretrained(c.model_dir, quantization_config=four_bit_config())
 
 
+def rows(**columns):
+    from datasets import Dataset
+
+    return Dataset.from_dict(columns)
+
+
+def reference_with_another_tokenizer(c):
+    # Same vocabulary size, other ids: the byte alphabet in reverse order
+    from tiny import make_tokenizer
+
+    other = make_tokenizer(reverse=True)
+    assert len(other) == len(c.tokenizer) and other.get_vocab() != c.tokenizer.get_vocab()
+    path = c.tmp_path / "other-tokenizer-reference"
+    make_model(other, seed=1).save_pretrained(path)
+    other.save_pretrained(path)
+    c.lora_trainer(ref_model=str(path))
+
+
+def output_dir_under_a_file(c):
+    blocker = c.tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    c.output_dir = blocker / "out"
+    c.lora_trainer(args=c.args())
+
+
 def context_parallelism_from_the_accelerate_config(c):
     # accelerate reads `parallelism_config` from its config file (environment) into the Accelerator, not the arguments
     from accelerate import Accelerator
@@ -190,6 +215,32 @@ CASES = [
      ValueError, r"does not support tensor, context or sequence parallelism.*cp_size=2.*Use data parallelism"),
     ("python", "launched processes that each train alone", processes_that_each_train_alone, ValueError,
      r"one of 2 launched processes \(WORLD_SIZE=2\), but it trains alone.*set `use_cpu: true`"),
+    ("python", "data without any column SFT reads",
+     lambda c: c.lora_trainer(dataset=rows(question=["2+2="], answer=["4"])), ValueError,
+     r"`train_dataset` has the columns \['answer', 'question'\], and SFTTrainer reads a `text` column.*"
+     r"Rename the columns"),
+    ("python", "a None completion",
+     lambda c: c.lora_trainer(dataset=rows(prompt=["2+2=", "3+3="], completion=[" 4", None])), ValueError,
+     r"`train_dataset` has rows of missing values: prompt-completion \(prompt, completion\) is missing in rows \[1\]"
+     r".*drop the rows"),
+    ("python", "rows of two formats mixed",
+     lambda c: c.lora_trainer(dataset=rows(text=["2+2= 4", None], prompt=[None, "3+3="], completion=[None, " 6"])),
+     ValueError, r"has rows of several formats: language modelling \(text\) is missing in rows \[1\].*"
+     r"prompt-completion \(prompt, completion\) is missing in rows \[0\].*convert them to one"),
+    ("python", "an empty eval dataset", lambda c: c.lora_trainer(eval_dataset=prompt_completion_dataset(0)),
+     ValueError, r"`eval_dataset` is empty \(0 examples\)"),
+    ("python", "gradient accumulation of 0", lambda c: c.args(gradient_accumulation_steps=0), ValueError,
+     r"gradient_accumulation_steps must be an integer >= 1, got 0"),
+    ("python", "a batch size of 0", lambda c: c.args(per_device_train_batch_size=0), ValueError,
+     r"per_device_train_batch_size must be an integer >= 1, got 0"),
+    ("python", "a negative learning rate", lambda c: c.args(learning_rate=-1e-5), ValueError,
+     r"learning_rate must be a finite number >= 0, got -1e-05"),
+    ("cli", "a NaN learning rate", lambda c: parse_args(["--config", str(c.recipe()), "--learning_rate", "nan"]),
+     ValueError, r"learning_rate must be a finite number >= 0, got nan"),
+    ("python", "an output directory that cannot be written", output_dir_under_a_file, ValueError,
+     r"output_dir=.*a-file/out' cannot be written \(Not a directory.*Choose a writable `output_dir`"),
+    ("python", "a reference with another tokenizer of the same size", reference_with_another_tokenizer, ValueError,
+     r"has another tokenizer than the policy: \d+ tokens differ.*Use a reference trained with the policy's tokenizer"),
     ("python", "label smoothing", lambda c: c.lora_trainer(args=c.args(label_smoothing_factor=0.1)), ValueError,
      r"label_smoothing_factor=0.1 is not supported.*Set"),
     ("python", "compute_loss_func with a reference loss", lambda c: c.lora_trainer(compute_loss_func=lambda *a: 0),

@@ -20,10 +20,11 @@ CHATML_TEMPLATE = (
 )
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (one token per byte) with ChatML special tokens and a chat template."""
+def make_tokenizer(reverse: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per byte) with ChatML special tokens and a chat template; `reverse` numbers
+    the bytes the other way round (the same vocabulary size, other ids)."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {char: i for i, char in enumerate(sorted(alphabet))}
+    vocab = {char: i for i, char in enumerate(sorted(alphabet, reverse=reverse))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

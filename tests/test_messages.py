@@ -1,0 +1,79 @@
+"""What a user is told: a warning for input that is legitimate but probably not meant, a trainer that reports to
+TensorBoard offline, and nothing that fails a run after it succeeded."""
+
+import logging
+
+import pytest
+from test_gradients import lora_config
+from tiny import cpu_args, make_model, prompt_completion_dataset
+from transformers.utils import logging as hf_logging
+
+from minorsft_trl import MinorSFTTrainer
+from minorsft_trl.plotting import plot_training_curves
+
+
+@pytest.fixture
+def warnings_of_minorsft():
+    """The messages that minorsft_trl logs at warning level or above."""
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger = hf_logging.get_logger("minorsft_trl")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def trainer(tmp_path, tokenizer, dataset=None, **overrides):
+    return MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(tmp_path, **{"max_steps": 1, **overrides}),
+        train_dataset=dataset if dataset is not None else prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+
+
+def test_empty_completions_are_reported(tmp_path, tokenizer, warnings_of_minorsft):
+    dataset = prompt_completion_dataset().map(lambda row, i: {"completion": "" if i in (2, 5) else row["completion"]},
+                                              with_indices=True)  # fmt: skip
+    trainer(tmp_path, tokenizer, dataset)
+    assert any(
+        "2 examples of `train_dataset` have an empty completion (rows [2, 5])" in m for m in warnings_of_minorsft
+    )
+
+
+def test_a_brake_that_stops_all_learning_is_reported(tmp_path, tokenizer, warnings_of_minorsft):
+    # beta=1e9: once the policy moves, every weight 2*sigmoid(-beta*r) is 0 and nothing is learned any more
+    run = trainer(tmp_path, tokenizer, beta=1e9, max_steps=3, learning_rate=5e-2, per_device_train_batch_size=4)
+    run.train()
+    assert [log["minor_weight_max"] < 1e-3 for log in run.state.log_history if "loss" in log] == [False, True, True]
+    stalled = [m for m in warnings_of_minorsft if "the brake has stopped learning" in m]
+    assert len(stalled) == 2 and "beta=1e+09 is too large" in stalled[0]
+
+
+def test_a_normal_run_is_not_reported(tmp_path, tokenizer, warnings_of_minorsft):
+    trainer(tmp_path, tokenizer, max_steps=2).train()
+    assert warnings_of_minorsft == []
+
+
+def test_plots_never_fail_a_run(tmp_path, monkeypatch, warnings_of_minorsft):
+    assert plot_training_curves([{"train_runtime": 1.0}], tmp_path / "curves.png") is None
+    assert "logged no training loss" in warnings_of_minorsft[-1]
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # not installed
+    assert plot_training_curves([{"loss": 1.0, "step": 1}], tmp_path / "curves.png") is None
+    assert "matplotlib is not installed" in warnings_of_minorsft[-1]
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_report_to_tensorboard_writes_the_minor_sft_curves(tmp_path, tokenizer):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer(tmp_path, tokenizer, max_steps=2, report_to=["tensorboard"]).train()
+    (events,) = (tmp_path / "runs").rglob("events.out.tfevents.*")  # transformers' default: <output_dir>/runs/...
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/deviation", "train/minor_weight", "train/minor_weight_min"} <= set(tags)
