@@ -1,34 +1,31 @@
-"""Google's BIG-bench tasks as datasets, read offline from the `bigbench` source package on PyPI.
+"""Google's BIG-bench tasks as datasets, read offline from the `bigbench` source package.
 
 `bigbench:<task>` (e.g. `bigbench:unit_conversion/si_conversion`) names a task wherever a dataset name is expected.
-The 358 MB source tarball is fetched once from PyPI (checked against its sha256; it is never `pip install`ed), each
-task's `task.json` is read out of it into the cache, and the examples are split with a fixed seed into disjoint
-train and test sets.
+The 358 MB source tarball is fetched once through the package index pip is configured to use (checked against its
+sha256; it is never `pip install`ed), each task's `task.json` is read out of it into the cache, and the examples are
+split with a fixed seed into disjoint train and test sets.
 """
 
 import difflib
 import json
 import random
-import shutil
 import tarfile
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from .cache import cache_root, cached_directory, file_sha256
+from .package_index import download_from_index
 
 SCHEME = "bigbench:"
+PROJECT = "bigbench"
 TARBALL_NAME = "bigbench-1.0.0.tar.gz"
-TARBALL_URL = (
-    "https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
-    + TARBALL_NAME
-)
+TARBALL_SIZE = "358 MB"
 TARBALL_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 TASKS_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 
 
 def tarball() -> Path:
-    """The BIG-bench source tarball, downloaded from PyPI into the cache on first use."""
+    """The BIG-bench source tarball, downloaded through pip's package index into the cache on first use."""
     entry = cached_directory(
         cache_root() / "bigbench" / "source", {"sha256": TARBALL_SHA256}, lambda out: _download(out / TARBALL_NAME)
     )
@@ -36,16 +33,12 @@ def tarball() -> Path:
 
 
 def _download(path: Path) -> None:
-    print(f"Downloading {TARBALL_URL} (358 MB, once) ...", flush=True)
-    with urllib.request.urlopen(TARBALL_URL, timeout=60) as response, open(path, "wb") as file:
-        shutil.copyfileobj(response, file, length=1 << 22)
-    if file_sha256(path) != TARBALL_SHA256:
-        raise OSError(f"{TARBALL_URL} does not have the expected sha256 {TARBALL_SHA256}; try again.")
+    download_from_index(PROJECT, TARBALL_NAME, TARBALL_SHA256, path, size=TARBALL_SIZE)
 
 
 def load_task(task: str, archive: Path | None = None) -> dict[str, Any]:
     """The `task.json` of a BIG-bench JSON task, e.g. `"unit_conversion/si_conversion"`, read from `archive` (the
-    PyPI source tarball by default) once and cached."""
+    `bigbench` source tarball by default) once and cached."""
     archive_sha256 = TARBALL_SHA256 if archive is None else file_sha256(archive)
     key = {"tarball_sha256": archive_sha256, "task": task}
     entry_name = f"{task.replace('/', '__')}-{archive_sha256[:12]}"
