@@ -1,7 +1,9 @@
+import logging
 import os
 import sys
 
 import pytest
+from transformers.utils import logging as hf_logging
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -39,3 +41,19 @@ def count_reference_passes(monkeypatch):
 
     monkeypatch.setattr(MinorSFTTrainer, "_compute_ref_logps", counting)
     return calls
+
+
+@pytest.fixture
+def warnings_of_minorsft():
+    """The messages that minorsft_trl logs at warning level or above."""
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger = hf_logging.get_logger("minorsft_trl")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)

@@ -1,31 +1,11 @@
 """What a user is told: a warning for input that is legitimate but probably not meant, a trainer that reports to
 TensorBoard offline, and nothing that fails a run after it succeeded."""
 
-import logging
-
-import pytest
 from test_gradients import lora_config
 from tiny import cpu_args, make_model, prompt_completion_dataset
-from transformers.utils import logging as hf_logging
 
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.plotting import plot_training_curves
-
-
-@pytest.fixture
-def warnings_of_minorsft():
-    """The messages that minorsft_trl logs at warning level or above."""
-    records = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Keep(level=logging.WARNING)
-    logger = hf_logging.get_logger("minorsft_trl")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def trainer(tmp_path, tokenizer, dataset=None, **overrides):

@@ -2,7 +2,6 @@
 silently different run, and the reference self-check at the start of training."""
 
 import copy
-import logging
 import re
 
 import pytest
@@ -12,30 +11,12 @@ from peft import IA3Config, LoHaConfig, LoraConfig, PromptTuningConfig, get_peft
 from test_gradients import BETA, lora_config, whole_dataset_batch
 from test_reference import fused_logps, train_args
 from tiny import conversational_dataset, cpu_args, make_model, make_tokenizer, prompt_completion_dataset
-from transformers.utils import logging as hf_logging
 from trl import SFTConfig
 from trl.trainer.utils import add_fused_lm_head
 
 import minorsft_trl.reference as reference_module
 import minorsft_trl.trainer as trainer_module
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
-
-
-@pytest.fixture
-def warnings_of_minorsft():
-    """The messages that minorsft_trl logs at warning level or above."""
-    records = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Keep(level=logging.WARNING)
-    logger = hf_logging.get_logger("minorsft_trl")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-
 
 # ---------------------------------------------------------------- 1. re-trained adapters of every PEFT type
 

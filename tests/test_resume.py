@@ -112,6 +112,20 @@ def test_half_written_checkpoint_is_never_resumed(tmp_path, tokenizer):
     assert [log["step"] for log in resumed.state.log_history if "loss" in log] == [1, 2, 3, 4, 5, 6]
 
 
+def keeping_one_checkpoint(tmp_path, tokenizer, max_steps):
+    """A run that saves after every step and keeps one checkpoint (`save_total_limit=1`)."""
+    return MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(
+            tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=1, save_total_limit=1,
+            per_device_train_batch_size=4,
+        ),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )  # fmt: skip
+
+
 def test_a_run_killed_between_saving_and_rotating_keeps_its_last_complete_checkpoint(tmp_path, tokenizer, monkeypatch):
     # save_total_limit=1: the old checkpoint may go only once the new one is complete
     marked = []
@@ -123,41 +137,13 @@ def test_a_run_killed_between_saving_and_rotating_keeps_its_last_complete_checkp
         mark_complete(checkpoint)
 
     monkeypatch.setattr(trainer_module, "mark_complete", killed_on_the_second_checkpoint)
-    trainer = MinorSFTTrainer(
-        make_model(tokenizer),
-        args=cpu_args(
-            tmp_path,
-            max_steps=2,
-            save_strategy="steps",
-            save_steps=1,
-            save_total_limit=1,
-            per_device_train_batch_size=4,
-        ),
-        train_dataset=prompt_completion_dataset(),
-        processing_class=tokenizer,
-        peft_config=lora_config(),
-    )
     with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+        keeping_one_checkpoint(tmp_path, tokenizer, max_steps=2).train()
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path, tokenizer):
-    trainer = MinorSFTTrainer(
-        make_model(tokenizer),
-        args=cpu_args(
-            tmp_path,
-            max_steps=3,
-            save_strategy="steps",
-            save_steps=1,
-            save_total_limit=1,
-            per_device_train_batch_size=4,
-        ),
-        train_dataset=prompt_completion_dataset(),
-        processing_class=tokenizer,
-        peft_config=lora_config(),
-    )
-    trainer.train()
+    keeping_one_checkpoint(tmp_path, tokenizer, max_steps=3).train()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
     assert is_complete(tmp_path / "checkpoint-3")
 
