@@ -156,3 +156,25 @@ def check_launch(args) -> None:
             "the recipe (or `--use_cpu true`) so the processes train together over gloo; elsewhere check that every "
             "process sees its device."
         )
+
+
+def check_recipe_keys(path: str) -> None:
+    """Refuse a YAML recipe that sets a key twice: YAML keeps the last value silently, so the first one, which the
+    reader may be looking at, would not be what runs."""
+    import yaml
+
+    class DuplicateKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise ValueError(
+                        f"The recipe {path} sets `{key}` twice (line {key_node.start_mark.line + 1} repeats it): "
+                        "YAML would keep only the last value. Keep one."
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    with open(path, encoding="utf-8") as recipe:
+        yaml.load(recipe, Loader=DuplicateKeyLoader)  # noqa: S506 (a SafeLoader)

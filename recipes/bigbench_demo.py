@@ -14,10 +14,11 @@ import os
 import time
 
 import torch
-from minor_sft import first, load_data, main, parse_args
+from minor_sft import main, parse_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import get_quantization_config
 
+from minorsft_trl.data import load_datasets
 from minorsft_trl.embedded import resolve_model
 from minorsft_trl.evaluation import multiple_choice_accuracy
 
@@ -34,10 +35,10 @@ def generate_with_saved_adapter(adapter_dir: str, prompt: str) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def run(script_args, training_args, model_args) -> dict:
+def run(script_args, training_args, model_args, dataset_args=None) -> dict:
     start = time.perf_counter()
     model_path = resolve_model(model_args.model_name_or_path)
-    test_split = first(load_data(script_args)[script_args.dataset_test_split], script_args.max_eval_examples)
+    test_split = load_datasets(script_args, dataset_args, evaluate=True).eval
     if "choices" not in test_split.column_names:
         raise ValueError(
             f"{script_args.dataset_name} has no `choices` column: use a `bigbench:` multiple-choice task."
@@ -51,7 +52,7 @@ def run(script_args, training_args, model_args) -> dict:
     print(f"Base model accuracy on {len(test_split)} held-out questions: {base_accuracy}", flush=True)
     del base_model
 
-    trainer = main(script_args, training_args, model_args)
+    trainer = main(script_args, training_args, model_args, dataset_args)
     trained_accuracy = multiple_choice_accuracy(trainer.model, tokenizer, test_split, desc="Trained model accuracy")
     train_logs = [log for log in trainer.state.log_history if "deviation" in log]
 

@@ -119,6 +119,12 @@ def output_dir_under_a_file(c):
     c.lora_trainer(args=c.args())
 
 
+def duplicate_key_recipe(c):
+    path = c.recipe()
+    path.write_text(path.read_text() + "learning_rate: 0.5\n")
+    return path
+
+
 def context_parallelism_from_the_accelerate_config(c):
     # accelerate reads `parallelism_config` from its config file (environment) into the Accelerator, not the arguments
     from accelerate import Accelerator
@@ -247,6 +253,11 @@ CASES = [
      ValueError, r"`compute_loss_func` replaces the loss"),
     ("python", "BIG-bench task that does not exist", unknown_bigbench_task, ValueError,
      r"no JSON task 'unit_conversion/si_convertion'.*Did you mean: unit_conversion/si_conversion"),
+    ("yaml", "a key set twice", lambda c: parse_args(["--config", str(duplicate_key_recipe(c))]), ValueError,
+     r"sets `learning_rate` twice \(line \d+ repeats it\).*Keep one"),
+    ("cli", "no eval examples left",
+     lambda c: c.run_recipe("--max_eval_examples", 0, eval_strategy="steps", eval_steps=1), ValueError,
+     r"eval.* empty"),
     ("yaml", "misspelled key", lambda c: parse_args(["--config", str(c.recipe(learnig_rate=1e-4))]), ValueError,
      r"Unknown arguments from config file.*learnig_rate"),
     ("yaml", "unknown key", lambda c: parse_args(["--config", str(c.recipe(max_seq_length=512))]), ValueError,
@@ -297,6 +308,6 @@ def test_there_are_at_least_twenty_bad_inputs_across_the_three_doors():
 
 
 def test_trust_remote_code_is_off_unless_asked(tmp_path, tiny_model_dir):
-    _, training_args, _ = parse_args(["--config", str(write_recipe(tmp_path, tiny_model_dir))])
+    _, training_args, *_ = parse_args(["--config", str(write_recipe(tmp_path, tiny_model_dir))])
     assert training_args.trust_remote_code is False
     assert MinorSFTConfig(output_dir=str(tmp_path), use_cpu=True).trust_remote_code is False

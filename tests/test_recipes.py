@@ -28,7 +28,7 @@ def test_there_are_recipes_and_configs():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_recipe_parses_strictly(recipe):
-    script_args, training_args, model_args = parse("--config", recipe)
+    script_args, training_args, model_args, _ = parse("--config", recipe)
     assert model_args.model_name_or_path and script_args.dataset_name
     assert recipe.parent.name in {"minor_sft", "sft_dpo", "sft"}
     expected_loss = {"minor_sft": "minor_sft", "sft_dpo": "sft_dpo", "sft": "nll"}[recipe.parent.name]
@@ -63,7 +63,7 @@ def test_unknown_or_misspelled_yaml_key_is_an_error(tmp_path):
 
 
 def test_command_line_overrides_the_recipe():
-    _, training_args, _ = parse("--config", RECIPES[0], "--learning_rate", "3e-4", "--beta", "0.1")
+    _, training_args, *_ = parse("--config", RECIPES[0], "--learning_rate", "3e-4", "--beta", "0.1")
     assert (training_args.learning_rate, training_args.beta) == (3e-4, 0.1)
 
 

@@ -1,0 +1,174 @@
+"""`minorsft-trl`, the console command installed with the package: `trl sft`'s command line for Minor SFT, built from
+TRL's CLI pieces (its `Command` classes, its `--accelerate_config` handling, its split of the arguments between the
+training script and `accelerate launch`).
+
+    minorsft-trl train --config <recipe.yaml or recipe name> [--accelerate_config <name or path>] [--key value ...]
+    minorsft-trl recipes                        # the packaged recipes and accelerate configs
+    minorsft-trl recipes copy <name> [<dest>]   # a packaged recipe, as a YAML file to edit
+
+`train` launches `minorsft_trl/scripts/minor_sft.py` through `accelerate launch`, as `trl sft` launches TRL's `sft.py`:
+options that are not recipe keys (`--num_processes 2`, `--cpu`, `--mixed_precision no`) go to `accelerate launch`.
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from trl.cli.commands.base import Command, CommandContext
+
+from minorsft_trl import packaged
+
+PROG = "minorsft-trl"
+EXAMPLES = """examples:
+  minorsft-trl recipes
+  minorsft-trl recipes copy SmolLM2-135M-Instruct/minor_sft/config_lora my_recipe.yaml
+  minorsft-trl train --config my_recipe.yaml --learning_rate 1e-4
+  minorsft-trl train --config Qwen2-7B-Instruct/minor_sft/config_qlora --accelerate_config ddp --num_processes 8
+  minorsft-trl train -h    # every recipe key"""
+
+
+class TrainCommand(Command):
+    """`trl sft`'s `TrainingCommand`, launching this package's training script with this package's configs."""
+
+    def __init__(self):
+        super().__init__(name="train", help_text="Train with Minor SFT (a recipe, overrides, `--accelerate_config`)")
+
+    def register(self, subparsers) -> None:
+        subparsers.add_parser(self.name, help=self.help_text, add_help=False)  # `-h` is the training parser's
+
+    def run(self, args: argparse.Namespace, context: CommandContext) -> int:
+        from accelerate.commands.launch import launch_command, launch_command_parser
+        from trl.cli.commands.training import _subtract_subsequence
+
+        from minorsft_trl.scripts import minor_sft
+
+        parser = minor_sft.make_parser(prog=f"{PROG} {self.name}")
+        try:
+            all_args = packaged.resolve_config_argument(context.argv_after(self.name))
+            # As `trl sft`: recipe keys for the script, the rest of the command line for `accelerate launch`
+            *configs, config_remaining, cli_remaining = parser.parse_args_and_config(
+                all_args, return_remaining_strings=True, separate_remaining_strings=True
+            )
+            if config_remaining:
+                raise ValueError(f"Unknown arguments from config file: {config_remaining}. Please remove them.")
+            minor_sft.check_types(*configs)
+            launch_args = resolve_accelerate_config(cli_remaining)
+        except ValueError as error:
+            return fail(f"{PROG} {self.name}", str(error))
+        script = str(Path(minor_sft.__file__).resolve())
+        accelerate_args, unknown = launch_command_parser().parse_known_args([*launch_args, script])
+        if unknown or accelerate_args.training_script != script:
+            return fail(
+                f"{PROG} {self.name}",
+                f"unrecognized arguments: {' '.join(unknown or cli_remaining)} (neither a recipe key nor an "
+                "`accelerate launch` option)",
+            )
+        accelerate_args.training_script_args = _subtract_subsequence(all_args, cli_remaining)
+        try:
+            launch_command(accelerate_args)
+        except subprocess.CalledProcessError as error:  # the training process failed and printed why
+            return error.returncode
+        return 0
+
+
+def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
+    """TRL's `resolve_accelerate_config_argument` (`--accelerate_config <path or name>` made `--config_file <path>`),
+    with this package's configs (`ddp`, `fsdp`, `single_gpu`, `zero2`, `zero3`) looked up before TRL's own."""
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    if "--accelerate_config" in launch_args[:-1]:  # with a value (else TRL says it is missing)
+        index = launch_args.index("--accelerate_config") + 1
+        launch_args = [
+            *launch_args[:index],
+            packaged.find_accelerate_config(launch_args[index]),
+            *launch_args[index + 1 :],
+        ]
+    try:
+        return resolve_accelerate_config_argument(launch_args)
+    except ValueError as error:
+        raise ValueError(
+            f"{error} This package's configs: {', '.join(packaged.accelerate_config_names())}."
+        ) from error
+
+
+def fail(prog: str, message: str) -> int:
+    """An error without the training parser's usage line (hundreds of options)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+class RecipesCommand(Command):
+    """Lists the packaged recipes; `copy` writes one out to edit it."""
+
+    def __init__(self):
+        super().__init__(name="recipes", help_text="List the packaged recipes; `recipes copy <name>` to edit one")
+
+    def register(self, subparsers) -> None:
+        parser = subparsers.add_parser(self.name, help=self.help_text, description=self.help_text)
+        actions = parser.add_subparsers(dest="action")
+        copy = actions.add_parser("copy", help="Copy a packaged recipe (YAML) to edit it")
+        copy.add_argument("name", help=f"a recipe's name as `{PROG} recipes` lists it")
+        copy.add_argument("dest", nargs="?", default=".", help="a file or a directory (default: the current one)")
+        copy.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    def run(self, args: argparse.Namespace, context: CommandContext) -> int:
+        if args.action == "copy":
+            return self.copy(args.name, Path(args.dest), args.force)
+        print(f"Packaged recipes ({PROG} train --config <name>, or {PROG} recipes copy <name> to edit one):")
+        rows = []
+        for name in packaged.recipe_names():
+            recipe = yaml.safe_load(packaged.find_recipe(name).read_text())
+            rows.append((name, str(recipe.get("model_name_or_path") or ""), str(recipe.get("dataset_name") or "")))
+        width = max(len(row[0]) for row in rows)
+        model_width = max(len(row[1]) for row in rows)
+        for name, model, dataset in rows:
+            print(f"  {name:<{width}}  {model:<{model_width}}  {dataset}")
+        print(f"Accelerate configs (--accelerate_config <name>): {', '.join(packaged.accelerate_config_names())}")
+        return 0
+
+    def copy(self, name: str, dest: Path, force: bool) -> int:
+        try:
+            source = packaged.find_recipe(name)
+        except ValueError as error:
+            return fail(f"{PROG} recipes copy", str(error))
+        if dest.is_dir():
+            dest = dest / source.name
+        if dest.exists() and not force:
+            return fail(
+                f"{PROG} recipes copy", f"{dest} exists: pass --force to overwrite it, or another destination."
+            )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+        print(f"Wrote {dest}. Edit it, then: {PROG} train --config {dest}")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `minorsft-trl` command (TRL's `trl.cli.main` with this package's commands)."""
+    commands = [TrainCommand(), RecipesCommand()]
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        allow_abbrev=False,
+        description="Minor SFT (arXiv 2408.10642) with TRL, from a recipe: `trl sft`'s command line.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(help="available commands", dest="command")
+    for command in commands:
+        command.register(subparsers)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command != "train" and unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    command = next(command for command in commands if command.name == args.command)
+    return command.run(args, CommandContext(argv=argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Training scripts run by the `minorsft-trl` console command (and by `accelerate launch`)."""

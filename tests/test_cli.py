@@ -1,0 +1,139 @@
+"""`minorsft-trl`, the console command: from a wheel installed into a fresh virtual environment and run outside the
+repository (the packaged recipes listed, copied, trained from), and its argument handling in process."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from tiny import prompt_completion_dataset
+
+from minorsft_trl import cli, packaged
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = "SmolLM2-135M-Instruct/minor_sft/config_lora"  # the embedded model; its BIG-bench data is swapped below
+SMALL_RUN = [
+    "--max_train_examples", "8", "--per_device_train_batch_size", "2", "--max_length", "128",
+    "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1",
+]  # fmt: skip
+
+
+class Venv:
+    def __init__(self, root: Path):
+        self.root = root
+        self.python = root / "bin" / "python"
+        self.command = root / "bin" / "minorsft-trl"
+        self.site_packages = Path(
+            self.run(self.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+        )
+
+    def run(self, *args, cwd=None, check=True) -> subprocess.CompletedProcess:
+        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+        result = subprocess.run(list(map(str, args)), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        if check:
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        return result
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Venv:
+    """The wheel of this checkout (built from a clean copy), installed with `--no-deps` into a new virtual environment;
+    the heavy dependencies are this environment's, by a `.pth` line (which does not run this environment's own `.pth`
+    files: the editable install of the repository is not seen there)."""
+    root = tmp_path_factory.mktemp("cli")
+    ignore = shutil.ignore_patterns(
+        ".*", "outputs", "build", "dist", "*.egg-info", "__pycache__", "tests", "benchmarks"
+    )
+    shutil.copytree(REPO, root / "source", ignore=ignore)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w", root / "wheels",
+                    root / "source"], check=True)  # fmt: skip
+    (wheel,) = (root / "wheels").glob("minorsft_trl-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", root / "venv"], check=True)
+    subprocess.run([*pip, "--python", root / "venv" / "bin" / "python", "install", "-q", "--no-deps", "--no-index",
+                    wheel], check=True)  # fmt: skip
+    venv = Venv(root / "venv")
+    (venv.site_packages / "_minorsft_trl_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """8 prompt-completion rows as `train.jsonl` and `test.jsonl` (the recipe's `bigbench:` task is 358 MB)."""
+    for split in ("train", "test"):
+        prompt_completion_dataset().to_json(tmp_path / "data" / f"{split}.jsonl")
+    return tmp_path / "data"
+
+
+def test_the_wheel_ships_the_command_the_script_the_recipes_and_the_accelerate_configs(venv, tmp_path):
+    where = "import importlib.util; print(importlib.util.find_spec('minorsft_trl').origin)"  # without importing it
+    origin = venv.run(venv.python, "-c", where, cwd=tmp_path).stdout
+    package = venv.site_packages / "minorsft_trl"
+    assert Path(origin.strip()) == package / "__init__.py", "minorsft_trl is imported from the repository"
+    for path in REPO.glob("recipes/*/*/config_*.yaml"):
+        assert (package / path.relative_to(REPO)).read_text() == path.read_text()
+    for path in [*REPO.glob("accelerate_configs/*.yaml"), *REPO.glob("recipes/chat_templates/*.jinja")]:
+        assert (package / path.relative_to(REPO)).is_file(), path
+    assert (package / "scripts" / "minor_sft.py").is_file()
+
+    listing = venv.run(venv.command, "recipes", cwd=tmp_path).stdout
+    names = [path.relative_to(REPO / "recipes").with_suffix("").as_posix() for path in REPO.glob("recipes/*/*/*.yaml")]
+    assert len(names) >= 9 and all(name in listing for name in names), listing
+    assert "ddp, fsdp, single_gpu, zero2, zero3" in listing
+
+
+def test_copy_a_packaged_recipe_and_train_from_it_outside_the_repository(venv, tmp_path, tiny_data):
+    venv.run(venv.command, "recipes", "copy", RECIPE, "my_recipe.yaml", cwd=tmp_path)
+    assert (tmp_path / "my_recipe.yaml").read_text() == (REPO / "recipes" / f"{RECIPE}.yaml").read_text()
+    again = venv.run(venv.command, "recipes", "copy", RECIPE, "my_recipe.yaml", cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "exists" in again.stderr
+
+    out = tmp_path / "out"
+    venv.run(venv.command, "train", "--config", "my_recipe.yaml", "--dataset_name", tiny_data, "--max_steps", "2",
+             *SMALL_RUN, "--output_dir", out, cwd=tmp_path)  # fmt: skip
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and all("deviation" in log for log in state["log_history"][:2])
+    assert (out / "adapter_model.safetensors").stat().st_size > 0 and (out / "training_curves.png").is_file()
+
+
+def test_train_a_packaged_recipe_by_name_with_a_packaged_accelerate_config(venv, tmp_path, tiny_data):
+    out = tmp_path / "out"
+    venv.run(venv.command, "train", "--config", RECIPE, "--accelerate_config", "single_gpu", "--cpu",
+             "--mixed_precision", "no", "--dataset_name", tiny_data, "--max_steps", "1", *SMALL_RUN,
+             "--output_dir", out, cwd=tmp_path)  # fmt: skip
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_accelerate_configs_by_name_the_packaged_ones_first_then_trl_s():
+    ddp = cli.resolve_accelerate_config(["--accelerate_config", "ddp", "--num_processes", "2"])
+    assert ddp == ["--config_file", str(packaged.accelerate_configs_dir() / "ddp.yaml"), "--num_processes", "2"]
+    trl_config = Path(importlib.util.find_spec("trl").origin).parent / "accelerate_configs" / "fsdp2.yaml"
+    assert cli.resolve_accelerate_config(["--accelerate_config", "fsdp2"]) == ["--config_file", str(trl_config)]
+    assert cli.resolve_accelerate_config(["--cpu"]) == ["--cpu"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--config", RECIPE, "--learnig_rate", "1e-4"], "unrecognized arguments: --learnig_rate"),
+        (["train", "--config", "{typo}"], "Unknown arguments from config file: ['--learnig_rate', '0.0001']"),
+        (["train", "--config", "Qwen9/minor_sft/config_lora"], "neither a file nor a packaged recipe"),
+        (["train", "--config", RECIPE, "--accelerate_config", "ddq"], "This package's configs: ddp, fsdp"),
+        (["recipes", "copy", "Qwen9/minor_sft/config_lora"], "neither a file nor a packaged recipe"),
+        (["recipes", "copy", RECIPE, "{typo}"], "exists: pass --force"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_launched(argv, message, tmp_path, capsys, monkeypatch):
+    import accelerate.commands.launch
+
+    monkeypatch.setattr(accelerate.commands.launch, "launch_command", lambda args: pytest.fail("launched"))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((REPO / "recipes" / f"{RECIPE}.yaml").read_text() + "learnig_rate: 1.0e-04\n")
+    assert cli.main([arg.format(typo=typo) for arg in argv]) == 2
+    assert message in capsys.readouterr().err
