@@ -25,7 +25,7 @@ def launch(*args, num_processes: int = 2, config: str = "ddp") -> None:
         *map(str, args),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
