@@ -60,7 +60,7 @@ def _pip_setting(name: str) -> str | None:
 
 def _opener(indexes: list[str]) -> urllib.request.OpenerDirector:
     """An opener like urllib's default one (proxies from the environment, `file://` URLs) that trusts pip's `cert`
-    and sends the credentials written into an index URL (`https://user:token@host/simple`) to that host."""
+    and sends the credentials written into an index URL (a `user:token@` before its host) to that host only."""
     passwords = urllib.request.HTTPPasswordMgrWithPriorAuth()
     for index in indexes:
         parts = urlsplit(index)
