@@ -495,6 +495,16 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
         with quantized_layers_in_train_mode(model):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
+    def end(self):
+        """`Trainer.end` (finish the trackers, destroy the process group) once every process is done and the DDP
+        wrapper is let go: its reducer holds the process group, and a group destroyed while a reducer still holds it
+        is torn down only when the reducer is freed at interpreter exit, where joining gloo's threads can hang a
+        process after a successful run (seen with torch 2.13)."""
+        self.accelerator.wait_for_everyone()
+        self.model_wrapped = self.model
+        self.accelerator.free_memory()
+        super().end()
+
     # ------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self, model, trial):

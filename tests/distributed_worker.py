@@ -106,6 +106,7 @@ def main(model_dir: str, out_dir: str, mode: str = "on the fly") -> None:
             weights_sha256=weights.hexdigest(),
         )
     Path(out_dir, f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(report))
+    trainer.end()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,18 @@ def launch(*args, num_processes: int = 2, config: str = "ddp") -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    # Every launched process has exited: a process hung at exit can outlive a launcher that reported success
+    lingering = [pid for pid in os.listdir("/proc") if pid.isdigit() and _runs(pid, args)]
+    assert not lingering, f"processes still running after the launch: {lingering}"
+
+
+def _runs(pid: str, args) -> bool:
+    """Whether process `pid` runs the launched script with these arguments (its command line holds them all)."""
+    try:
+        cmdline = Path("/proc", pid, "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return all(str(arg).encode() in cmdline for arg in args) and b"accelerate.commands.launch" not in cmdline
 
 
 def rank_reports(out_dir: Path) -> list[dict]:

@@ -87,8 +87,6 @@ def main(
         )
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    # The main process wrote the plot alone: the others wait, so no process tears the group down before all are done
-    trainer.accelerator.wait_for_everyone()
     trainer.end()
     return trainer
 
