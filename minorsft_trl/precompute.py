@@ -104,17 +104,16 @@ class PrecomputedReferenceMixin:
         The key: the reference (weights, configuration, adapter), the batches as the collator builds them (tokens,
         loss mask, packing, padding-free positions, batch layout) and the autocast precision the forward runs under.
         A cache hit is trusted only once a sample of its values agrees with a live reference pass."""
+        if not self.accelerator.is_main_process:  # only the main process keys, reads and writes the cache
+            self._follow_main(dataset, name, batch_size)
+            return dataset.add_column(REF_LOGPS, from_main_process(None))
+
         key = {
             "format": CACHE_FORMAT,
             "reference": reference,
             "data": batches_fingerprint(self._collated_batches(dataset, batch_size)),
             "autocast": self._autocast_precision(),
         }
-        key = from_main_process(key)  # one entry for all processes, whatever each one could hash
-        if not self.accelerator.is_main_process:
-            self._follow_main(dataset, name, batch_size)
-            return dataset.add_column(REF_LOGPS, from_main_process(None))
-
         entry_name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         entry = Path(self.args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
 

@@ -9,6 +9,7 @@
 """
 
 import copy
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,7 +17,6 @@ import torch
 from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import AutoTokenizer
-from transformers.utils import is_bitsandbytes_available
 
 REF_ADAPTER = "ref"
 
@@ -30,11 +30,13 @@ def quantized_layers_in_train_mode(model: nn.Module) -> Iterator[None]:
     narrower than the format's blocks fail, and biased layers break autograd on the next training forward. A 4-bit
     layer has no dropout, so its train mode changes nothing else.
     """
-    layers = []
-    if is_bitsandbytes_available():
-        from bitsandbytes.nn import Linear4bit
-
-        layers = [module for module in model.modules() if isinstance(module, Linear4bit) and not module.training]
+    # A model holds 4-bit layers only once bitsandbytes was imported: no import (nor its start-up cost) otherwise
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    layers = (
+        [module for module in model.modules() if isinstance(module, bnb_nn.Linear4bit) and not module.training]
+        if bnb_nn
+        else []
+    )
     for layer in layers:
         layer.training = True
     try:

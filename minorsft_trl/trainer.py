@@ -203,15 +203,16 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
                 )
             # What the reference is, taken before it is sharded (FSDP, ZeRO-3) or released, and settled by the main
             # process: what a checkpoint of this run belongs to, and the reference part of the precompute cache key
+            reference, canonical_name, adapter_config = self._reference_weights()
             self._run_identity = from_main_process(
                 {
                     "loss_type": args.loss_type,
                     "model": get_config_model_id(self.accelerator.unwrap_model(self.model).config),
-                    "reference": module_fingerprint(*self._reference_weights()[:2], sample=1024),
+                    "reference": module_fingerprint(reference, canonical_name, sample=1024),
                 }
             )
             reference_identity = (
-                from_main_process(model_identity(*self._reference_weights()))
+                from_main_process(model_identity(reference, canonical_name, adapter_config))
                 if args.precompute_ref_log_probs
                 else None
             )
