@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig
 
+from .loss_types import REFERENCE_LOSSES, LossType
+
 TRL_LOSS_TYPES = ("nll", "dft")
-REFERENCE_LOSS_TYPES = ("minor_sft", "sft_dpo")
+REFERENCE_LOSS_TYPES = tuple(REFERENCE_LOSSES)
 LOSS_TYPES = TRL_LOSS_TYPES + REFERENCE_LOSS_TYPES
 
 
@@ -22,9 +24,20 @@ class MinorSFTConfig(SFTConfig):
               `2 * sigmoid(-beta * log(pi_theta(y|x) / pi_ref(y|x)))`, averaged over the examples of the batch.
             - `"sft_dpo"`: the paper's "SFT using DPO" (eq. 3),
               `-log sigmoid(beta * log(pi_theta(y|x) / pi_ref(y|x)))`.
+            - `"asft"`: Anchored SFT (arXiv 2509.23753), TRL's DFT token loss plus `kl_coef` times the per-token
+              `KL(pi_ref || pi_theta)` over the vocabulary, averaged over answer tokens.
+            - `"sft_kl"`: the per-example mean NLL plus `kl_coef` times the example's mean per-token
+              `KL(pi_ref || pi_theta)`, averaged over examples.
+            - `"iw_sft"`: importance-weighted SFT (arXiv 2507.12856), each token's NLL weighted by its example's
+              `min(exp(log(pi_theta(y|x) / pi_ref(y|x)) / |y|), iw_weight_max)`, averaged over answer tokens.
             - `"nll"`, `"dft"`: TRL's own losses, unchanged (no reference unless `log_deviation=True`).
         beta (`float`, *optional*, defaults to `0.04`):
-            Temperature of the implicit reward, as in DPO. The paper's best for both reference losses is `0.04`.
+            Temperature of the implicit reward of `minor_sft` and `sft_dpo`, as in DPO. The paper's best for both is
+            `0.04`.
+        kl_coef (`float`, *optional*, defaults to `0.05`):
+            Weight `lambda` of the KL anchor of `asft` and `sft_kl`. `0.05` is the ASFT paper's recommendation.
+        iw_weight_max (`float`, *optional*, defaults to `16.0`):
+            Upper clip of the `iw_sft` importance weights, as in the iw-SFT authors' code.
         ref_model_name_or_path (`str`, *optional*):
             Path or Hub id of a separate reference model. If `None`, a PEFT model is its own reference with its
             adapters disabled, and full fine-tuning uses a frozen copy of the policy as training starts.
@@ -52,14 +65,23 @@ class MinorSFTConfig(SFTConfig):
     loss_type: str = field(
         default="minor_sft",
         metadata={
-            "help": "Loss: 'minor_sft' (Minor SFT, arXiv 2408.10642), 'sft_dpo' (the paper's 'SFT using DPO'), or "
-            "TRL's 'nll' and 'dft'.",
+            "help": "Loss: 'minor_sft' (Minor SFT, arXiv 2408.10642), 'sft_dpo' (the paper's 'SFT using DPO'), "
+            "'asft' (Anchored SFT), 'sft_kl' (SFT + KL anchor), 'iw_sft' (importance-weighted SFT), or TRL's 'nll' "
+            "and 'dft'.",
             "choices": list(LOSS_TYPES) + ["chunked_nll"],
         },
     )
     beta: float = field(
         default=0.04,
         metadata={"help": "Temperature of the implicit reward beta * log(pi/pi_ref), as in DPO. Must be > 0."},
+    )
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"help": "Weight of the KL anchor KL(pi_ref || pi_theta) of 'asft' and 'sft_kl'. Must be >= 0."},
+    )
+    iw_weight_max: float = field(
+        default=16.0,
+        metadata={"help": "Upper clip of the 'iw_sft' importance weights. Must be > 0."},
     )
     ref_model_name_or_path: str | None = field(
         default=None,
@@ -105,10 +127,18 @@ class MinorSFTConfig(SFTConfig):
                 f"loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}, got {self.loss_type!r}. "
                 "Use 'minor_sft' for Minor SFT."
             )
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)):
-            raise ValueError(f"beta must be a number > 0, got {self.beta!r} ({type(self.beta).__name__}).")
-        if not math.isfinite(self.beta) or self.beta <= 0:
-            raise ValueError(f"beta must be a finite number > 0, got {self.beta}. The paper's best is beta=0.04.")
+        _check_number("beta", self.beta, positive=True, hint="The paper's best is beta=0.04.")
+        _check_number("kl_coef", self.kl_coef, positive=False, hint="The ASFT paper recommends kl_coef=0.05.")
+        _check_number("iw_weight_max", self.iw_weight_max, positive=True, hint="The iw-SFT authors use 16.")
+        reference_loss = self.reference_loss
+        if self.precompute_ref_log_probs and reference_loss and not reference_loss.reference.can_be_precomputed:
+            precomputable = [name for name, loss in REFERENCE_LOSSES.items() if loss.reference.can_be_precomputed]
+            raise ValueError(
+                f"precompute_ref_log_probs=True with loss_type={self.loss_type!r}: this loss needs "
+                f"{reference_loss.reference.value}, which cannot be cached per example. Set "
+                "precompute_ref_log_probs=False (the reference then runs a forward each step), or use a loss that "
+                f"needs only per-example log-probs ({', '.join(precomputable)})."
+            )
         if self.precompute_ref_log_probs and not self.uses_reference:
             raise ValueError(
                 f"precompute_ref_log_probs=True with loss_type={self.loss_type!r} and log_deviation=False: there is "
@@ -135,6 +165,19 @@ class MinorSFTConfig(SFTConfig):
             )
 
     @property
+    def reference_loss(self) -> LossType | None:
+        """The declaration of the reference-aware loss (`minorsft_trl.loss_types`), `None` for TRL's own losses."""
+        return REFERENCE_LOSSES.get(self.loss_type)
+
+    @property
     def uses_reference(self) -> bool:
         """Whether training runs a reference: for the loss itself, or only to log the deviation."""
-        return self.loss_type in REFERENCE_LOSS_TYPES or self.log_deviation
+        return self.reference_loss is not None or self.log_deviation
+
+
+def _check_number(name: str, value, positive: bool, hint: str) -> None:
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number {bound}, got {value!r} ({type(value).__name__}). {hint}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}. {hint}")

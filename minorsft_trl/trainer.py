@@ -32,10 +32,11 @@ from .checkpoints import (
     mark_complete,
     write_run_identity,
 )
-from .config import REFERENCE_LOSS_TYPES, TRL_LOSS_TYPES, MinorSFTConfig
+from .config import TRL_LOSS_TYPES, MinorSFTConfig
 from .examples import ExampleIndex
 from .fingerprint import model_identity, module_fingerprint, peft_reference_name
-from .losses import deviation, minor_sft_loss, minor_sft_weight, sft_dpo_loss
+from .loss_types import LossInputs, MeanOver, ReferenceNeed
+from .losses import deviation
 from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process
 from .reference import (
     add_reference_adapter,
@@ -49,6 +50,13 @@ from .reference import (
 )
 from .reference_check import ReferenceCheck, deviation_tolerance
 from .validation import check_inputs, check_parallelism, is_peft_model_or_path
+from .vocabulary_kl import (
+    answer_hidden_states,
+    captured_hidden_states,
+    check_plain_logits,
+    lm_head_weights,
+    token_kl,
+)
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -62,14 +70,22 @@ NUM_EXAMPLES_KEY = "num_examples_in_step"
 class _FusedForwardRecorder:
     """Calls a model and keeps the outputs of its fused-LM-head forward, so that `SFTTrainer.compute_loss` computes
     its metrics (`entropy`, `mean_token_accuracy`, `num_tokens`, `aux_loss`) from the very forward whose per-token
-    log-probs our loss uses."""
+    log-probs our loss uses; given `unwrapped` (the model without its DDP / FSDP wrapper), also that forward's last
+    hidden states (the LM head input)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, unwrapped: torch.nn.Module | None = None):
         self.model = model
+        self.unwrapped = unwrapped
         self.outputs = None
+        self.hidden_states = None
 
     def __call__(self, *args, **kwargs):
-        outputs = self.model(*args, **kwargs)
+        if not (kwargs.get("fused_lm_head") and self.unwrapped is not None):
+            outputs = self.model(*args, **kwargs)
+        else:
+            with captured_hidden_states(self.unwrapped) as captured:
+                outputs = self.model(*args, **kwargs)
+            self.hidden_states = captured[-1]
         if kwargs.get("fused_lm_head"):
             self.outputs = outputs
         return outputs
@@ -168,8 +184,12 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
-        # The per-example losses normalise by the examples of the whole optimizer step, see `get_batch_samples`
-        self.loss_is_scaled_for_ga = True if args.loss_type in REFERENCE_LOSS_TYPES else None
+        # The per-example losses normalise by the examples of the whole optimizer step, see `get_batch_samples`;
+        # the per-token ones reduce like TRL's
+        reference_loss = args.reference_loss
+        self.loss_is_scaled_for_ga = (
+            True if reference_loss is not None and reference_loss.mean_over is MeanOver.EXAMPLES else None
+        )
         policy_has_own_adapter = is_peft_model_or_path(model) and peft_config is None
         # `Trainer.__init__` creates the output directory; a failed init leaves nothing behind
         with _removed_on_error(args.output_dir):
@@ -201,6 +221,10 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
                 self.ref_model, self._reference_check = self._load_reference(
                     ref_model, quantization_config, policy_has_own_adapter
                 )
+            if self._needs_reference_distribution:
+                for module in (self.model, self.ref_model):
+                    if module is not None:
+                        check_plain_logits(self.accelerator.unwrap_model(module), args.loss_type)
             # What the reference is, taken before it is sharded (FSDP, ZeRO-3) or released, and settled by the main
             # process: what a checkpoint of this run belongs to, and the reference part of the precompute cache key
             reference, canonical_name, adapter_config = self._reference_weights()
@@ -318,8 +342,15 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
         adapter_config = model.peft_config[ref_adapter] if ref_adapter else None
         return model, lambda name: peft_reference_name(name, other_adapters), adapter_config
 
-    def _reference_token_logps(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """`(batch, seq_len - 1)` per-token log-probs of the reference on the batch (zero where the label is -100)."""
+    @property
+    def _needs_reference_distribution(self) -> bool:
+        reference_loss = self.args.reference_loss
+        return reference_loss is not None and reference_loss.reference is ReferenceNeed.DISTRIBUTION
+
+    def _reference_token_logps(self, inputs: dict[str, Any], hidden_states: bool = False):
+        """`(batch, seq_len - 1)` per-token log-probs of the reference on the batch (zero where the label is -100).
+        With `hidden_states=True`, also its `(batch, seq_len, hidden)` last hidden states and its LM head's weight and
+        bias (read inside the reference's context: disabling the adapters may swap the head)."""
         if self._reference_released:
             raise ValueError(
                 "The reference model was released after its log-probs were precomputed for the datasets given at "
@@ -331,12 +362,23 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             model = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(model, reference_adapter_name(model))
         with reference_mode(model), adapter:
-            return _fused_token_logps(model, inputs)
+            if not hidden_states:
+                return _fused_token_logps(model, inputs)
+            with captured_hidden_states(model) as captured:
+                token_logps = _fused_token_logps(model, inputs)
+            return token_logps, captured[-1], lm_head_weights(model)
 
     def _reference_logps(self, inputs: dict[str, Any], index: ExampleIndex) -> torch.Tensor:
         """`(num_examples,)` summed answer log-probs of the reference, by a reference forward on the batch."""
         # Prompt-learning PEFT prepends virtual tokens to the policy's outputs only: align from the right
         return index.sum(self._reference_token_logps(inputs)[:, -index.answer_mask.size(1) :])
+
+    def _reference_distribution(self, inputs: dict[str, Any], index: ExampleIndex):
+        """What the KL anchor needs, from one reference forward: the reference's `(num_examples,)` summed answer
+        log-probs, `(num_answer_tokens, hidden)` hidden states at the answer positions, and LM head weights."""
+        token_logps, hidden_states, head = self._reference_token_logps(inputs, hidden_states=True)
+        ref_logps = index.sum(token_logps[:, -index.answer_mask.size(1) :])
+        return ref_logps, answer_hidden_states(hidden_states, index.answer_mask), head
 
     # ------------------------------------------------------------------ precision
 
@@ -354,7 +396,8 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
         """Also count the examples of the whole optimizer step (all micro-batches, all processes): the per-example
         losses divide by it, so that batch 8 x accumulation 1 == batch 4 x accumulation 2 == 2 processes x batch 4."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.args.loss_type in REFERENCE_LOSS_TYPES and batch_samples:
+        reference_loss = self.args.reference_loss
+        if reference_loss is not None and reference_loss.mean_over is MeanOver.EXAMPLES and batch_samples:
             num_examples = sum(
                 ExampleIndex.from_batch(batch["labels"], batch.get("position_ids")).num_examples
                 for batch in batch_samples
@@ -376,8 +419,11 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
         mode = "train" if self.model.training else "eval"
         index = ExampleIndex.from_batch(inputs["labels"], inputs.get("position_ids"))
         ref_logps = inputs.pop(REF_LOGPS, None)
-        if ref_logps is None:
+        ref_hidden = ref_head = None
+        if self._needs_reference_distribution:
             # Reference first: its activations are freed before the policy's graph is built
+            ref_logps, ref_hidden, ref_head = self._reference_distribution(inputs, index)
+        elif ref_logps is None:
             ref_logps = self._reference_logps(inputs, index)
         elif ref_logps.numel() != index.num_examples:
             raise RuntimeError(
@@ -388,23 +434,38 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             if self.state.global_step == 0:  # not when resuming: the policy has moved by then
                 self._check_reference_at_start(model, inputs, index, ref_logps)
             self._reference_check = None
-        recorder = _FusedForwardRecorder(model)
+        unwrapped = self.accelerator.unwrap_model(model)
+        recorder = _FusedForwardRecorder(model, unwrapped if ref_hidden is not None else None)
         trl_result = super().compute_loss(recorder, inputs, return_outputs, num_items_in_batch)
-        policy_logps = index.sum(recorder.outputs.log_probs[:, -index.answer_mask.size(1) :])
-
-        log_ratio = policy_logps.detach() - ref_logps
-        self._log_reference_metrics(mode, log_ratio, index.num_tokens)
-        if self.args.loss_type not in REFERENCE_LOSS_TYPES:
+        token_logps = recorder.outputs.log_probs[:, -index.answer_mask.size(1) :]
+        terms = LossInputs(
+            policy_logps=index.sum(token_logps),
+            ref_logps=ref_logps,
+            num_tokens=index.num_tokens,
+            token_logps=token_logps[index.answer_mask],
+            example_ids=index.example_ids,
+            token_kl=None
+            if ref_hidden is None
+            else token_kl(
+                answer_hidden_states(recorder.hidden_states, index.answer_mask),
+                lm_head_weights(unwrapped),
+                ref_hidden,
+                ref_head,
+            ),
+        )
+        self._log_reference_metrics(mode, terms)
+        reference_loss = self.args.reference_loss
+        if reference_loss is None:
             return trl_result
 
-        if self.args.loss_type == "minor_sft":
-            per_example = minor_sft_loss(policy_logps, ref_logps, index.num_tokens, self.args.beta)
+        values = reference_loss.loss(terms, self.args)
+        if reference_loss.mean_over is MeanOver.EXAMPLES:
+            loss, step_count = self._mean_over_examples(values, num_examples_in_step), num_examples_in_step
         else:
-            per_example = sft_dpo_loss(policy_logps, ref_logps, self.args.beta)
-        loss = self._mean_over_examples(per_example, num_examples_in_step)
+            loss, step_count = self._mean_over_tokens(values, num_items_in_batch), num_items_in_batch
         if self.aux_loss_enabled:
             # As in `SFTTrainer.compute_loss`: a per-micro-batch mean, averaged over the accumulation steps
-            steps = self.current_gradient_accumulation_steps if num_examples_in_step is not None else 1
+            steps = self.current_gradient_accumulation_steps if step_count is not None else 1
             loss = loss + self.router_aux_loss_coef * recorder.outputs.aux_loss / steps
         return (loss, trl_result[1]) if return_outputs else loss
 
@@ -441,45 +502,66 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             loss = loss * self.accelerator.num_processes
         return loss
 
+    def _mean_over_tokens(self, per_token: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """Sum of this micro-batch's per-token losses over the answer tokens of the optimizer step, reduced exactly as
+        `SFTTrainer.compute_loss` reduces `nll` and `dft` (so `asft` is TRL's `dft` wherever its KL is 0)."""
+        num_tokens = per_token.numel() if num_items_in_batch is None else num_items_in_batch
+        loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
     # ------------------------------------------------------------------ metrics
 
-    def _log_reference_metrics(self, mode: str, log_ratio: torch.Tensor, num_tokens: torch.Tensor) -> None:
-        """Append this micro-batch's `deviation`, `log_ratio` and (for minor_sft) `minor_weight` stats, over all
-        processes, to the metrics that `log` averages."""
-        weight = minor_sft_weight(log_ratio, self.args.beta)
+    def _log_reference_metrics(self, mode: str, terms: LossInputs) -> None:
+        """Append this micro-batch's `deviation` and `log_ratio`, the loss's per-example weights (mean, `_min`, `_max`,
+        e.g. `minor_weight`) and the mean per-token KL anchor (`kl`), over all processes, to the metrics that `log`
+        averages."""
+        log_ratio, num_tokens = terms.policy_logps.detach() - terms.ref_logps, terms.num_tokens
+        reference_loss = self.args.reference_loss
+        weight_name = reference_loss.weight_name if reference_loss is not None else None
+        weight = reference_loss.weight(log_ratio, num_tokens, self.args) if weight_name else torch.ones_like(log_ratio)
+        kl = terms.token_kl.detach() if terms.token_kl is not None else log_ratio.new_zeros(0)
         local = torch.stack(
             [
                 log_ratio.new_tensor(float(log_ratio.numel())),
                 deviation(log_ratio, num_tokens).sum(),
                 log_ratio.sum(),
                 weight.sum(),
+                kl.new_tensor(float(kl.numel())),
+                kl.sum(),
                 weight.min() if weight.numel() else log_ratio.new_tensor(float("inf")),
                 weight.max() if weight.numel() else log_ratio.new_tensor(float("-inf")),
             ]
         )
         stats = self.accelerator.gather(local[None]).view(-1, local.numel())
-        sums, weight_min, weight_max = stats[:, :4].sum(0), stats[:, 4].min(), stats[:, 5].max()
+        sums, weight_min, weight_max = stats[:, :6].sum(0), stats[:, 6].min(), stats[:, 7].max()
         # One device-to-host copy per micro-batch
-        total, deviation_sum, log_ratio_sum, weight_sum, weight_min, weight_max = torch.cat(
+        total, deviation_sum, log_ratio_sum, weight_sum, kl_count, kl_sum, weight_min, weight_max = torch.cat(
             [sums, weight_min[None], weight_max[None]]
         ).tolist()
+        metrics = self._metrics[mode]
+        if kl_count:
+            metrics["kl"].append(kl_sum / kl_count)
         if total == 0:
             return
-        metrics = self._metrics[mode]
         metrics["deviation"].append(deviation_sum / total)
         metrics["log_ratio"].append(log_ratio_sum / total)
-        if self.args.loss_type == "minor_sft":
-            metrics["minor_weight"].append(weight_sum / total)
-            metrics["minor_weight_min"].append(weight_min)
-            metrics["minor_weight_max"].append(weight_max)
+        if weight_name:
+            metrics[weight_name].append(weight_sum / total)
+            metrics[f"{weight_name}_min"].append(weight_min)
+            metrics[f"{weight_name}_max"].append(weight_max)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # `SFTTrainer.log` averages each metric over the logging window; the extremes take their min and max instead
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
-        for key, reduce in (("minor_weight_min", min), ("minor_weight_max", max)):
-            if metrics.get(key):
-                metrics[key] = [reduce(metrics[key])]
+        reference_loss = self.args.reference_loss
+        weight_name = reference_loss.weight_name if reference_loss is not None else None
+        if weight_name:
+            for key, reduce in ((f"{weight_name}_min", min), (f"{weight_name}_max", max)):
+                if metrics.get(key):
+                    metrics[key] = [reduce(metrics[key])]
         if mode == "train" and metrics.get("minor_weight_max") and metrics["minor_weight_max"][0] < STALLED_WEIGHT:
             log_ratio = sum(metrics["log_ratio"]) / len(metrics["log_ratio"])
             logger.warning(

@@ -142,6 +142,32 @@ def test_examples_are_counted_across_processes_even_without_averaging_tokens_acr
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("loss_type", ["asft", "sft_kl", "iw_sft"])
+def test_the_loss_family_over_two_processes_equals_one_process(tmp_path, tiny_recipe, loss_type):
+    """Two steps (the second away from the reference: KL anchor and importance weights at work) on packed rows of 3
+    and 5 examples, one per process, give the weights of one process holding both rows: the example count (`sft_kl`)
+    and the token count (`asft`, `iw_sft`, TRL's reduction) span the processes."""
+    script = REPO / "recipes" / "minor_sft.py"
+    run = ["--loss_type", loss_type, "--kl_coef", 100.0, "--max_steps", 2, "--packing", "true", "--max_length", 80]
+    if loss_type == "asft":  # DFT scales each token's gradient by its probability, ~1/259 on the tiny random model
+        run += ["--learning_rate", 100.0]
+    launch(script, "--config", tiny_recipe, *run, "--per_device_train_batch_size", 1, "--output_dir", tmp_path / "two")
+    launch(
+        script, "--config", tiny_recipe, *run, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "one",
+        num_processes=1, config="single_gpu",
+    )  # fmt: skip
+    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+    history = json.loads((tmp_path / "two" / "trainer_state.json").read_text())["log_history"]
+    second_step = history[1]
+    if loss_type == "iw_sft":
+        assert second_step["iw_weight_min"] < second_step["iw_weight_max"], "the weights must be at work"
+    else:
+        assert second_step["kl"] * 100.0 > 1e-3, "the KL anchor must be at work"
+
+
 def test_generic_script_two_processes_x_batch_4_equals_one_process_x_batch_8(tmp_path, tiny_recipe):
     script = REPO / "recipes" / "minor_sft.py"
     launch(script, "--config", tiny_recipe, "--per_device_train_batch_size", 4, "--output_dir", tmp_path / "two")

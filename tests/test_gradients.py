@@ -150,19 +150,20 @@ BATCHINGS = {
 }
 
 
-@pytest.mark.parametrize("loss_type", ["minor_sft", "sft_dpo"])
+@pytest.mark.parametrize("loss_type", ["minor_sft", "sft_dpo", "asft", "sft_kl", "iw_sft"])
 @pytest.mark.parametrize("batching", BATCHINGS)
-def test_per_example_normalisation_survives_batching(tmp_path, tokenizer, loss_type, batching):
+def test_normalisation_survives_batching(tmp_path, tokenizer, loss_type, batching):
     """One optimizer step over the same 8 examples gives the same gradient (float32, rtol 1e-4) whether they come
-    as one batch of 8, as micro-batches with gradient accumulation, or flattened/packed into rows."""
+    as one batch of 8, as micro-batches with gradient accumulation, or flattened/packed into rows: per example
+    (`minor_sft`, `sft_dpo`, `sft_kl`) or per token (`asft`, `iw_sft`), the mean is over the whole step."""
 
     def gradients(**overrides):
         trainer = MinorSFTTrainer(
             make_model(tokenizer),
-            args=step_args(tmp_path, loss_type=loss_type, beta=BETA, **overrides),
+            args=step_args(tmp_path, loss_type=loss_type, beta=BETA, kl_coef=0.5, **overrides),
             train_dataset=prompt_completion_dataset(),
             processing_class=tokenizer,
-            ref_model=make_model(tokenizer, seed=1),  # far from the policy: weights spread over (0, 2)
+            ref_model=make_model(tokenizer, seed=1),  # far from the policy: weights far from 1, KL far from 0
         )
         return one_step_gradients(trainer)
 
