@@ -30,8 +30,7 @@ def test_there_are_recipes_and_configs():
 def test_recipe_parses_strictly(recipe):
     script_args, training_args, model_args, _ = parse("--config", recipe)
     assert model_args.model_name_or_path and script_args.dataset_name
-    assert recipe.parent.name in {"minor_sft", "sft_dpo", "sft"}
-    expected_loss = {"minor_sft": "minor_sft", "sft_dpo": "sft_dpo", "sft": "nll"}[recipe.parent.name]
+    expected_loss = {"sft": "nll"}.get(recipe.parent.name, recipe.parent.name)
     assert training_args.loss_type == expected_loss
     # YAML 1.1 reads `2e-5` as a string: every recipe must give numbers as numbers
     assert isinstance(training_args.learning_rate, float) and isinstance(training_args.beta, float)
@@ -53,6 +52,22 @@ def test_paper_recipes_match_the_paper():
     for args in map(load, ["minor_sft", "sft_dpo", "sft"]):
         assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 64
         assert (args.warmup_steps, args.lr_scheduler_type, args.num_train_epochs) == (0.1, "linear", 1)
+
+
+@pytest.mark.parametrize("model", ["SmolLM2-135M-Instruct", "Qwen2-7B-Instruct"])
+def test_every_loss_of_the_family_has_a_recipe_with_its_papers_settings(model):
+    recipes = {path.parent.name: path for path in RECIPES if path.parts[-3] == model}
+    args = {name: parse("--config", recipes[name])[1] for name in ("minor_sft", "asft", "sft_kl", "iw_sft")}
+    for name in ("asft", "sft_kl"):
+        assert (args[name].kl_coef, args[name].lr_scheduler_type) == (0.05, "cosine")  # ASFT's lambda
+        assert not args[name].precompute_ref_log_probs
+    assert (args["iw_sft"].iw_weight_max, args["iw_sft"].lr_scheduler_type) == (16.0, "cosine")
+    if model == "Qwen2-7B-Instruct":
+        assert args["asft"].learning_rate == args["sft_kl"].learning_rate == 2e-5
+        iw_sft = args["iw_sft"]
+        assert (iw_sft.learning_rate, iw_sft.warmup_steps, iw_sft.adam_beta2) == (1e-5, 0.05, 0.95)
+    else:  # the LoRA learning rate of the Minor SFT recipe, so the methods compare at one step size
+        assert {a.learning_rate for a in args.values()} == {args["minor_sft"].learning_rate}
 
 
 def test_unknown_or_misspelled_yaml_key_is_an_error(tmp_path):
