@@ -8,7 +8,16 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .config import MinorSFTConfig  # noqa: E402  (after the logging setting above)
-from .losses import deviation, minor_sft_loss, minor_sft_weight, sft_dpo_loss  # noqa: E402
+from .losses import (  # noqa: E402
+    asft_loss,
+    deviation,
+    iw_sft_loss,
+    iw_sft_weight,
+    minor_sft_loss,
+    minor_sft_weight,
+    sft_dpo_loss,
+    sft_kl_loss,
+)
 from .trainer import MinorSFTTrainer  # noqa: E402
 
 __version__ = "0.1.0"
@@ -16,8 +25,12 @@ __version__ = "0.1.0"
 __all__ = [
     "MinorSFTConfig",
     "MinorSFTTrainer",
+    "asft_loss",
     "deviation",
+    "iw_sft_loss",
+    "iw_sft_weight",
     "minor_sft_loss",
     "minor_sft_weight",
     "sft_dpo_loss",
+    "sft_kl_loss",
 ]

@@ -169,6 +169,12 @@ class MinorSFTConfig(SFTConfig):
         """The declaration of the reference-aware loss (`minorsft_trl.loss_types`), `None` for TRL's own losses."""
         return REFERENCE_LOSSES.get(self.loss_type)
 
+    def describe_loss(self) -> str:
+        """The loss and the settings it reads, e.g. `"minor_sft (beta=0.04, lr=2e-05)"`."""
+        settings = self.reference_loss.settings if self.reference_loss is not None else ()
+        values = [f"{name}={getattr(self, name)}" for name in settings] + [f"lr={self.learning_rate}"]
+        return f"{self.loss_type} ({', '.join(values)})"
+
     @property
     def uses_reference(self) -> bool:
         """Whether training runs a reference: for the loss itself, or only to log the deviation."""

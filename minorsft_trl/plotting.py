@@ -1,4 +1,4 @@
-"""The paper's Figure 1 for one run: loss, deviation m_theta and the Minor SFT weight over training steps."""
+"""The paper's Figure 1 for one run: loss, deviation m_theta and the loss's weights or KL anchor over the steps."""
 
 from pathlib import Path
 
@@ -6,18 +6,26 @@ import transformers
 
 logger = transformers.utils.logging.get_logger(__name__)
 
-PANEL_TITLES = {"deviation": "deviation m_theta (eq. 8)", "minor_weight": "minor weight 2σ(-βr)"}
+PANEL_TITLES = {
+    "deviation": "deviation m_theta (eq. 8)",
+    "minor_weight": "minor weight 2σ(-βr)",
+    "iw_weight": "importance weight min(exp(r/m), max)",
+    "kl": "KL(π_ref ‖ π_θ) per answer token",
+}
+# Per-example weights, drawn with their min-max band
+WEIGHTS = ("minor_weight", "iw_weight")
 
 
 def plot_training_curves(log_history: list[dict], path: str | Path, title: str = "") -> Path | None:
-    """Save a PNG with one panel per logged curve: `loss`, `deviation` and (for minor_sft) `minor_weight` with its
-    min-max band. `log_history` is `Trainer.state.log_history`; curves that were not logged are left out.
+    """Save a PNG with one panel per logged curve: `loss`, `deviation`, the loss's weights (`minor_weight`,
+    `iw_weight`) with their min-max band, and its KL anchor (`kl`). `log_history` is `Trainer.state.log_history`;
+    curves that were not logged are left out.
 
     A plot never fails the run it illustrates: without matplotlib (the `embedded` extra) or without a logged training
     loss (a run shorter than `logging_steps`), it says why and returns `None`."""
     train = [log for log in log_history if "loss" in log]
     evaluation = [log for log in log_history if "eval_loss" in log]
-    panels = [key for key in ("loss", "deviation", "minor_weight") if any(key in log for log in train)]
+    panels = [key for key in ("loss", "deviation", *WEIGHTS, "kl") if any(key in log for log in train)]
     if not panels:
         logger.warning("No training curves plotted: the run logged no training loss (shorter than `logging_steps`).")
         return None
@@ -34,11 +42,11 @@ def plot_training_curves(log_history: list[dict], path: str | Path, title: str =
         logged = [log for log in train if key in log]
         steps = [log["step"] for log in logged]
         axis.plot(steps, [log[key] for log in logged], marker=".", label="train")
-        if key == "minor_weight":
+        if key in WEIGHTS:
             axis.fill_between(
                 steps,
-                [log["minor_weight_min"] for log in logged],
-                [log["minor_weight_max"] for log in logged],
+                [log[f"{key}_min"] for log in logged],
+                [log[f"{key}_max"] for log in logged],
                 alpha=0.25,
                 label="min-max",
             )

@@ -62,6 +62,7 @@ def run(script_args, training_args, model_args, dataset_args=None) -> dict:
         "model": model_args.model_name_or_path,
         "dataset": script_args.dataset_name,
         "loss_type": training_args.loss_type,
+        "loss": training_args.describe_loss(),
         "beta": training_args.beta,
         "learning_rate": training_args.learning_rate,
         "train_examples": len(trainer.train_dataset),

@@ -2,6 +2,7 @@ import logging
 import os
 import sys
 
+import bitsandbytes.nn.modules as bnb_modules
 import pytest
 from transformers.utils import logging as hf_logging
 
@@ -10,7 +11,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tiny import make_model, make_tokenizer  # noqa: E402
+from tiny import QUANTIZABLE_WIDTHS, make_model, make_tokenizer  # noqa: E402
 
 from minorsft_trl import MinorSFTTrainer  # noqa: E402
 
@@ -57,3 +58,20 @@ def warnings_of_minorsft():
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)
+
+
+@pytest.fixture(params=["this CPU", "CPU without AVX512-BF16"])
+def bnb_cpu_path(request, monkeypatch):
+    """The 4-bit CPU path bitsandbytes takes: this machine's own, and the one of a CPU without AVX512-BF16 (where
+    bitsandbytes never repacks weights). On a CPU without AVX512-BF16 both are the same path."""
+    if request.param != "this CPU":
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+    return request.param
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"], ids=["llama, unbiased", "qwen2, biased q/k/v"])
+def quantizable_model_dir(request, tmp_path_factory, tokenizer):
+    """A tiny random model with layer widths that bitsandbytes' 4-bit CPU paths accept, saved to disk."""
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}-quantizable")
+    make_model(tokenizer, architecture=request.param, **QUANTIZABLE_WIDTHS).save_pretrained(path)
+    return str(path)

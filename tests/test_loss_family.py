@@ -15,13 +15,14 @@ from test_gradients import (
     step_args,
     whole_dataset_batch,
 )
-from tiny import make_model, prompt_completion_dataset
+from test_reference import four_bit_config, fused_logps, pristine_in_training_kernels
+from tiny import cpu_args, make_model, prompt_completion_dataset
 from trl import SFTConfig, SFTTrainer
 
 import minorsft_trl.vocabulary_kl as vocabulary_kl
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.losses import asft_loss, dft_token_loss, iw_sft_loss, iw_sft_weight, sft_kl_loss
-from minorsft_trl.vocabulary_kl import token_kl
+from minorsft_trl.vocabulary_kl import captured_hidden_states, token_kl
 
 KL_COEF = 0.5
 
@@ -297,3 +298,60 @@ def test_iw_sft_with_precomputed_reference_equals_the_live_reference(tmp_path, t
         return one_step_gradients(trainer)
 
     assert_same_grads(gradients(precompute_ref_log_probs=True), gradients())
+
+
+def test_the_training_curves_show_the_weights_and_the_kl_of_the_loss(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from minorsft_trl.plotting import plot_training_curves
+
+    figures = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: figures.append(subplots(*a, **k)) or figures[-1])
+    logs = [
+        {"step": 1, "loss": 2.0, "deviation": 0.0, "kl": 0.0, "iw_weight": 1.0, "iw_weight_min": 1.0,
+         "iw_weight_max": 1.0},
+        {"step": 2, "loss": 1.5, "deviation": 0.2, "kl": 0.01, "iw_weight": 1.1, "iw_weight_min": 0.9,
+         "iw_weight_max": 1.4},
+    ]  # fmt: skip
+    path = plot_training_curves(logs, tmp_path / "curves.png")
+    assert path.stat().st_size > 0
+    titles = [axis.get_title() for axis in figures[0][1][0]]
+    assert titles == [
+        "loss", "deviation m_theta (eq. 8)", "importance weight min(exp(r/m), max)", "KL(π_ref ‖ π_θ) per answer token"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_type", ["asft", "sft_kl"])
+def test_qlora_kl_anchor_reads_a_pristine_4bit_base_through_training_and_evaluation(
+    tmp_path, tokenizer, quantizable_model_dir, bnb_cpu_path, loss_type
+):
+    """The KL anchor's reference forward (hidden states and LM head) under QLoRA, on both bitsandbytes CPU paths,
+    Llama and Qwen2 (biased q/k/v): 0 at the first step, and after training with evaluations in between it still
+    reads the 4-bit base as loaded."""
+    trainer = MinorSFTTrainer(
+        quantizable_model_dir,
+        args=cpu_args(
+            tmp_path, loss_type=loss_type, max_steps=4, learning_rate=5e-2, per_device_train_batch_size=4,
+            eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
+        ),
+        train_dataset=prompt_completion_dataset(),
+        eval_dataset=prompt_completion_dataset(4),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        quantization_config=four_bit_config(),
+    )  # fmt: skip
+    trainer.train()
+    kls = [log["kl"] for log in trainer.state.log_history if "kl" in log and "loss" in log]
+    assert len(kls) == 4 and all(map(math.isfinite, kls))
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[-1] > 1e-4
+
+    batch = whole_dataset_batch(trainer)
+    base = pristine_in_training_kernels(quantizable_model_dir, quantization_config=four_bit_config())
+    token_logps, hidden_states, head = trainer._reference_token_logps(batch, hidden_states=True)
+    torch.testing.assert_close(token_logps, fused_logps(base, batch), rtol=0, atol=0)
+    with captured_hidden_states(base) as captured, torch.no_grad():
+        base(**batch, use_cache=False, fused_lm_head=True)
+    torch.testing.assert_close(hidden_states, captured[-1], rtol=0, atol=0)
+    torch.testing.assert_close(head[0], base.get_output_embeddings().weight, rtol=0, atol=0)

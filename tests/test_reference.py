@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from test_gradients import lora_config, whole_dataset_batch
-from tiny import QUANTIZABLE_WIDTHS, cpu_args, make_model, prompt_completion_dataset
+from tiny import cpu_args, make_model, prompt_completion_dataset
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl.trainer.utils import add_fused_lm_head
 
@@ -40,23 +40,6 @@ def pristine(model_dir, **init_kwargs):
     model = AutoModelForCausalLM.from_pretrained(model_dir, **init_kwargs).eval()
     add_fused_lm_head(model)
     return model
-
-
-@pytest.fixture(params=["this CPU", "CPU without AVX512-BF16"])
-def bnb_cpu_path(request, monkeypatch):
-    """The 4-bit CPU path bitsandbytes takes: this machine's own, and the one of a CPU without AVX512-BF16 (where
-    bitsandbytes never repacks weights). On a CPU without AVX512-BF16 both are the same path."""
-    if request.param != "this CPU":
-        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
-    return request.param
-
-
-@pytest.fixture(scope="session", params=["llama", "qwen2"], ids=["llama, unbiased", "qwen2, biased q/k/v"])
-def quantizable_model_dir(request, tmp_path_factory, tokenizer):
-    """A tiny random model with layer widths that bitsandbytes' 4-bit CPU paths accept, saved to disk."""
-    path = tmp_path_factory.mktemp(f"tiny-{request.param}-quantizable")
-    make_model(tokenizer, architecture=request.param, **QUANTIZABLE_WIDTHS).save_pretrained(path)
-    return str(path)
 
 
 def pristine_in_training_kernels(model_dir, **init_kwargs):

@@ -80,7 +80,7 @@ def main(
         curves = plot_training_curves(
             trainer.state.log_history,
             os.path.join(training_args.output_dir, "training_curves.png"),
-            title=f"{training_args.loss_type} (beta={training_args.beta}, lr={training_args.learning_rate})",
+            title=training_args.describe_loss(),
         )
         trainer.accelerator.print(
             f"Model saved to {training_args.output_dir}" + (f"; training curves in {curves}." if curves else ".")
