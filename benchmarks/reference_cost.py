@@ -1,7 +1,9 @@
-"""What the reference costs: seconds per optimizer step and peak memory of Minor SFT against plain SFT.
+"""What the reference costs: seconds per optimizer step and peak memory of each reference-aware loss against plain SFT.
 
-    python benchmarks/reference_cost.py            # LoRA and QLoRA, about 15 minutes on 2 CPU cores
+    python benchmarks/reference_cost.py            # LoRA and QLoRA, about 25 minutes on 2 CPU cores
     python benchmarks/reference_cost.py --rounds 10 --quantizations lora
+    python benchmarks/reference_cost.py --quantizations lora --prompt_length 0 --completion_length 1024 --batch_size 2
+                                                   # max_length 1024, every token an answer token: the KL's worst case
     python benchmarks/reference_cost.py --shape Qwen2-7B --device cpu   # Qwen2-7B scaled down, LoRA fp32, ~15 min
     python benchmarks/reference_cost.py --shape Qwen2-7B --device cuda  # Qwen2-7B full size, QLoRA 4-bit, one GPU
 
@@ -10,7 +12,14 @@ On the embedded SmolLM2-135M-Instruct and BIG-bench si_conversion, with the same
 - `sft`: plain SFT (`loss_type="nll"`), the baseline;
 - `minor_sft adapter-disabled`: the reference is the policy with its adapters disabled (one extra no-grad forward);
 - `minor_sft separate copy`: a second, frozen copy of the base model as the reference;
-- `minor_sft precomputed`: reference log-probs computed once before training (timed apart), none during training.
+- `minor_sft precomputed`: reference log-probs computed once before training (timed apart), none during training;
+- `asft`, `sft_kl`: the KL anchor, adapters disabled: a reference forward whose hidden states go with the policy's
+  through both LM heads in tiles (`minorsft_trl.vocabulary_kl`), nothing cached;
+- `iw_sft`: importance weights from the adapter-disabled reference (the cost of `minor_sft`'s forward, another weight).
+
+With `--prompt_length` / `--completion_length` (no `--shape`), the embedded model trains on random token sequences of
+those lengths instead of si_conversion: `--prompt_length 0 --completion_length 1024` is `max_length` 1024 with every
+token an answer token, where the full-vocabulary KL costs the most.
 
 Step time: one process per quantization builds the four trainers and runs their optimizer steps interleaved
 (sft, adapter-disabled, separate, precomputed, sft, ...) on the same batches, so that the drift of a shared machine
@@ -51,6 +60,9 @@ MODES = {
     "minor_sft adapter-disabled": {"loss_type": "minor_sft"},
     "minor_sft separate copy": {"loss_type": "minor_sft", "separate_reference": True},
     "minor_sft precomputed": {"loss_type": "minor_sft", "precompute_ref_log_probs": True},
+    "asft adapter-disabled": {"loss_type": "asft"},
+    "sft_kl adapter-disabled": {"loss_type": "sft_kl"},
+    "iw_sft adapter-disabled": {"loss_type": "iw_sft"},
 }
 # What the command line leaves unset: for the embedded model, and for `--shape` on each device
 DEFAULTS = {
@@ -78,15 +90,24 @@ DEFAULTS = {
         "gradient_checkpointing": False,
     },
 }
-SHAPE_OPTIONS = [name for name in DEFAULTS["cpu"] if name not in DEFAULTS["embedded"]] + ["device"]
+# Options of `--shape` only (the embedded model takes `--prompt_length` / `--completion_length` for synthetic data)
+SHAPE_OPTIONS = [
+    name for name in DEFAULTS["cpu"] if name not in DEFAULTS["embedded"] and not name.endswith("_length")
+] + ["device"]
 
 
 def embedded_model_and_data(spec: dict) -> tuple[str, object, dict]:
-    """The embedded SmolLM2-135M-Instruct, its first `batch_size * steps` si_conversion examples, and their length."""
+    """The embedded SmolLM2-135M-Instruct, its first `batch_size * steps` si_conversion examples (or synthetic ones of
+    `prompt_length` + `completion_length` tokens, when given), and their length."""
     from minorsft_trl import bigbench
     from minorsft_trl.embedded import resolve_model
 
     model_path = resolve_model("embedded:SmolLM2-135M-Instruct")
+    if spec.get("completion_length"):
+        from transformers import AutoConfig
+
+        vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
+        return shape_model_and_data({**spec, "vocab_size": vocab_size, "model_path": model_path})
     train = bigbench.load_splits("unit_conversion/si_conversion", test_size=500)["train"]
     return model_path, train.select(range(spec["batch_size"] * spec["steps"])), {"max_length": 128}
 
@@ -301,9 +322,16 @@ def cost_columns(memory_title: str, memory_key: str, precompute_title: str, prec
 def run_embedded(cli: argparse.Namespace) -> tuple[dict, str]:
     """The results and table of the embedded SmolLM2-135M-Instruct on si_conversion."""
     with tempfile.TemporaryDirectory() as scratch:
-        results = measure_all_modes({"batch_size": cli.batch_size, "scratch": scratch}, cli)
+        lengths = {"prompt_length": cli.prompt_length or 0, "completion_length": cli.completion_length}
+        results = measure_all_modes({"batch_size": cli.batch_size, "scratch": scratch, **lengths}, cli)
+    data = "BIG-bench si_conversion"
+    if cli.completion_length:
+        data = (
+            f"random token ids, {cli.prompt_length or 0} prompt + {cli.completion_length} completion tokens per "
+            "example (loss on the completion)"
+        )
     caption = (
-        f"Embedded SmolLM2-135M-Instruct, BIG-bench si_conversion, LoRA r=16 on all linear layers, batch "
+        f"Embedded SmolLM2-135M-Instruct, {data}, LoRA r=16 on all linear layers, batch "
         f"{cli.batch_size}, {os.cpu_count()} CPU threads. Step time: median of {cli.rounds - cli.warmup} interleaved "
         "rounds; `x sft`: median over rounds of the step time over the sft step of the same round. Peak RSS during "
         "`train()`, one process per mode."
@@ -386,7 +414,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--output",
-        help="(default: benchmarks/results/reference_cost.json; --shape: ...reference_cost_<shape>_<device>.json)",
+        help="(default: benchmarks/results/reference_cost.json; with lengths: ...reference_cost_length<n>.json; "
+        "--shape: ...reference_cost_<shape>_<device>.json)",
     )
     shape = parser.add_argument_group("a real architecture with random weights, on synthetic data")
     shape.add_argument("--shape", choices=sorted(SHAPES), help="the architecture")
@@ -423,6 +452,8 @@ def parse_args() -> argparse.Namespace:
             parser.error(str(error))
     if cli.output is None:
         name = f"reference_cost_{cli.shape}_{cli.device}" if cli.shape else "reference_cost"
+        if not cli.shape and cli.completion_length:
+            name += f"_length{(cli.prompt_length or 0) + cli.completion_length}"
         cli.output = f"benchmarks/results/{name}.json"
     return cli
 
