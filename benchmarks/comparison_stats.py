@@ -1,0 +1,86 @@
+"""Statistics of the method comparison: intervals across seeds, paired differences, drift at matched accuracy.
+
+Every interval is a two-sided 95% Student-t interval over seeds (`n - 1` degrees of freedom): with 3 seeds it is
+wide (t = 4.30), which is the honest width of 3 seeds.
+"""
+
+import math
+import statistics
+from dataclasses import dataclass
+
+# Two-sided 95% quantiles of Student's t, by degrees of freedom
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t_quantile(degrees_of_freedom: int) -> float:
+    """The 0.975 quantile of Student's t (beyond the table, the normal's 1.96 plus the first-order correction)."""
+    return T_975.get(degrees_of_freedom, 1.96 + 2.4 / degrees_of_freedom)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over `n` seeds with its 95% interval (`low`, `high` are NaN for fewer than 2 values)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def format(self, scale: float = 1.0, digits: int = 3) -> str:
+        if self.n == 0:
+            return "n/a"
+        if self.n < 2:
+            return f"{self.mean * scale:.{digits}f}"
+        return f"{self.mean * scale:.{digits}f} [{self.low * scale:.{digits}f}, {self.high * scale:.{digits}f}]"
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n}
+
+
+def t_interval(values: list[float]) -> Interval:
+    """Mean of `values` with its 95% t interval."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return Interval(mean, math.nan, math.nan, len(values))
+    half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return Interval(mean, mean - half, mean + half, len(values))
+
+
+def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> Interval:
+    """`values - baseline` seed by seed (the seeds both have), with its 95% t interval: the seed's shared data order
+    and initialisation cancel out of the difference."""
+    seeds = sorted(set(values) & set(baseline))
+    return t_interval([values[s] - baseline[s] for s in seeds if values[s] is not None and baseline[s] is not None])
+
+
+def interpolate_at(points: list[tuple[float, float]], x: float) -> float | None:
+    """The piecewise-linear `y` at `x` through `(x, y)` points (sorted by `x`, ties averaged); `None` outside their
+    range: a method is never credited with a drift at an accuracy it did not reach."""
+    by_x: dict[float, list[float]] = {}
+    for px, py in points:
+        by_x.setdefault(px, []).append(py)
+    xs = sorted(by_x)
+    ys = [statistics.fmean(by_x[px]) for px in xs]
+    if not xs or x < xs[0] or x > xs[-1]:
+        return None
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[0]  # a single point, at exactly x
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points `(accuracy, drift)` no other point beats on both (higher accuracy, lower drift)."""
+    return [
+        i
+        for i, (accuracy, drift) in enumerate(points)
+        if not any(
+            (a >= accuracy and d <= drift) and (a > accuracy or d < drift) for j, (a, d) in enumerate(points) if j != i
+        )
+    ]

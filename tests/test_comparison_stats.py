@@ -1,0 +1,98 @@
+"""The comparison harness's statistics (`benchmarks/comparison_stats.py`) against hand-computed values."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from comparison_stats import interpolate_at, paired_difference, pareto_front, t_interval  # noqa: E402
+
+
+def test_t_interval_of_three_seeds():
+    # mean 2, sample sd 1, t(2 df) = 4.303: half-width 4.303 / sqrt(3) = 2.4843
+    interval = t_interval([1.0, 2.0, 3.0])
+    assert (interval.mean, interval.n) == (2.0, 3)
+    assert interval.high - 2.0 == pytest.approx(4.303 / math.sqrt(3), rel=1e-6)
+    assert interval.low == pytest.approx(2.0 - 4.303 / math.sqrt(3), rel=1e-6)
+
+
+def test_one_value_has_no_interval_and_none_are_left_out():
+    assert math.isnan(t_interval([5.0]).low) and t_interval([5.0]).mean == 5.0
+    assert t_interval([None, 1.0, 3.0]).n == 2
+    assert t_interval([]).format() == "n/a"
+
+
+def test_paired_difference_cancels_what_the_seeds_share():
+    # Seeds move both methods alike (+10, +20, +30); the method adds exactly 0.5: a zero-width interval at 0.5
+    baseline = {0: 10.0, 1: 20.0, 2: 30.0}
+    method = {seed: value + 0.5 for seed, value in baseline.items()}
+    difference = paired_difference(method, baseline)
+    assert difference.mean == pytest.approx(0.5) and difference.high - difference.low == pytest.approx(0.0)
+    assert difference.excludes_zero()
+    # Unpaired, each method's own interval is 50 wide: the seeds' spread would hide the difference
+    assert t_interval(list(method.values())).high - t_interval(list(method.values())).low > 40
+
+
+def test_paired_difference_uses_the_seeds_both_have():
+    assert paired_difference({0: 1.0, 1: 2.0, 2: 9.0}, {0: 0.0, 1: 1.0}).n == 2
+
+
+def test_interpolation_is_linear_between_points_and_refuses_to_extrapolate():
+    points = [(0.8, 0.2), (0.6, 0.1), (0.9, 0.5)]
+    assert interpolate_at(points, 0.7) == pytest.approx(0.15)
+    assert interpolate_at(points, 0.85) == pytest.approx(0.35)
+    assert interpolate_at(points, 0.9) == pytest.approx(0.5)
+    assert interpolate_at(points, 0.95) is None and interpolate_at(points, 0.5) is None
+    assert interpolate_at([(0.7, 0.3)], 0.7) == 0.3
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    # (accuracy, drift): the second is beaten by the first (less accurate, more drift)
+    points = [(0.9, 0.2), (0.8, 0.3), (0.95, 0.5), (0.7, 0.1)]
+    assert pareto_front(points) == [0, 2, 3]
+
+
+def fake_runs(block: int, method: str, lr: float, accuracy: list[float], drift: list[float], trained_lr=None):
+    """One run per seed, with the measures the summary reads."""
+    return [
+        {
+            "block": block, "method": method, "learning_rate": lr, "trained_lr": trained_lr or lr, "seed": seed,
+            "accuracy": a, "heldout_deviation": d, "nll_change": d / 10, "forward_kl": d / 100,
+            "train_deviation": 1.0, "mean_minor_weight": 0.7 if method == "minor_sft" else None,
+        }
+        for seed, (a, d) in enumerate(zip(accuracy, drift, strict=True))
+    ]  # fmt: skip
+
+
+def test_block_summary_pairs_by_seed_matches_accuracy_and_compares_with_the_step_size_control():
+    from compare_methods import Block, Grid, summarise_block
+
+    block = Block("bigbench:x", "lora", ("sft", "minor_sft"), (1e-4, 1e-3), step_control_lr=1e-3)
+    grid = Grid(blocks=(block,), seeds=(0, 1, 2), train_size=1, test_size=1, nll_texts=1, kl_prompts=1)
+    runs = (
+        fake_runs(0, "sft", 1e-4, [0.50, 0.60, 0.70], [1.0, 2.0, 3.0])
+        + fake_runs(0, "sft", 1e-3, [0.70, 0.80, 0.90], [3.0, 4.0, 5.0])
+        + fake_runs(0, "minor_sft", 1e-4, [0.50, 0.60, 0.70], [0.5, 1.5, 2.5])
+        + fake_runs(0, "minor_sft", 1e-3, [0.70, 0.80, 0.90], [2.0, 3.0, 4.0])
+        + fake_runs(0, "step_control", 1e-3, [0.60, 0.70, 0.80], [2.0, 3.0, 4.0], trained_lr=7e-4)
+    )
+    summary = summarise_block({"runs": runs}, grid, 0)
+    paired = {(p["method"], p["learning_rate"]): p for p in summary["paired"]}
+    # Minor SFT - SFT, seed by seed: exactly -0.5 and -1.0 of held-out m_theta, no accuracy difference
+    assert paired[("minor_sft", 1e-4)]["heldout_deviation"]["mean"] == pytest.approx(-0.5)
+    assert paired[("minor_sft", 1e-3)]["heldout_deviation"]["high"] == pytest.approx(-1.0)
+    assert paired[("minor_sft", 1e-3)]["accuracy"]["mean"] == pytest.approx(0.0)
+    # Both methods span 60-80% (seed means): matched at 70%, the middle of the overlap
+    matched = {row["method"]: row for row in summary["matched"]}
+    assert matched["sft"]["target_accuracy"] == pytest.approx(70.0)
+    # SFT at 70%: seed 0 -> its lr 1e-3 point, seed 1 -> halfway between its two, seed 2 -> its lr 1e-4 point
+    assert matched["sft"]["heldout_deviation"]["mean"] == pytest.approx(3.0)
+    assert matched["minor_sft"]["heldout_deviation"]["mean"] == pytest.approx((2.0 + 2.25 + 2.5) / 3)
+    assert matched["minor_sft"]["heldout_deviation"]["mean"] < matched["sft"]["heldout_deviation"]["mean"]
+    # The control: Minor SFT minus SFT at its mean step, paired by seed (+10 points, equal drift)
+    assert summary["control"]["accuracy"]["mean"] == pytest.approx(10.0)
+    assert summary["control"]["heldout_deviation"]["mean"] == pytest.approx(0.0)
+    assert summary["control"]["learning_rate"] == 7e-4
