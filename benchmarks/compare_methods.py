@@ -420,6 +420,16 @@ def interval_text(interval: dict, digits: int = 3) -> str:
     return Interval(**interval).format(digits=digits)
 
 
+def measures_table(rows: list[tuple[str, float, dict]]) -> list[str]:
+    """A markdown table, one row per `(label, learning rate, intervals by measure)`, a column per measure."""
+    lines = ["| method | lr | " + " | ".join(title for title, _ in MEASURES.values()) + " |"]
+    lines.append("|---|---|" + "---|" * len(MEASURES))
+    for label, learning_rate, intervals in rows:
+        cells = [interval_text(intervals[m], 1 if m == "accuracy" else 3) for m in MEASURES]
+        lines.append(f"| {label} | {learning_rate:.3g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def method_label(method: str, trained_lr: float) -> str:
     label = METHODS[method].label
     return f"{label} (lr {trained_lr:.3g})" if method == "step_control" else label
@@ -442,25 +452,13 @@ def report(results: dict, grid: Grid, summaries: dict[int, dict], wall_seconds: 
             "",
             f"Base model: accuracy {100 * base['accuracy']:.1f}%.",
             "",
-            "| method | lr | " + " | ".join(MEASURES[m][0] for m in MEASURES) + " |",
-            "|---|---|" + "---|" * len(MEASURES),
         ]
-        for c in summary["configurations"]:
-            cells = [interval_text(c[m], 1 if m == "accuracy" else 3) for m in MEASURES]
-            lines.append(
-                f"| {method_label(c['method'], c['trained_lr'])} | {c['trained_lr']:.3g} | " + " | ".join(cells) + " |"
-            )
+        lines += measures_table(
+            [(method_label(c["method"], c["trained_lr"]), c["trained_lr"], c) for c in summary["configurations"]]
+        )
         if summary["paired"]:
             lines += ["", "Paired differences against SFT at the same learning rate (method - SFT; same seeds):", ""]
-            lines += [
-                "| method | lr | " + " | ".join(MEASURES[m][0] for m in MEASURES) + " |",
-                "|---|---|" + "---|" * len(MEASURES),
-            ]
-            for p in summary["paired"]:
-                cells = [interval_text(p[m], 1 if m == "accuracy" else 3) for m in MEASURES]
-                lines.append(
-                    f"| {METHODS[p['method']].label} | {p['learning_rate']:.3g} | " + " | ".join(cells) + " |"
-                )
+            lines += measures_table([(METHODS[p["method"]].label, p["learning_rate"], p) for p in summary["paired"]])
         if summary["matched"]:
             target = summary["matched"][0]["target_accuracy"]
             if target is None:

@@ -124,22 +124,35 @@ def tiny_recipe(tmp_path, tiny_model_dir):
     return write_recipe(tmp_path, tiny_model_dir, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
 
 
+def two_processes_and_one(tmp_path, tiny_recipe, per_process_batch_size: int, *arguments) -> tuple[dict, dict]:
+    """The generic script run twice on the tiny recipe: 2 processes of `per_process_batch_size` rows, and 1 process of
+    twice as many; the trained adapter weights of each."""
+    script = REPO / "recipes" / "minor_sft.py"
+    batch = ["--per_device_train_batch_size"]
+    launch(
+        script, "--config", tiny_recipe, *arguments, *batch, per_process_batch_size, "--output_dir", tmp_path / "two"
+    )
+    launch(
+        script, "--config", tiny_recipe, *arguments, *batch, 2 * per_process_batch_size, "--output_dir",
+        tmp_path / "one", num_processes=1, config="single_gpu",
+    )  # fmt: skip
+    return (
+        load_file(tmp_path / "two" / "adapter_model.safetensors"),
+        load_file(tmp_path / "one" / "adapter_model.safetensors"),
+    )
+
+
+def assert_same_weights(two: dict, one: dict) -> None:
+    assert two.keys() == one.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_examples_are_counted_across_processes_even_without_averaging_tokens_across_devices(tmp_path, tiny_recipe):
     """8 examples packed at max_length 80 make two rows of 3 and 5 examples: one row per process is a per-rank mean
     of 3 and of 5 examples unless the example count spans both processes (the paper's mean over the global batch)."""
-    script = REPO / "recipes" / "minor_sft.py"
     packed = ["--packing", "true", "--max_length", 80, "--average_tokens_across_devices", "false"]
-    launch(
-        script, "--config", tiny_recipe, *packed, "--per_device_train_batch_size", 1, "--output_dir", tmp_path / "two"
-    )
-    launch(
-        script, "--config", tiny_recipe, *packed, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "one",
-        num_processes=1, config="single_gpu",
-    )  # fmt: skip
-    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
-    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_weights(*two_processes_and_one(tmp_path, tiny_recipe, 1, *packed))
 
 
 @pytest.mark.parametrize("loss_type", ["asft", "sft_kl", "iw_sft"])
@@ -147,19 +160,10 @@ def test_the_loss_family_over_two_processes_equals_one_process(tmp_path, tiny_re
     """Two steps (the second away from the reference: KL anchor and importance weights at work) on packed rows of 3
     and 5 examples, one per process, give the weights of one process holding both rows: the example count (`sft_kl`)
     and the token count (`asft`, `iw_sft`, TRL's reduction) span the processes."""
-    script = REPO / "recipes" / "minor_sft.py"
     run = ["--loss_type", loss_type, "--kl_coef", 100.0, "--max_steps", 2, "--packing", "true", "--max_length", 80]
     if loss_type == "asft":  # DFT scales each token's gradient by its probability, ~1/259 on the tiny random model
         run += ["--learning_rate", 100.0]
-    launch(script, "--config", tiny_recipe, *run, "--per_device_train_batch_size", 1, "--output_dir", tmp_path / "two")
-    launch(
-        script, "--config", tiny_recipe, *run, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "one",
-        num_processes=1, config="single_gpu",
-    )  # fmt: skip
-    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
-    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_weights(*two_processes_and_one(tmp_path, tiny_recipe, 1, *run))
     history = json.loads((tmp_path / "two" / "trainer_state.json").read_text())["log_history"]
     second_step = history[1]
     if loss_type == "iw_sft":
@@ -169,19 +173,9 @@ def test_the_loss_family_over_two_processes_equals_one_process(tmp_path, tiny_re
 
 
 def test_generic_script_two_processes_x_batch_4_equals_one_process_x_batch_8(tmp_path, tiny_recipe):
-    script = REPO / "recipes" / "minor_sft.py"
-    launch(script, "--config", tiny_recipe, "--per_device_train_batch_size", 4, "--output_dir", tmp_path / "two")
-    launch(
-        script, "--config", tiny_recipe, "--per_device_train_batch_size", 8, "--output_dir", tmp_path / "one",
-        num_processes=1, config="single_gpu",
-    )  # fmt: skip
-
-    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
-    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    two, one = two_processes_and_one(tmp_path, tiny_recipe, 4)
     # One step over the same 8 examples: the same update only if the example count spans both processes
-    assert two.keys() == one.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_weights(two, one)
     assert all(tensor.abs().sum() > 0 for name, tensor in one.items() if "lora_B" in name), "B starts at 0"
     state = json.loads((tmp_path / "two" / "trainer_state.json").read_text())
     assert state["global_step"] == 1 and "deviation" in state["log_history"][0]
