@@ -2,7 +2,7 @@
 learning rates, two task kinds and both LoRA and full fine-tuning, with intervals.
 
     python benchmarks/compare_methods.py --quick   # a first look: 1 task, 4 methods + control, 2 seeds, 10 min
-    python benchmarks/compare_methods.py           # the default grid, 57 runs, about 2 hours on 2 CPU cores
+    python benchmarks/compare_methods.py           # the default grid, 57 runs, 103 min on 2 CPU cores
 
 A grid is a list of blocks; a block is one task and one kind of fine-tuning, with methods x learning rates x seeds
 (`GRIDS`). Every run starts from the embedded SmolLM2-135M-Instruct, trains 1 epoch on the same training questions
@@ -118,10 +118,9 @@ class Grid:
 
 
 GRIDS = {
-    # 57 runs (about 2 hours on 2 CPU cores, estimated from the quick grid's 55 s per run at half the data; not yet
-    # run). Cut to fit: 2 learning rates per method (the matched-accuracy interpolation needs two), 200 training
-    # questions, full fine-tuning for SFT and Minor SFT at one learning rate, the second task for SFT and Minor SFT
-    # only, the step-size control at one learning rate.
+    # 57 runs, 103 min on 2 CPU cores (1.8 min a run). Cut to fit 2.5 hours: 2 learning rates per method (the
+    # matched-accuracy interpolation needs two), 200 training questions, full fine-tuning for SFT and Minor SFT at
+    # one learning rate, the second task for SFT and Minor SFT only, the step-size control at one learning rate.
     "default": Grid(
         blocks=(
             Block(
