@@ -9,10 +9,9 @@
 """
 
 import torch
-from trl.data_utils import common_prefix_length
 from trl.trainer.utils import pad
 
-from minorsft_trl.evaluation import choice_log_likelihoods
+from minorsft_trl.evaluation import choice_log_likelihoods, choice_token_ids
 
 
 def heldout_answer_logps(model, tokenizer, prompts: list[str], answers: list[str]) -> tuple[list[float], list[int]]:
@@ -20,12 +19,9 @@ def heldout_answer_logps(model, tokenizer, prompts: list[str], answers: list[str
     sums = [
         row[0] for row in choice_log_likelihoods(model, tokenizer, prompts, [[a] for a in answers], desc="m_theta")
     ]
-    lengths = []
-    for prompt, answer in zip(prompts, answers, strict=True):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-        lengths.append(len(full_ids) - max(common_prefix_length(prompt_ids, full_ids), 1))
-    return sums, lengths
+    # The tokens `choice_log_likelihoods` scores: from where prompt + answer leaves the prompt's tokens (at least 1)
+    token_ids = [choice_token_ids(tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
+    return sums, [len(ids) - max(answer_start, 1) for ids, answer_start in token_ids]
 
 
 def heldout_deviation(policy_sums: list[float], base_sums: list[float], lengths: list[int]) -> float:

@@ -28,7 +28,7 @@ class Accuracy:
         return f"{100 * self.value:.1f}% ± {100 * self.stderr:.1f} ({self.correct}/{self.total})"
 
 
-def _choice_token_ids(tokenizer, prompt: str, choice: str) -> tuple[list[int], int]:
+def choice_token_ids(tokenizer, prompt: str, choice: str) -> tuple[list[int], int]:
     """Token ids of prompt + choice, and where the choice starts (where they diverge from the prompt's tokens)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(prompt + choice, add_special_tokens=False)["input_ids"]
@@ -47,7 +47,7 @@ def choice_log_likelihoods(model, tokenizer, prompts, choices, batch_size: int =
         `N` lists of floats, one per choice.
     """
     pairs = [
-        (row, *_choice_token_ids(tokenizer, prompt, choice))
+        (row, *choice_token_ids(tokenizer, prompt, choice))
         for row, (prompt, row_choices) in enumerate(zip(prompts, choices, strict=True))
         for choice in row_choices
     ]
