@@ -382,7 +382,9 @@ def summarise_block(results: dict, grid: Grid, index: int) -> dict:
 
 def matched_accuracy(groups: dict, block: Block) -> list[dict]:
     """Each method's drift at one accuracy every method reached: the middle of the overlap of their (seed-mean)
-    accuracy ranges over learning rates, interpolated seed by seed between the method's learning rates."""
+    accuracy ranges over learning rates, interpolated seed by seed between the method's learning rates. A seed whose
+    learning rates do not bracket that accuracy has no value there: each row counts the seeds it rests on
+    (`seeds_reaching`, out of `seeds`)."""
     methods = [m for m in block.methods if all((m, lr) in groups for lr in block.learning_rates)]
     ranges = {}
     for method in methods:
@@ -396,10 +398,11 @@ def matched_accuracy(groups: dict, block: Block) -> list[dict]:
     target = (low + high) / 2
     rows = []
     for method in methods:
-        row = {"method": method, "target_accuracy": target}
+        seeds = sorted({r["seed"] for lr in block.learning_rates for r in groups[(method, lr)]})
+        row = {"method": method, "target_accuracy": target, "seeds": len(seeds)}
         for drift in DRIFTS:
             values = []
-            for seed in sorted({r["seed"] for lr in block.learning_rates for r in groups[(method, lr)]}):
+            for seed in seeds:
                 seed_points = [
                     (r["accuracy"] * 100, r[drift])
                     for lr in block.learning_rates
@@ -408,6 +411,7 @@ def matched_accuracy(groups: dict, block: Block) -> list[dict]:
                 ]
                 values.append(interpolate_at(seed_points, target))
             row[drift] = t_interval(values).to_dict()
+        row["seeds_reaching"] = row[DRIFTS[0]]["n"]
         rows.append(row)
     return rows
 
@@ -426,6 +430,18 @@ def measures_table(rows: list[tuple[str, float, dict]]) -> list[str]:
     for label, learning_rate, intervals in rows:
         cells = [interval_text(intervals[m], 1 if m == "accuracy" else 3) for m in MEASURES]
         lines.append(f"| {label} | {learning_rate:.3g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def matched_table(rows: list[dict]) -> list[str]:
+    """The drift at matched accuracy, a row per method, with the seeds each interval rests on."""
+    lines = [
+        "| method | seeds reaching it | " + " | ".join(MEASURES[d][0] for d in DRIFTS) + " |",
+        "|---|---|" + "---|" * len(DRIFTS),
+    ]
+    for row in rows:
+        cells = [f"{row['seeds_reaching']} of {row['seeds']}"] + [interval_text(row[d]) for d in DRIFTS]
+        lines.append(f"| {METHODS[row['method']].label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -465,19 +481,11 @@ def report(results: dict, grid: Grid, summaries: dict[int, dict], wall_seconds: 
             else:
                 lines += [
                     "",
-                    f"Drift at matched held-out accuracy {target:.1f}% (interpolated between learning rates):",
+                    f"Drift at matched held-out accuracy {target:.1f}% (interpolated seed by seed between learning "
+                    "rates; a seed whose learning rates do not bracket it is left out, and counted):",
                     "",
                 ]
-                lines += [
-                    "| method | " + " | ".join(MEASURES[d][0] for d in DRIFTS) + " |",
-                    "|---|" + "---|" * len(DRIFTS),
-                ]
-                for row in summary["matched"]:
-                    lines.append(
-                        f"| {METHODS[row['method']].label} | "
-                        + " | ".join(interval_text(row[d]) for d in DRIFTS)
-                        + " |"
-                    )
+                lines += matched_table(summary["matched"])
         if summary["control"]:
             control = summary["control"]
             lines += [

@@ -92,7 +92,28 @@ def test_block_summary_pairs_by_seed_matches_accuracy_and_compares_with_the_step
     assert matched["sft"]["heldout_deviation"]["mean"] == pytest.approx(3.0)
     assert matched["minor_sft"]["heldout_deviation"]["mean"] == pytest.approx((2.0 + 2.25 + 2.5) / 3)
     assert matched["minor_sft"]["heldout_deviation"]["mean"] < matched["sft"]["heldout_deviation"]["mean"]
+    assert [(row["seeds_reaching"], row["seeds"]) for row in summary["matched"]] == [(3, 3), (3, 3)]
     # The control: Minor SFT minus SFT at its mean step, paired by seed (+10 points, equal drift)
     assert summary["control"]["accuracy"]["mean"] == pytest.approx(10.0)
     assert summary["control"]["heldout_deviation"]["mean"] == pytest.approx(0.0)
     assert summary["control"]["learning_rate"] == 7e-4
+
+
+def test_matched_accuracy_counts_the_seeds_that_do_not_reach_it():
+    from compare_methods import Block, Grid, matched_table, summarise_block
+
+    block = Block("bigbench:x", "lora", ("sft", "minor_sft"), (1e-4, 1e-3))
+    grid = Grid(blocks=(block,), seeds=(0, 1, 2), train_size=1, test_size=1, nll_texts=1, kl_prompts=1)
+    runs = (
+        fake_runs(0, "sft", 1e-4, [0.50, 0.60, 0.70], [1.0, 2.0, 3.0])
+        + fake_runs(0, "sft", 1e-3, [0.70, 0.80, 0.90], [3.0, 4.0, 5.0])
+        # Seed means 60% and 80% as SFT's (target 70%), but seed 2 spans 75-90%: it never was at 70%
+        + fake_runs(0, "minor_sft", 1e-4, [0.45, 0.60, 0.75], [0.5, 1.5, 2.5])
+        + fake_runs(0, "minor_sft", 1e-3, [0.70, 0.80, 0.90], [2.0, 3.0, 4.0])
+    )
+    matched = {row["method"]: row for row in summarise_block({"runs": runs}, grid, 0)["matched"]}
+    assert matched["minor_sft"]["target_accuracy"] == pytest.approx(70.0)
+    assert (matched["minor_sft"]["seeds_reaching"], matched["minor_sft"]["seeds"]) == (2, 3)
+    assert matched["minor_sft"]["heldout_deviation"]["mean"] == pytest.approx((2.0 + 2.25) / 2)
+    table = matched_table(list(matched.values()))
+    assert table[2].startswith("| SFT | 3 of 3 |") and table[3].startswith("| Minor SFT | 2 of 3 |")
