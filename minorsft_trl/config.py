@@ -57,6 +57,31 @@ class MinorSFTConfig(SFTConfig):
         ref_cache_dir (`str`, *optional*):
             Where the precomputed reference log-probs are cached. Defaults to `ref_logps` in the per-user cache
             (`$MINORSFT_TRL_CACHE`, else `~/.cache/minorsft_trl`), so separate runs share it.
+        eval_drift (`bool`, *optional*, defaults to `True`):
+            Measure the drift from the reference at every evaluation and once before training (where it is 0), for
+            every `loss_type`: `eval_forward_kl` (`KL(pi_ref || pi_theta)` per token over the whole vocabulary, on
+            continuations the reference samples for `drift_num_prompts` held-out prompts; `eval_forward_kl_sampled`,
+            the sampled-token estimate, where the run keeps no reference model), `eval_nll_change` (with
+            `drift_text_dataset`) and `eval_deviation` (m_theta on the eval split's answers). On whenever the run has
+            an eval dataset. See `minorsft_trl.drift`.
+        drift_prompts (`str`, *optional*):
+            A dataset (local file or folder, or a `datasets` name) whose `prompt` (text or conversation) or
+            `messages` column gives the prompts of `eval_forward_kl`. Defaults to the eval split's prompts.
+        drift_num_prompts (`int`, *optional*, defaults to `32`):
+            How many prompts the reference continues for `eval_forward_kl` (the first ones).
+        drift_max_new_tokens (`int`, *optional*, defaults to `48`):
+            Length of each sampled continuation (temperature 1, no top-k or top-p). Samples are drawn once, with
+            `drift_seed`, and cached next to the precomputed reference log-probs.
+        drift_text_dataset (`str`, *optional*):
+            General text (a `text` column, or `messages` rendered by the chat template) on which `eval_nll_change`,
+            the change of the per-token NLL against the reference, is measured. Off when unset.
+        drift_num_texts (`int`, *optional*, defaults to `32`):
+            How many texts of `drift_text_dataset` (the first ones), each cut to `max_length` tokens.
+        drift_seed (`int`, *optional*, defaults to `0`):
+            Seed of the reference's samples (apart from `seed`: runs with other seeds are measured on the same text).
+        max_forward_kl (`float`, *optional*):
+            A drift budget: training stops at the first evaluation whose forward KL exceeds it, and the model of the
+            last checkpoint within budget is the result (save at evaluation steps, as for `load_best_model_at_end`).
 
     Unlike `SFTConfig`, an unset `bf16` stays off on a machine without a bf16 accelerator (where TRL's default fails
     unless `use_cpu=True`).
@@ -115,6 +140,37 @@ class MinorSFTConfig(SFTConfig):
         },
     )
 
+    eval_drift: bool = field(
+        default=True,
+        metadata={
+            "help": "Measure the drift from the reference (forward KL on reference samples, NLL change on "
+            "`drift_text_dataset`, m_theta on the eval answers) at every evaluation and before training."
+        },
+    )
+    drift_prompts: str | None = field(
+        default=None,
+        metadata={"help": "Prompts for `eval_forward_kl` (`prompt` or `messages` column). Default: the eval split."},
+    )
+    drift_num_prompts: int = field(
+        default=32, metadata={"help": "Number of prompts the reference continues for `eval_forward_kl`."}
+    )
+    drift_max_new_tokens: int = field(
+        default=48, metadata={"help": "Tokens the reference samples per prompt for `eval_forward_kl`."}
+    )
+    drift_text_dataset: str | None = field(
+        default=None,
+        metadata={"help": "General text (`text` or `messages`) for `eval_nll_change`. Off when unset."},
+    )
+    drift_num_texts: int = field(default=32, metadata={"help": "Number of texts of `drift_text_dataset` to score."})
+    drift_seed: int = field(default=0, metadata={"help": "Seed of the reference's samples for `eval_forward_kl`."})
+    max_forward_kl: float | None = field(
+        default=None,
+        metadata={
+            "help": "Drift budget: stop at the first evaluation whose forward KL exceeds it and keep the last "
+            "checkpoint within budget. Must be > 0."
+        },
+    )
+
     def __post_init__(self):
         # TRL turns bf16 on when unset, which transformers rejects on a machine without a bf16 accelerator unless
         # `use_cpu=True`; there, unset means full precision, so `args=None` runs on any machine.
@@ -144,6 +200,7 @@ class MinorSFTConfig(SFTConfig):
                 f"precompute_ref_log_probs=True with loss_type={self.loss_type!r} and log_deviation=False: there is "
                 "no reference to precompute. Drop precompute_ref_log_probs, or set log_deviation=True."
             )
+        self._check_drift_settings()
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
             raise ValueError(f"precompute_ref_batch_size must be >= 1, got {self.precompute_ref_batch_size}.")
 
@@ -163,6 +220,40 @@ class MinorSFTConfig(SFTConfig):
                 f"learning_rate must be a finite number >= 0, got {self.learning_rate!r}. The paper's best for Minor "
                 "SFT is 2e-5."
             )
+
+    def _check_drift_settings(self) -> None:
+        for name in ("drift_num_prompts", "drift_max_new_tokens", "drift_num_texts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if self.max_forward_kl is not None:
+            _check_number(
+                "max_forward_kl",
+                self.max_forward_kl,
+                positive=True,
+                hint="It is the largest forward KL per token (nats) the run may reach, e.g. 0.5; unset it for no "
+                "budget.",
+            )
+            if not self.eval_drift:
+                raise ValueError(
+                    f"max_forward_kl={self.max_forward_kl} needs the drift measures, but eval_drift=False. Set "
+                    "eval_drift=True, or drop max_forward_kl."
+                )
+            eval_strategy, save_strategy = (getattr(s, "value", s) for s in (self.eval_strategy, self.save_strategy))
+            if eval_strategy == "no":
+                raise ValueError(
+                    f"max_forward_kl={self.max_forward_kl} is checked at evaluations, but eval_strategy='no'. Set "
+                    "eval_strategy='steps' with eval_steps (and an eval dataset or test_split_size)."
+                )
+            if save_strategy != "no" and (
+                save_strategy != eval_strategy or (eval_strategy == "steps" and self.save_steps % self.eval_steps != 0)
+            ):
+                raise ValueError(
+                    f"max_forward_kl keeps the last checkpoint within budget, so checkpoints must be saved at "
+                    f"evaluations: save_strategy={self.save_strategy!r}, save_steps={self.save_steps} against "
+                    f"eval_strategy={self.eval_strategy!r}, eval_steps={self.eval_steps}. Use the same strategy, "
+                    "with save_steps a multiple of eval_steps."
+                )
 
     @property
     def reference_loss(self) -> LossType | None:

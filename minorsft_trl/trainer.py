@@ -33,6 +33,8 @@ from .checkpoints import (
     write_run_identity,
 )
 from .config import TRL_LOSS_TYPES, MinorSFTConfig
+from .drift.budget import DriftBudgetCallback
+from .drift.live import DriftCallback, DriftMixin
 from .examples import ExampleIndex
 from .fingerprint import model_identity, module_fingerprint, peft_reference_name
 from .loss_types import LossInputs, MeanOver, ReferenceNeed
@@ -115,7 +117,7 @@ def _loss_type_seen_by_trl(args: MinorSFTConfig) -> Iterator[None]:
         args.loss_type = loss_type
 
 
-class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
+class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
     """
     Drop-in replacement for TRL's `SFTTrainer` that brakes the drift from a reference model (Minor SFT, arXiv
     2408.10642). Every argument of `SFTTrainer` keeps its meaning; `args` may be a `MinorSFTConfig`, an `SFTConfig`,
@@ -133,7 +135,8 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
 
     Logged on train and eval, next to TRL's metrics: `deviation` (the paper's m_theta, eq. 8), `log_ratio` (mean of
     `log(pi_theta(y|x) / pi_ref(y|x))`) and, for `minor_sft`, `minor_weight` with `minor_weight_min` and
-    `minor_weight_max`.
+    `minor_weight_max`. At every evaluation, and once before training, the drift measures (`eval_forward_kl`,
+    `eval_nll_change`; see `minorsft_trl.drift.live`), and `eval_answer_nll`, the held-out answers' per-token NLL.
     """
 
     _tag_names = ["trl", "sft", "minor-sft"]
@@ -191,6 +194,7 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             True if reference_loss is not None and reference_loss.mean_over is MeanOver.EXAMPLES else None
         )
         policy_has_own_adapter = is_peft_model_or_path(model) and peft_config is None
+        _check_drift_has_an_eval_split(args, eval_dataset)
         # `Trainer.__init__` creates the output directory; a failed init leaves nothing behind
         with _removed_on_error(args.output_dir):
             with _loss_type_seen_by_trl(args):
@@ -217,7 +221,14 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             self.ref_model = None
             self._reference_released = False
             self._reference_check = None
-            if args.uses_reference:
+            self._pending_drift_metrics = None
+            measures_drift = self._drift_enabled()
+            explicit_reference = ref_model is not None or args.ref_model_name_or_path is not None
+            # Plain SFT measures its drift against the reference it would have: free for a PEFT model (adapters
+            # disabled), a named one if given; full fine-tuning keeps no copy (see `minorsft_trl.drift.live`)
+            if args.uses_reference or (
+                measures_drift and (explicit_reference or is_peft_model(self.accelerator.unwrap_model(self.model)))
+            ):
                 self.ref_model, self._reference_check = self._load_reference(
                     ref_model, quantization_config, policy_has_own_adapter
                 )
@@ -237,11 +248,18 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             )
             reference_identity = (
                 from_main_process(model_identity(reference, canonical_name, adapter_config))
-                if args.precompute_ref_log_probs
+                if args.precompute_ref_log_probs or measures_drift
                 else None
             )
             if self.ref_model is not None:
                 self.ref_model = self._prepare_reference(self.ref_model)
+            if measures_drift:  # before a separate reference is released by the precompute
+                self._build_drift_probe(reference_identity)
+                self.add_callback(DriftCallback(self))
+            self._drift_budget = None
+            if args.max_forward_kl is not None:
+                self._drift_budget = DriftBudgetCallback(args.max_forward_kl)
+                self.add_callback(self._drift_budget)
             if args.precompute_ref_log_probs:
                 self._attach_precomputed_reference(reference_identity)
 
@@ -413,11 +431,19 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         num_examples_in_step = inputs.pop(NUM_EXAMPLES_KEY, None)
-        if not self.args.uses_reference:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
         mode = "train" if self.model.training else "eval"
         index = ExampleIndex.from_batch(inputs["labels"], inputs.get("position_ids"))
+        # Plain SFT with drift measures runs its reference in evaluation only, for the held-out m_theta
+        reference_in_eval = mode == "eval" and self._drift_probe is not None and self._drift_has_live_reference
+        if not (self.args.uses_reference or reference_in_eval):
+            if mode == "train":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            recorder = _FusedForwardRecorder(model)
+            result = super().compute_loss(recorder, inputs, return_outputs, num_items_in_batch)
+            token_logps = recorder.outputs.log_probs[:, -index.answer_mask.size(1) :]
+            self._log_answer_nll(index.sum(token_logps), index.num_tokens)
+            return result
+
         ref_logps = inputs.pop(REF_LOGPS, None)
         ref_hidden = ref_head = None
         if self._needs_reference_distribution:
@@ -454,6 +480,8 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             ),
         )
         self._log_reference_metrics(mode, terms)
+        if mode == "eval":
+            self._log_answer_nll(terms.policy_logps, terms.num_tokens)
         reference_loss = self.args.reference_loss
         if reference_loss is None:
             return trl_result
@@ -552,6 +580,32 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             metrics[f"{weight_name}_min"].append(weight_min)
             metrics[f"{weight_name}_max"].append(weight_max)
 
+    def _log_answer_nll(self, policy_logps: torch.Tensor, num_tokens: torch.Tensor) -> None:
+        """Append this evaluation micro-batch's per-token NLL of the answers, over all processes, to `answer_nll`: the
+        held-out fit of every loss type on one scale (`eval_loss` is each loss's own value)."""
+        local = torch.stack([-policy_logps.detach().sum(), num_tokens.sum().to(policy_logps.dtype)]).float()
+        nll_sum, count = self.accelerator.gather(local[None]).view(-1, 2).sum(0).tolist()
+        if count:
+            self._metrics["eval"]["answer_nll"].append(nll_sum / count)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`SFTTrainer.evaluate`, with the drift measures: measured once per call (not per dataset of a dict), and
+        returned, logged and passed to the callbacks with the other metrics."""
+        if self._drift_probe is None or self._pending_drift_metrics is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        self._pending_drift_metrics = {f"{metric_key_prefix}_{k}": v for k, v in self._drift_metrics().items()}
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._pending_drift_metrics = None
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        if self._pending_drift_metrics:  # the first dataset of an evaluation carries them
+            output.metrics.update(self._pending_drift_metrics)
+            self._pending_drift_metrics = {}
+        return output
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # `SFTTrainer.log` averages each metric over the logging window; the extremes take their min and max instead
         mode = "train" if self.model.training else "eval"
@@ -633,7 +687,18 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
             )
         if isinstance(resume_from_checkpoint, str):
             check_run_identity(resume_from_checkpoint, self._run_identity)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        budget = self._drift_budget
+        if budget is not None and budget.exceeded is not None and budget.within_budget_checkpoint is not None:
+            # `load_best_model_at_end`'s loader, on the last checkpoint within budget
+            best = self.state.best_model_checkpoint
+            self.state.best_model_checkpoint = budget.within_budget_checkpoint
+            try:
+                self._load_best_model()
+            finally:
+                self.state.best_model_checkpoint = best
+            logger.warning(f"Loaded {budget.within_budget_checkpoint}, the last checkpoint within the drift budget.")
+        return output
 
     # ------------------------------------------------------------------ checks
 
@@ -666,6 +731,23 @@ class MinorSFTTrainer(PrecomputedReferenceMixin, SFTTrainer):
                 f"{num_dropped} of {len(train_dataset)} training examples lost all their answer tokens to truncation "
                 f"at max_length={self.args.max_length} and were dropped. Raise `max_length` to keep them."
             )
+
+
+def _check_drift_has_an_eval_split(args: MinorSFTConfig, eval_dataset) -> None:
+    """The drift settings that only act at evaluations, refused when the run has nothing to evaluate on."""
+    if eval_dataset is not None:
+        return
+    named = {
+        name: getattr(args, name)
+        for name in ("max_forward_kl", "drift_prompts", "drift_text_dataset")
+        if getattr(args, name) is not None
+    }
+    if named:
+        settings = ", ".join(f"{k}={v!r}" for k, v in named.items())
+        raise ValueError(
+            f"{settings}: the drift measures run at evaluations, and this run has no eval dataset. Pass "
+            "`eval_dataset` (in a recipe: a test split, or `test_split_size`) with `eval_strategy`, or drop them."
+        )
 
 
 def _fused_token_logps(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

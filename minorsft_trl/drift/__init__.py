@@ -1,0 +1,1 @@
+"""Drift from the reference: live measures, the drift budget, and the method comparison."""

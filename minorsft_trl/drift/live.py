@@ -1,0 +1,288 @@
+"""The drift measures of a training run: what the reference gives once, before training, and what each evaluation
+logs next to TRL's metrics.
+
+Before training (`DriftMixin._build_drift_probe`), the reference as the run starts continues a fixed set of held-out
+prompts (`drift_num_prompts`, from the eval split or `drift_prompts`), and scores those continuations and the general
+texts of `drift_text_dataset`. These numbers are cached next to the precomputed reference log-probs, keyed by the
+reference's weights and the token ids, so a second run (another learning rate, seed or loss) reuses them.
+
+At every evaluation, and once before the first step (where each is 0), `_drift_metrics` scores the same tokens with
+the policy, in eval mode:
+
+- `forward_kl`: `KL(pi_ref || pi_theta)` per sampled token over the whole vocabulary, by a reference forward on the
+  samples, wherever the run keeps a reference model (adapters disabled, the `"ref"` adapter, a separate or frozen
+  model). Where it keeps none (a separate reference released after the precompute; full fine-tuning with `nll`),
+  `forward_kl_sampled` instead: the sampled-token estimate from the cached reference log-probs, at no reference cost;
+- `nll_change`: the per-token NLL of the general texts minus the reference's;
+- the held-out m_theta is the trainer's `eval_deviation` (the paper's eq. 8 on the eval split's answers).
+
+Under several processes each process scores its share of the samples (the same number of forwards on every process,
+as a sharded model needs) and the sums are gathered: the same numbers as one process.
+"""
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
+from transformers import TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
+from trl.trainer.utils import use_adapter
+
+from ..cache import cache_root, cached_directory, is_complete
+from ..reference import reference_adapter_name, reference_mode
+from .data import prompt_ids_from_dataset, prompt_ids_from_prepared, text_ids_from_dataset
+from .measures import Sequences, forward_kl_sum, sample_continuations, score
+
+logger = transformers.utils.logging.get_logger(__name__)
+
+# 1: continuations, the reference's summed log-probs of them and of the texts
+CACHE_FORMAT = 1
+# Sequences per forward of the drift measures
+BATCH_SIZE = 8
+
+FORWARD_KL, FORWARD_KL_SAMPLED, NLL_CHANGE = "forward_kl", "forward_kl_sampled", "nll_change"
+
+
+@dataclass
+class DriftProbe:
+    """What the drift measures compare the policy with, fixed before training.
+
+    Attributes:
+        samples: the prompts and the reference's continuations of them (the scored part).
+        ref_sample_logps: `len(samples)` summed reference log-probs of each continuation.
+        texts: general text (first token as the prompt, the rest scored), or `None`.
+        ref_text_logps: `len(texts)` summed reference log-probs of each text.
+    """
+
+    samples: Sequences
+    ref_sample_logps: list[float]
+    texts: Sequences | None
+    ref_text_logps: list[float]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "DriftProbe":
+        values = json.loads(text)
+        texts = values["texts"]
+        return cls(
+            Sequences(**values["samples"]),
+            values["ref_sample_logps"],
+            Sequences(**texts) if texts is not None else None,
+            values["ref_text_logps"],
+        )
+
+
+class DriftMixin:
+    """The live drift measures of `MinorSFTTrainer` (see the module docstring)."""
+
+    _drift_probe: DriftProbe | None = None
+
+    # ------------------------------------------------------------------ before training
+
+    def _drift_enabled(self) -> bool:
+        return bool(self.args.eval_drift) and self.eval_dataset is not None
+
+    def _build_drift_probe(self, reference_identity: dict) -> None:
+        """Draw the reference's samples and score them (or read them from the cache): with the reference as the run
+        starts, so before a separate reference is released."""
+        args = self.args
+        prompts = self._drift_prompts()
+        texts = None
+        if args.drift_text_dataset is not None:
+            ids = text_ids_from_dataset(
+                args.drift_text_dataset, self.processing_class, args.drift_num_texts, args.max_length
+            )
+            texts = Sequences([t[:1] for t in ids], [t[1:] for t in ids])
+        key = {
+            "format": CACHE_FORMAT,
+            "reference": reference_identity,
+            "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+            "texts": hashlib.sha256(json.dumps(asdict(texts) if texts else None).encode()).hexdigest(),
+            "max_new_tokens": args.drift_max_new_tokens,
+            "seed": args.drift_seed,
+            "batch_size": BATCH_SIZE,
+            "autocast": self._autocast_precision(),
+        }
+        entry_name = "drift-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        entry = Path(args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
+        cached = None
+        if self.accelerator.is_main_process and is_complete(entry, key):  # a damaged entry is rebuilt below
+            cached = (entry / "probe.json").read_text()
+        cached = broadcast_object_list([cached])[0] if self.accelerator.num_processes > 1 else cached
+        if cached is not None:
+            self._drift_probe = DriftProbe.from_json(cached)
+            logger.info(f"Drift measures: the reference's samples read from the cache ({entry}).")
+            return
+        probe = self._compute_drift_probe(prompts, texts)
+        if self.accelerator.is_main_process:
+            cached_directory(entry, key, lambda out: (out / "probe.json").write_text(probe.to_json()))
+        self._drift_probe = probe
+
+    def _drift_prompts(self) -> list[list[int]]:
+        """The token ids of the prompts the reference continues: `drift_prompts`, else the eval split's."""
+        args = self.args
+        if args.drift_prompts is not None:
+            prompts = prompt_ids_from_dataset(args.drift_prompts, self.processing_class, args.drift_num_prompts)
+            too_long = [len(p) for p in prompts if args.max_length is not None and len(p) > args.max_length]
+            if too_long:
+                raise ValueError(
+                    f"drift_prompts {args.drift_prompts!r}: {len(too_long)} of {len(prompts)} prompts are longer than "
+                    f"max_length={args.max_length} tokens (up to {max(too_long)}). Shorten them, or raise max_length."
+                )
+            return prompts
+        eval_dataset = self.eval_dataset
+        if isinstance(eval_dataset, dict):
+            eval_dataset = next(iter(eval_dataset.values()))
+        return prompt_ids_from_prepared(eval_dataset, args.drift_num_prompts, args.max_length)
+
+    def _compute_drift_probe(self, prompts: list[list[int]], texts: Sequences | None) -> DriftProbe:
+        """Sample and score with the reference, each process its share of the batches, gathered in order."""
+        args = self.args
+        tokenizer = self.processing_class
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        continuations = {}
+        with self._drift_reference() as reference:
+            for batch_index, rows in self._drift_shares(len(prompts)):
+                generated = sample_continuations(
+                    reference,
+                    prompts,
+                    rows,
+                    args.drift_max_new_tokens,
+                    seed=args.drift_seed + batch_index,
+                    pad_id=pad_id,
+                    eos_id=tokenizer.eos_token_id,
+                    synced_gpus=self._drift_synced(),
+                )
+                if batch_index >= 0:
+                    continuations.update(zip(rows, generated, strict=True))
+        continuations = self._gathered(continuations)
+        samples = Sequences(prompts, [continuations[i] for i in range(len(prompts))])
+        ref_sample_logps = self._reference_sums(samples)
+        ref_text_logps = self._reference_sums(texts) if texts is not None else []
+        logger.info(
+            f"Drift measures: the reference continued {len(prompts)} prompts with "
+            f"{sum(len(c) for c in samples.scored_ids)} tokens"
+            + (f" and scored {len(texts)} texts." if texts is not None else ".")
+        )
+        return DriftProbe(samples, ref_sample_logps, texts, ref_text_logps)
+
+    def _reference_sums(self, sequences: Sequences) -> list[float]:
+        sums = {}
+        with self._drift_reference() as reference:
+            for batch_index, rows in self._drift_shares(len(sequences)):
+                with self.accelerator.autocast():
+                    logps = score(reference, sequences.batch(rows, self._pad_id())).logps
+                if batch_index >= 0:
+                    sums.update(zip(rows, logps.tolist(), strict=True))
+        sums = self._gathered(sums)
+        return [sums[i] for i in range(len(sequences))]
+
+    # ------------------------------------------------------------------ at evaluations
+
+    @property
+    def _drift_has_live_reference(self) -> bool:
+        """Whether a reference model is there to run: a separate one, or the PEFT policy with its adapters disabled (or
+        its `"ref"` adapter)."""
+        return self.ref_model is not None or (
+            not self._reference_released and is_peft_model(self.accelerator.unwrap_model(self.model))
+        )
+
+    def _drift_metrics(self) -> dict[str, float]:
+        """The drift measures of the policy now, without the `eval_` prefix (see the module docstring)."""
+        probe = self._drift_probe
+        policy = self.accelerator.unwrap_model(self.model)
+        live = self._drift_has_live_reference
+        pad_id = self._pad_id()
+        # kl (or sampled estimate) sum, sampled tokens, policy text log-prob sum, reference text log-prob sum, tokens
+        totals = torch.zeros(5, dtype=torch.float64)
+        for batch_index, rows in self._drift_shares(len(probe.samples)):
+            weight = 1.0 if batch_index >= 0 else 0.0  # a process without a batch of its own runs one, unweighted
+            batch = probe.samples.batch(rows, pad_id)
+            with reference_mode(policy), self.accelerator.autocast():
+                scored = score(policy, batch, hidden_states=live)
+            if live:
+                with self._drift_reference() as reference, self.accelerator.autocast():
+                    kl = forward_kl_sum(scored, score(reference, batch, hidden_states=True))
+            else:
+                # Per-sequence sums, as the reference's were kept: no other rounding where the policy has not moved
+                kl = sum(probe.ref_sample_logps[i] - logp for i, logp in zip(rows, scored.logps.tolist(), strict=True))
+            totals[0] += weight * float(kl)
+            totals[1] += weight * float(scored.num_tokens.sum())
+        if probe.texts is not None:
+            for batch_index, rows in self._drift_shares(len(probe.texts)):
+                weight = 1.0 if batch_index >= 0 else 0.0
+                with reference_mode(policy), self.accelerator.autocast():
+                    scored = score(policy, probe.texts.batch(rows, pad_id))
+                totals[2] += weight * sum(scored.logps.tolist())
+                totals[3] += weight * sum(probe.ref_text_logps[i] for i in rows)
+                totals[4] += weight * float(scored.num_tokens.sum())
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.gather(totals[None].to(self.accelerator.device)).sum(0).cpu()
+        kl_sum, kl_tokens, policy_text, ref_text, text_tokens = totals.tolist()
+        metrics = {FORWARD_KL if live else FORWARD_KL_SAMPLED: kl_sum / max(kl_tokens, 1)}
+        if probe.texts is not None:
+            metrics[NLL_CHANGE] = (ref_text - policy_text) / max(text_tokens, 1)
+        return metrics
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _drift_reference(self) -> Iterator[torch.nn.Module]:
+        """The reference as a model to call (no gradient, eval mode): the separate reference, the PEFT policy with its
+        adapters disabled or its `"ref"` adapter, or, before training only, the policy itself (full fine-tuning
+        without a reference: the policy is its own starting point)."""
+        if self.ref_model is not None:
+            model, adapter = self.accelerator.unwrap_model(self.ref_model), nullcontext()
+        else:
+            model = self.accelerator.unwrap_model(self.model)
+            peft = is_peft_model(model)
+            adapter = use_adapter(model, reference_adapter_name(model)) if peft else nullcontext()
+        with reference_mode(model), adapter:
+            yield model
+
+    def _drift_shares(self, count: int) -> Iterator[tuple[int, list[int]]]:
+        """`(batch_index, rows)` of this process: batches of `BATCH_SIZE` rows dealt round-robin to the processes,
+        each process running as many as the busiest one (a spare run has `batch_index` -1 and the first batch's rows,
+        for a sharded model whose every forward needs every process)."""
+        batches = [list(range(s, min(s + BATCH_SIZE, count))) for s in range(0, count, BATCH_SIZE)]
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        for round_start in range(0, math.ceil(len(batches) / world) * world, world):
+            index = round_start + rank
+            yield (index, batches[index]) if index < len(batches) else (-1, batches[0])
+
+    def _gathered(self, values: dict[int, object]) -> dict[int, object]:
+        if self.accelerator.num_processes == 1:
+            return values
+        merged = {}
+        for part in gather_object([values]):
+            merged.update(part)
+        return merged
+
+    def _drift_synced(self) -> bool:
+        """Whether generation must keep the processes in step (a sharded model)."""
+        return self.accelerator.num_processes > 1 and (self.is_fsdp_enabled or is_deepspeed_zero3_enabled())
+
+    def _pad_id(self) -> int:
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class DriftCallback(TrainerCallback):
+    """Logs the drift measures once before the first step (where they are 0), as the evaluation would name them."""
+
+    def __init__(self, trainer: DriftMixin):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.trainer.log({f"eval_{k}": v for k, v in self.trainer._drift_metrics().items()})
