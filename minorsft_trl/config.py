@@ -67,9 +67,9 @@ class MinorSFTConfig(SFTConfig):
         drift_prompts (`str`, *optional*):
             A dataset (local file or folder, or a `datasets` name) whose `prompt` (text or conversation) or
             `messages` column gives the prompts of `eval_forward_kl`. Defaults to the eval split's prompts.
-        drift_num_prompts (`int`, *optional*, defaults to `32`):
+        drift_num_prompts (`int`, *optional*, defaults to `16`):
             How many prompts the reference continues for `eval_forward_kl` (the first ones).
-        drift_max_new_tokens (`int`, *optional*, defaults to `48`):
+        drift_max_new_tokens (`int`, *optional*, defaults to `32`):
             Length of each sampled continuation (temperature 1, no top-k or top-p). Samples are drawn once, with
             `drift_seed`, and cached next to the precomputed reference log-probs.
         drift_text_dataset (`str`, *optional*):
@@ -152,10 +152,10 @@ class MinorSFTConfig(SFTConfig):
         metadata={"help": "Prompts for `eval_forward_kl` (`prompt` or `messages` column). Default: the eval split."},
     )
     drift_num_prompts: int = field(
-        default=32, metadata={"help": "Number of prompts the reference continues for `eval_forward_kl`."}
+        default=16, metadata={"help": "Number of prompts the reference continues for `eval_forward_kl`."}
     )
     drift_max_new_tokens: int = field(
-        default=48, metadata={"help": "Tokens the reference samples per prompt for `eval_forward_kl`."}
+        default=32, metadata={"help": "Tokens the reference samples per prompt for `eval_forward_kl`."}
     )
     drift_text_dataset: str | None = field(
         default=None,

@@ -34,6 +34,7 @@ from .checkpoints import (
 )
 from .config import TRL_LOSS_TYPES, MinorSFTConfig
 from .drift.budget import DriftBudgetCallback
+from .drift.card import drift_section
 from .drift.live import DriftCallback, DriftMixin
 from .examples import ExampleIndex
 from .fingerprint import model_identity, module_fingerprint, peft_reference_name
@@ -262,6 +263,14 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                 self.add_callback(self._drift_budget)
             if args.precompute_ref_log_probs:
                 self._attach_precomputed_reference(reference_identity)
+            if measures_drift and not self._drift_has_live_reference:
+                logger.info(
+                    "The run keeps no reference model (a separate reference released after the precompute, or full "
+                    "fine-tuning with loss_type='nll'): the forward KL is logged as `eval_forward_kl_sampled`, its "
+                    "sampled-token estimate from the reference's log-probs of its samples, taken before training. "
+                    "The full-vocabulary `eval_forward_kl` needs the reference model kept: precompute_ref_log_probs="
+                    "False, or a loss with a reference (one more no-grad forward per step)."
+                )
 
     # ------------------------------------------------------------------ reference
 
@@ -625,6 +634,14 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                 "it (the paper's best is 0.04)."
             )
         super().log(logs, start_time)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, with the drift the run reached (`minorsft_trl.drift.card`)."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        section = drift_section(self.state.log_history, self._drift_budget)
+        if section is not None and self.is_world_process_zero():
+            with open(os.path.join(self.args.output_dir, "README.md"), "a") as card:
+                card.write("\n" + section)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation forwards in eval mode without grad: keep 4-bit layers on their training kernels, see

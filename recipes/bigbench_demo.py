@@ -4,7 +4,8 @@
 
 1. accuracy of the base model on the held-out test split (each choice scored by its log-likelihood);
 2. training with `recipes/minor_sft.py` (same YAML, same command-line overrides);
-3. accuracy of the trained model on the same split, and the deviation it reached;
+3. accuracy of the trained model on the same split, the deviation and the drift it reached (and what measuring the
+   drift cost);
 4. the saved adapter reloaded with PEFT, generating an answer;
 5. a summary, also written to `<output_dir>/results.json`, and the training curves PNG.
 """
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import get_quantization_config
 
 from minorsft_trl.data import load_datasets
+from minorsft_trl.drift.card import MEASURES as DRIFT_MEASURES
 from minorsft_trl.embedded import resolve_model
 from minorsft_trl.evaluation import multiple_choice_accuracy
 
@@ -53,6 +55,9 @@ def run(script_args, training_args, model_args, dataset_args=None) -> dict:
     del base_model
 
     trainer = main(script_args, training_args, model_args, dataset_args)
+    train_seconds = next(log["train_runtime"] for log in trainer.state.log_history if "train_runtime" in log)
+    drift_logs = [log for log in trainer.state.log_history if DRIFT_MEASURES.keys() & log.keys()]
+    final_drift = {k: v for k, v in drift_logs[-1].items() if k in DRIFT_MEASURES} if drift_logs else {}
     trained_accuracy = multiple_choice_accuracy(trainer.model, tokenizer, test_split, desc="Trained model accuracy")
     train_logs = [log for log in trainer.state.log_history if "deviation" in log]
 
@@ -72,6 +77,9 @@ def run(script_args, training_args, model_args, dataset_args=None) -> dict:
         "trained_accuracy": trained_accuracy.value,
         "trained_accuracy_stderr": trained_accuracy.stderr,
         "final_deviation": train_logs[-1]["deviation"] if train_logs else None,
+        "final_drift": final_drift,
+        "train_seconds": train_seconds,
+        "drift_measure_seconds": round(trainer.drift_seconds, 1),
         "adapter_dir": os.path.abspath(training_args.output_dir),
         "training_curves": os.path.abspath(os.path.join(training_args.output_dir, "training_curves.png")),
         "wall_time_seconds": round(time.perf_counter() - start, 1),
@@ -86,6 +94,9 @@ def run(script_args, training_args, model_args, dataset_args=None) -> dict:
                 f"Base model accuracy:    {base_accuracy}",
                 f"Trained model accuracy: {trained_accuracy}",
                 f"Final deviation (m_theta): {results['final_deviation']:.4f}",
+                *(f"Final {key}: {value:.4f}" for key, value in final_drift.items()),
+                f"Drift measures: {trainer.drift_seconds:.1f} s, "
+                f"{100 * trainer.drift_seconds / train_seconds:.1f}% of the {train_seconds:.0f} s of training",
                 f"Adapter saved to: {results['adapter_dir']}",
                 f"Training curves:  {results['training_curves']}",
                 f"Reloaded adapter on {example['prompt']!r} -> {answer!r} (expected {example['completion']!r})",

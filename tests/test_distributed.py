@@ -181,3 +181,30 @@ def test_generic_script_two_processes_x_batch_4_equals_one_process_x_batch_8(tmp
     assert state["global_step"] == 1 and "deviation" in state["log_history"][0]
     assert (tmp_path / "two" / "training_curves.png").stat().st_size > 0
     assert "Minor SFT" in (tmp_path / "two" / "README.md").read_text()
+
+
+def test_drift_measures_over_two_processes_equal_one_process(tmp_path, tiny_recipe):
+    """40 prompts make batches of 16, 16 and 8 rows: one process scores two of them, the other one and a spare; the
+    reference's samples, the forward KL, the NLL change and the held-out m_theta equal those of one process."""
+    prompts, texts = tmp_path / "prompts.jsonl", tmp_path / "texts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i} + {i} ="}) + "\n" for i in range(40)))
+    texts.write_text(
+        "".join(json.dumps({"text": f"the number {i} is {'odd' if i % 2 else 'even'}"}) + "\n" for i in range(11))
+    )
+    run = ["--max_steps", 2, "--eval_strategy", "steps", "--eval_steps", 1, "--drift_prompts", prompts]
+    run += ["--drift_text_dataset", texts, "--drift_num_prompts", 40, "--ref_cache_dir", tmp_path / "cache"]
+    assert_same_weights(*two_processes_and_one(tmp_path, tiny_recipe, 4, *run))
+    measures = {}
+    for name in ("two", "one"):
+        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        measures[name] = [
+            (log["step"], log["eval_forward_kl"], log.get("eval_nll_change"), log.get("eval_deviation"))
+            for log in history
+            if "eval_forward_kl" in log
+        ]
+    two, one = measures["two"], measures["one"]
+    assert [row[0] for row in two] == [row[0] for row in one] == [0, 1, 2]
+    assert two[0][1] == one[0][1] == 0.0 and two[-1][1] > 1e-4
+    for row_two, row_one in zip(two, one, strict=True):
+        for value_two, value_one in zip(row_two[1:], row_one[1:], strict=True):
+            assert value_two == pytest.approx(value_one, rel=1e-4, abs=1e-7)

@@ -85,7 +85,9 @@ def test_drift_is_exactly_zero_before_training_and_with_a_zero_learning_rate(tmp
         overrides["ref_model"] = make_model(tokenizer)
     trainer = make_trainer(tmp_path, tokenizer, model=model, learning_rate=0.0, **overrides)
     trainer.train()
-    expected_key = "eval_forward_kl_sampled" if "released" in reference or "no copy" in reference else "eval_forward_kl"
+    expected_key = (
+        "eval_forward_kl_sampled" if "released" in reference or "no copy" in reference else "eval_forward_kl"
+    )
     values = drift_logs(trainer, expected_key)
     assert [step for step, _ in values] == [0, 2, 4]
     assert all(value == 0.0 for _, value in values), values
@@ -283,3 +285,21 @@ def test_a_peft_model_without_trainer_peft_config_measures_against_its_frozen_ad
     trainer = make_trainer(tmp_path, tokenizer, model=model, peft_config=None, loss_type="nll", learning_rate=0.0)
     trainer.train()
     assert all(value == 0.0 for _, value in drift_logs(trainer, "eval_forward_kl"))
+
+
+def test_the_curves_and_the_model_card_show_the_drift_and_the_budget(tmp_path, tokenizer):
+    from matplotlib.image import imread
+
+    from minorsft_trl.plotting import plot_training_curves
+
+    trainer = make_trainer(tmp_path, tokenizer, max_forward_kl=1e-9, save_strategy="steps", save_steps=2)
+    trainer.train()
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Drift from the reference" in card and "| 0 | 0 |" in card
+    assert "exceeded at step 2" in card and "none was saved" in card
+    logs = trainer.state.log_history
+    with_drift = plot_training_curves(logs, tmp_path / "with.png", max_forward_kl=1e-9)
+    without = plot_training_curves([log for log in logs if "eval_forward_kl" not in log], tmp_path / "without.png")
+    panel_width = imread(without).shape[1] / 3  # loss, deviation, minor_weight
+    assert imread(with_drift).shape[1] == pytest.approx(4 * panel_width, abs=2)

@@ -128,6 +128,14 @@ def score(model: torch.nn.Module, batch: dict[str, torch.Tensor], hidden_states:
 
 
 @torch.no_grad()
-def forward_kl_sum(policy: ScoredBatch, reference: ScoredBatch) -> torch.Tensor:
-    """`sum_t KL(pi_ref || pi_theta)` over the scored tokens of a batch, each over the whole vocabulary."""
-    return token_kl(policy.hidden_states, policy.head, reference.hidden_states, reference.head).sum()
+def forward_kl_sum(
+    policy: ScoredBatch, ref_hidden_states: torch.Tensor, ref_head: tuple[torch.Tensor, torch.Tensor | None]
+) -> torch.Tensor:
+    """`sum_t KL(pi_ref || pi_theta)` over the scored tokens of a batch, each over the whole vocabulary.
+
+    Args:
+        policy: the policy's scores of the batch, with its hidden states and LM head.
+        ref_hidden_states: `(T, hidden)` the reference's hidden states predicting the same `T` tokens.
+        ref_head: the reference's LM head `(weight, bias)`.
+    """
+    return token_kl(policy.hidden_states, policy.head, ref_hidden_states, ref_head).sum()

@@ -81,6 +81,7 @@ def main(
             trainer.state.log_history,
             os.path.join(training_args.output_dir, "training_curves.png"),
             title=training_args.describe_loss(),
+            max_forward_kl=training_args.max_forward_kl,
         )
         trainer.accelerator.print(
             f"Model saved to {training_args.output_dir}" + (f"; training curves in {curves}." if curves else ".")
