@@ -5,6 +5,8 @@ training script and `accelerate launch`).
     minorsft-trl train --config <recipe.yaml or recipe name> [--accelerate_config <name or path>] [--key value ...]
     minorsft-trl recipes                        # the packaged recipes and accelerate configs
     minorsft-trl recipes copy <name> [<dest>]   # a packaged recipe, as a YAML file to edit
+    minorsft-trl compare --config <recipe> --methods sft minor_sft --learning_rates 2.5e-4 1e-3 --seeds 0 1 2 \
+        --output_dir compare_out [--grid grid.yaml] [--key value ...]   # the method comparison, in process
 
 `train` launches `minorsft_trl/scripts/minor_sft.py` through `accelerate launch`, as `trl sft` launches TRL's `sft.py`:
 options that are not recipe keys (`--num_processes 2`, `--cpu`, `--mixed_precision no`) go to `accelerate launch`.
@@ -27,7 +29,9 @@ EXAMPLES = """examples:
   minorsft-trl recipes copy SmolLM2-135M-Instruct/minor_sft/config_lora my_recipe.yaml
   minorsft-trl train --config my_recipe.yaml --learning_rate 1e-4
   minorsft-trl train --config Qwen2-7B-Instruct/minor_sft/config_qlora --accelerate_config ddp --num_processes 8
-  minorsft-trl train -h    # every recipe key"""
+  minorsft-trl train -h    # every recipe key
+  minorsft-trl compare --config my_recipe.yaml --methods sft minor_sft --learning_rates 2.5e-4 1e-3 --seeds 0 1 2 \
+      --output_dir compare_out"""
 
 
 class TrainCommand(Command):
@@ -100,6 +104,30 @@ def fail(prog: str, message: str) -> int:
     return 2
 
 
+class CompareCommand(Command):
+    """The method comparison on a recipe (`minorsft_trl.drift.compare`): every run in this process, one after the
+    other, on one process (no `accelerate launch`)."""
+
+    def __init__(self):
+        super().__init__(
+            name="compare",
+            help_text="Compare methods x learning rates x seeds on a recipe: gain, drift, intervals (in process, "
+            "one process, no accelerate launch)",
+        )
+
+    def register(self, subparsers) -> None:
+        subparsers.add_parser(self.name, help=self.help_text, add_help=False)  # `-h` is the comparison parser's
+
+    def run(self, args: argparse.Namespace, context: CommandContext) -> int:
+        from minorsft_trl.drift import compare
+
+        argv = context.argv_after(self.name)
+        if "-h" in argv or "--help" in argv:
+            compare.make_parser(f"{PROG} {self.name}").print_help()
+            return 0
+        return compare.main(argv, prog=f"{PROG} {self.name}")
+
+
 class RecipesCommand(Command):
     """Lists the packaged recipes; `copy` writes one out to edit it."""
 
@@ -148,7 +176,7 @@ class RecipesCommand(Command):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `minorsft-trl` command (TRL's `trl.cli.main` with this package's commands)."""
-    commands = [TrainCommand(), RecipesCommand()]
+    commands = [TrainCommand(), CompareCommand(), RecipesCommand()]
     parser = argparse.ArgumentParser(
         prog=PROG,
         allow_abbrev=False,
@@ -164,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command != "train" and unknown:
+    if args.command not in ("train", "compare") and unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     command = next(command for command in commands if command.name == args.command)
     return command.run(args, CommandContext(argv=argv))

@@ -53,8 +53,9 @@ class MinorSFTScriptArguments(ScriptArguments):
     test_split_seed: int = field(
         default=0,
         metadata={
-            "help": "Seed of the shuffle that carves the held-out split when `test_split_size` is set. Apart from "
-            "the training `seed`, so that runs with different seeds are evaluated on the same examples."
+            "help": "Seed of the shuffle that carves the held-out split when `test_split_size` is set (and that "
+            "splits a `bigbench:` task). Apart from the training `seed`, so that runs with different seeds are "
+            "evaluated on the same examples."
         },
     )
 
@@ -166,7 +167,11 @@ def load_named(script_args: MinorSFTScriptArguments):
     name = script_args.dataset_name
     streaming = script_args.dataset_streaming
     if name.startswith(bigbench.SCHEME):
-        return bigbench.load_splits(name.removeprefix(bigbench.SCHEME), test_size=script_args.bigbench_test_size)
+        return bigbench.load_splits(
+            name.removeprefix(bigbench.SCHEME),
+            test_size=script_args.bigbench_test_size,
+            seed=script_args.test_split_seed,
+        )
     path = Path(name).expanduser()
     if path.is_file():
         builder = file_builder(path, "dataset_name")

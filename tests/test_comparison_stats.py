@@ -1,14 +1,13 @@
-"""The comparison harness's statistics (`benchmarks/comparison_stats.py`) against hand-computed values."""
+"""The method comparison's statistics (`minorsft_trl.drift.stats`) and its summary (`minorsft_trl.drift.report`)
+against hand-computed values."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from comparison_stats import interpolate_at, paired_difference, pareto_front, t_interval  # noqa: E402
+from minorsft_trl.drift.compare import make_grid
+from minorsft_trl.drift.report import matched_table, summarise
+from minorsft_trl.drift.stats import interpolate_at, paired_difference, pareto_front, t_interval
 
 
 def test_t_interval_of_three_seeds():
@@ -55,11 +54,11 @@ def test_pareto_front_keeps_the_points_nothing_beats():
     assert pareto_front(points) == [0, 2, 3]
 
 
-def fake_runs(block: int, method: str, lr: float, accuracy: list[float], drift: list[float], trained_lr=None):
+def fake_runs(method: str, lr: float, accuracy: list[float], drift: list[float], trained_lr=None):
     """One run per seed, with the measures the summary reads."""
     return [
         {
-            "block": block, "method": method, "learning_rate": lr, "trained_lr": trained_lr or lr, "seed": seed,
+            "method": method, "learning_rate": lr, "trained_lr": trained_lr or lr, "seed": seed,
             "accuracy": a, "heldout_deviation": d, "nll_change": d / 10, "forward_kl": d / 100,
             "train_deviation": 1.0, "mean_minor_weight": 0.7 if method == "minor_sft" else None,
         }
@@ -68,18 +67,15 @@ def fake_runs(block: int, method: str, lr: float, accuracy: list[float], drift: 
 
 
 def test_block_summary_pairs_by_seed_matches_accuracy_and_compares_with_the_step_size_control():
-    from compare_methods import Block, Grid, summarise_block
-
-    block = Block("bigbench:x", "lora", ("sft", "minor_sft"), (1e-4, 1e-3), step_control_lr=1e-3)
-    grid = Grid(blocks=(block,), seeds=(0, 1, 2), train_size=1, test_size=1, nll_texts=1, kl_prompts=1)
+    grid = make_grid(("sft", "minor_sft"), (1e-4, 1e-3), (0, 1, 2), step_control=1e-3)
     runs = (
-        fake_runs(0, "sft", 1e-4, [0.50, 0.60, 0.70], [1.0, 2.0, 3.0])
-        + fake_runs(0, "sft", 1e-3, [0.70, 0.80, 0.90], [3.0, 4.0, 5.0])
-        + fake_runs(0, "minor_sft", 1e-4, [0.50, 0.60, 0.70], [0.5, 1.5, 2.5])
-        + fake_runs(0, "minor_sft", 1e-3, [0.70, 0.80, 0.90], [2.0, 3.0, 4.0])
-        + fake_runs(0, "step_control", 1e-3, [0.60, 0.70, 0.80], [2.0, 3.0, 4.0], trained_lr=7e-4)
+        fake_runs("sft", 1e-4, [0.50, 0.60, 0.70], [1.0, 2.0, 3.0])
+        + fake_runs("sft", 1e-3, [0.70, 0.80, 0.90], [3.0, 4.0, 5.0])
+        + fake_runs("minor_sft", 1e-4, [0.50, 0.60, 0.70], [0.5, 1.5, 2.5])
+        + fake_runs("minor_sft", 1e-3, [0.70, 0.80, 0.90], [2.0, 3.0, 4.0])
+        + fake_runs("step_control", 1e-3, [0.60, 0.70, 0.80], [2.0, 3.0, 4.0], trained_lr=7e-4)
     )
-    summary = summarise_block({"runs": runs}, grid, 0)
+    summary = summarise(runs, grid)
     paired = {(p["method"], p["learning_rate"]): p for p in summary["paired"]}
     # Minor SFT - SFT, seed by seed: exactly -0.5 and -1.0 of held-out m_theta, no accuracy difference
     assert paired[("minor_sft", 1e-4)]["heldout_deviation"]["mean"] == pytest.approx(-0.5)
@@ -87,32 +83,29 @@ def test_block_summary_pairs_by_seed_matches_accuracy_and_compares_with_the_step
     assert paired[("minor_sft", 1e-3)]["accuracy"]["mean"] == pytest.approx(0.0)
     # Both methods span 60-80% (seed means): matched at 70%, the middle of the overlap
     matched = {row["method"]: row for row in summary["matched"]}
-    assert matched["sft"]["target_accuracy"] == pytest.approx(70.0)
+    assert matched["sft"]["target"] == pytest.approx(70.0)
     # SFT at 70%: seed 0 -> its lr 1e-3 point, seed 1 -> halfway between its two, seed 2 -> its lr 1e-4 point
     assert matched["sft"]["heldout_deviation"]["mean"] == pytest.approx(3.0)
     assert matched["minor_sft"]["heldout_deviation"]["mean"] == pytest.approx((2.0 + 2.25 + 2.5) / 3)
     assert matched["minor_sft"]["heldout_deviation"]["mean"] < matched["sft"]["heldout_deviation"]["mean"]
     assert [(row["seeds_reaching"], row["seeds"]) for row in summary["matched"]] == [(3, 3), (3, 3)]
     # The control: Minor SFT minus SFT at its mean step, paired by seed (+10 points, equal drift)
-    assert summary["control"]["accuracy"]["mean"] == pytest.approx(10.0)
-    assert summary["control"]["heldout_deviation"]["mean"] == pytest.approx(0.0)
-    assert summary["control"]["learning_rate"] == 7e-4
+    assert summary["control"][0]["accuracy"]["mean"] == pytest.approx(10.0)
+    assert summary["control"][0]["heldout_deviation"]["mean"] == pytest.approx(0.0)
+    assert (summary["control"][0]["learning_rate"], summary["control"][0]["trained_lr"]) == (1e-3, 7e-4)
 
 
 def test_matched_accuracy_counts_the_seeds_that_do_not_reach_it():
-    from compare_methods import Block, Grid, matched_table, summarise_block
-
-    block = Block("bigbench:x", "lora", ("sft", "minor_sft"), (1e-4, 1e-3))
-    grid = Grid(blocks=(block,), seeds=(0, 1, 2), train_size=1, test_size=1, nll_texts=1, kl_prompts=1)
+    grid = make_grid(("sft", "minor_sft"), (1e-4, 1e-3), (0, 1, 2), step_control=False)
     runs = (
-        fake_runs(0, "sft", 1e-4, [0.50, 0.60, 0.70], [1.0, 2.0, 3.0])
-        + fake_runs(0, "sft", 1e-3, [0.70, 0.80, 0.90], [3.0, 4.0, 5.0])
+        fake_runs("sft", 1e-4, [0.50, 0.60, 0.70], [1.0, 2.0, 3.0])
+        + fake_runs("sft", 1e-3, [0.70, 0.80, 0.90], [3.0, 4.0, 5.0])
         # Seed means 60% and 80% as SFT's (target 70%), but seed 2 spans 75-90%: it never was at 70%
-        + fake_runs(0, "minor_sft", 1e-4, [0.45, 0.60, 0.75], [0.5, 1.5, 2.5])
-        + fake_runs(0, "minor_sft", 1e-3, [0.70, 0.80, 0.90], [2.0, 3.0, 4.0])
+        + fake_runs("minor_sft", 1e-4, [0.45, 0.60, 0.75], [0.5, 1.5, 2.5])
+        + fake_runs("minor_sft", 1e-3, [0.70, 0.80, 0.90], [2.0, 3.0, 4.0])
     )
-    matched = {row["method"]: row for row in summarise_block({"runs": runs}, grid, 0)["matched"]}
-    assert matched["minor_sft"]["target_accuracy"] == pytest.approx(70.0)
+    matched = {row["method"]: row for row in summarise(runs, grid)["matched"]}
+    assert matched["minor_sft"]["target"] == pytest.approx(70.0)
     assert (matched["minor_sft"]["seeds_reaching"], matched["minor_sft"]["seeds"]) == (2, 3)
     assert matched["minor_sft"]["heldout_deviation"]["mean"] == pytest.approx((2.0 + 2.25) / 2)
     table = matched_table(list(matched.values()))

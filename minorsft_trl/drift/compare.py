@@ -1,0 +1,638 @@
+"""`minorsft-trl compare`: which loss drifts least for what it learns, on your own recipe.
+
+    minorsft-trl compare --config <recipe.yaml or packaged recipe name> --methods sft minor_sft sft_kl \\
+        --learning_rates 2.5e-4 1e-3 --seeds 0 1 2 --output_dir compare_out [--grid grid.yaml] [--key value ...]
+
+Every run is the training script (`minorsft_trl.scripts.minor_sft.main`) on the recipe, with `loss_type`,
+`learning_rate`, `seed`/`data_seed` and `output_dir` set per run, then `trainer.evaluate()` once on the held-out split:
+its drift measures (`eval_forward_kl`, `eval_deviation`, `eval_nll_change`) and the held-out answer NLL, and the task
+accuracy when the held-out split is a task (`choices` + `answer`, or `targets`). The step-size control trains plain
+SFT at Minor SFT's learning rate times the mean `minor_weight` of Minor SFT's runs at that learning rate: it separates
+the brake's re-weighting from its average scaling of the step.
+
+Every run is cached as it finishes, keyed by the run's resolved recipe, the method, learning rate and seed, and the
+content of local weights and data: an interrupted comparison resumes where it stopped. Runs are in process, one after
+the other, on one process (no `accelerate launch`).
+"""
+
+import argparse
+import dataclasses
+import gc
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from minorsft_trl.cache import cache_root, cached_directory, file_sha256
+
+EVAL_FORMAT = 1  # bump when what a run measures, or how, changes its numbers
+
+
+class CompareError(ValueError):
+    """Bad input to the comparison, refused before any training."""
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    loss_type: str
+
+
+METHODS = {
+    "sft": Method("SFT", "nll"),
+    "minor_sft": Method("Minor SFT", "minor_sft"),
+    "sft_dpo": Method("SFT using DPO", "sft_dpo"),
+    "asft": Method("ASFT", "asft"),
+    "sft_kl": Method("SFT + KL", "sft_kl"),
+    "iw_sft": Method("iw-SFT", "iw_sft"),
+}
+STEP_CONTROL = "step_control"
+LABELS = {**{name: method.label for name, method in METHODS.items()}, STEP_CONTROL: "SFT at Minor SFT's mean step"}
+# Set per run by the grid: a recipe override of these would be silently replaced
+GRID_KEYS = {"loss_type": "--methods", "learning_rate": "--learning_rates", "seed": "--seeds", "data_seed": "--seeds"}
+# Settings that name local files: keyed by the files' content
+PATH_FIELDS = {"model_name_or_path", "ref_model_name_or_path", "dataset_name", "drift_prompts", "drift_text_dataset"}
+GRID_FILE_KEYS = ("methods", "learning_rates", "seeds", "step_control", "method_settings")
+# Where a run writes and how it reports: not part of what a run computes
+UNKEYED_FIELDS = {
+    "output_dir", "logging_dir", "run_name", "report_to", "disable_tqdm", "overwrite_output_dir",
+    "resume_from_checkpoint", "ref_cache_dir", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+    "hub_private_repo", "hub_always_push", "hub_revision", "save_strategy", "save_steps", "save_total_limit",
+    "save_only_model", "save_on_each_node", "save_safetensors", "dataloader_num_workers", "local_rank",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What to compare: methods x learning rates x seeds, plus the step-size control at `step_control` (Minor SFT
+    learning rates). `method_settings` are recipe keys per method (`{"minor_sft": {"beta": 0.04}}`)."""
+
+    methods: tuple[str, ...]
+    learning_rates: tuple[float, ...]
+    seeds: tuple[int, ...]
+    step_control: tuple[float, ...] = ()
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    learning_rate: float  # the grid's; the control trains at Minor SFT's mean step from it
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-lr{self.learning_rate:g}-seed{self.seed}"
+
+
+# ------------------------------------------------------------------ the grid
+
+
+def make_grid(methods, learning_rates, seeds, step_control: Any = None, method_settings: dict | None = None) -> Grid:
+    """A checked `Grid`. `step_control`: None (on, at the largest learning rate, when both `sft` and `minor_sft` are
+    compared), True/"on", False/"off", or the Minor SFT learning rate(s) to take the control at."""
+    methods = tuple(dict.fromkeys(methods))
+    if not methods:
+        raise CompareError(f"no method to compare: give --methods, some of {', '.join(METHODS)}.")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        hint = " (the step-size control is --step_control, not a method)" if STEP_CONTROL in unknown else ""
+        raise CompareError(
+            f"unknown method(s) {', '.join(map(repr, unknown))}{hint}: known ones are {', '.join(METHODS)}."
+        )
+    learning_rates = tuple(dict.fromkeys(_number(lr, "learning rate") for lr in learning_rates))
+    if not learning_rates:
+        raise CompareError("no learning rate: give --learning_rates (e.g. 2.5e-4 1e-3).")
+    bad = [lr for lr in learning_rates if not (math.isfinite(lr) and lr > 0)]
+    if bad:
+        raise CompareError(f"a learning rate must be a number > 0, got {bad[0]!r}: fix --learning_rates.")
+    seeds = tuple(dict.fromkeys(seeds))
+    if not seeds:
+        raise CompareError("zero seeds: give at least one with --seeds (3 or more for useful intervals, e.g. 0 1 2).")
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise CompareError(f"seeds must be integers, got {list(seeds)}: fix --seeds.")
+    both = "sft" in methods and "minor_sft" in methods
+    if step_control is None or step_control in (True, "on"):
+        if step_control is not None and "minor_sft" not in methods:
+            raise CompareError(
+                "the step-size control needs minor_sft among the methods: add it, or turn it off (--step_control off)."
+            )
+        # The largest learning rate: where the brake pulls hardest, so the control differs most from plain SFT
+        controls = (max(learning_rates),) if both or step_control is not None else ()
+    elif step_control in (False, "off"):
+        controls = ()
+    else:
+        values = step_control if isinstance(step_control, list | tuple) else [step_control]
+        controls = tuple(dict.fromkeys(_number(v, "step_control") for v in values))
+        if "minor_sft" not in methods:
+            raise CompareError(
+                "the step-size control needs minor_sft among the methods: add it, or turn it off (--step_control off)."
+            )
+        missing = [lr for lr in controls if lr not in learning_rates]
+        if missing:
+            raise CompareError(
+                f"step_control at learning rate {missing[0]:g}, where minor_sft does not run: give one "
+                f"of the learning rates {[f'{lr:g}' for lr in learning_rates]}, or on/off."
+            )
+    method_settings = dict(method_settings or {})
+    for method, settings in method_settings.items():
+        if method not in METHODS and method != STEP_CONTROL:
+            raise CompareError(
+                f"method_settings names an unknown method {method!r}: known ones are {', '.join(METHODS)}."
+            )
+        if not isinstance(settings, dict):
+            raise CompareError(
+                f"method_settings.{method} must be a mapping of recipe keys (e.g. beta: 0.04), got {settings!r}."
+            )
+        fixed = sorted(set(settings) & set(GRID_KEYS))
+        if fixed:
+            raise CompareError(
+                f"method_settings.{method} sets {fixed[0]}, which the grid sets per run: use {GRID_KEYS[fixed[0]]}."
+            )
+    return Grid(methods, learning_rates, seeds, controls, method_settings)
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool):
+        raise CompareError(f"{what} must be a number, got {value!r}.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise CompareError(f"{what} must be a number, got {value!r}.") from None
+
+
+def read_grid_file(path: str) -> dict:
+    """The keys of a `--grid` YAML file (`methods`, `learning_rates`, `seeds`, `step_control`, `method_settings`)."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise CompareError(f"--grid {path!r} cannot be read: {error}") from error
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise CompareError(f"--grid {path!r} must be a mapping with keys {', '.join(GRID_FILE_KEYS)}.")
+    unknown = sorted(set(values) - set(GRID_FILE_KEYS))
+    if unknown:
+        raise CompareError(
+            f"--grid {path!r} has unknown key(s) {unknown}: the keys are {', '.join(GRID_FILE_KEYS)} "
+            "(recipe keys go in the recipe, or on the command line)."
+        )
+    for key in ("methods", "learning_rates", "seeds"):
+        if key in values and not isinstance(values[key], list):
+            values[key] = [values[key]]
+    return values
+
+
+def plan(grid: Grid) -> list[Run]:
+    """Every run, the controls last: they need the mean weight of Minor SFT's runs."""
+    runs = [Run(m, lr, s) for m in grid.methods for lr in grid.learning_rates for s in grid.seeds]
+    return runs + [Run(STEP_CONTROL, lr, s) for lr in grid.step_control for s in grid.seeds]
+
+
+# ------------------------------------------------------------------ the recipe
+
+
+def parse_recipe(config: str, overrides: list[str]):
+    """The training script's four dataclasses for `--config <recipe> [--key value ...]`, parsed as strictly as
+    `minorsft-trl train` parses them (unknown keys, wrong types and bad values are a `CompareError`)."""
+    from minorsft_trl.packaged import resolve_config_argument
+    from minorsft_trl.scripts import minor_sft
+    from minorsft_trl.validation import check_recipe_keys
+
+    def refuse(message: str):
+        raise CompareError(f"the recipe does not parse: {message}")
+
+    try:
+        args = resolve_config_argument(["--config", config, *overrides])
+        check_recipe_keys(args[1])
+        parser = minor_sft.make_parser()
+        parser.error = refuse  # argparse would print the training parser's usage (hundreds of options) and exit
+        *configs, config_remaining, cli_remaining = parser.parse_args_and_config(
+            args, return_remaining_strings=True, separate_remaining_strings=True
+        )
+        if config_remaining:
+            raise CompareError(
+                f"the recipe does not parse: unknown key(s) in the recipe {args[1]}: {config_remaining}; remove or "
+                "fix them."
+            )
+        if cli_remaining:
+            raise CompareError(
+                f"the recipe does not parse: unrecognized arguments: {' '.join(cli_remaining)} (neither a compare "
+                "option nor a recipe key; `minorsft-trl train -h` lists the recipe keys)."
+            )
+        minor_sft.check_types(*configs)
+    except CompareError:
+        raise
+    except (ValueError, TypeError, OSError, yaml.YAMLError) as error:
+        raise CompareError(f"the recipe does not parse: {error}") from error
+    return tuple(configs)
+
+
+def run_overrides(run: Run, grid: Grid, base_args, output_dir: Path, learning_rate: float) -> list[str]:
+    """The command-line overrides that make the recipe this run (what `minorsft-trl train` would take)."""
+    from minorsft_trl.loss_types import REFERENCE_LOSSES
+
+    method = METHODS["sft" if run.method == STEP_CONTROL else run.method]
+    settings = {**grid.method_settings.get(run.method, {})}
+    loss = REFERENCE_LOSSES.get(method.loss_type)
+    if loss is None:
+        settings.setdefault("log_deviation", True)  # plain SFT logs its train deviation too, on the same scale
+    if base_args.precompute_ref_log_probs and loss is not None and not loss.reference.can_be_precomputed:
+        settings.setdefault("precompute_ref_log_probs", False)  # this loss needs the reference's distribution
+    args = [
+        "--loss_type", method.loss_type, "--learning_rate", repr(learning_rate),
+        "--seed", str(run.seed), "--data_seed", str(run.seed),
+        "--output_dir", str(output_dir / "runs" / run.name), "--save_strategy", "no", "--report_to", "none",
+    ]  # fmt: skip
+    if base_args.eval_strategy == "no":
+        # The script loads the held-out split only when evaluation is on; measure once, after training, not during
+        args += ["--eval_strategy", "steps", "--eval_steps", str(2**31 - 1)]
+    for key, value in settings.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, list | dict) else str(value)]
+    return args
+
+
+def check_recipe(configs) -> None:
+    """Refuse a recipe the comparison cannot measure: no held-out split, drift measures turned off."""
+    script_args, training_args, _, dataset_args = configs
+    if getattr(training_args, "eval_drift", True) is False:
+        raise CompareError(
+            "the recipe sets eval_drift: false, but the comparison measures drift on every run: "
+            "remove it, or pass --eval_drift true."
+        )
+    if script_args.dataset_streaming or (dataset_args is not None and dataset_args.streaming):
+        raise CompareError("the comparison evaluates on a held-out split it reads whole: turn dataset streaming off.")
+
+
+def held_out_split(configs):
+    """The raw held-out split of the recipe (as the runs evaluate on it); a `CompareError` if it has none."""
+    from minorsft_trl.data import load_datasets
+
+    script_args, _, _, dataset_args = configs
+    try:
+        eval_dataset = load_datasets(script_args, dataset_args, evaluate=True).eval
+    except ValueError as error:
+        if "Evaluation is on" not in str(error):  # the data itself is wrong: the loader's message says how
+            raise CompareError(f"the recipe's data: {error}") from error
+        raise CompareError(
+            f"every run is measured on a held-out split, and the data ({script_args.dataset_name or 'the mixture'}) "
+            f"has no {script_args.dataset_test_split!r} split: set `test_split_size` (e.g. --test_split_size 0.1, or "
+            "200 examples) to hold out part of the train split, or `dataset_test_split` to a split the data has."
+        ) from error
+    return eval_dataset
+
+
+def task_kind(dataset) -> str | None:
+    """`"multiple_choice"`, `"exact_match"` or None: whether `task_accuracy` can score the held-out split."""
+    columns = set(dataset.column_names)
+    if "prompt" not in columns:
+        return None
+    if {"choices", "answer"} <= columns:
+        return "multiple_choice"
+    return "exact_match" if "targets" in columns else None
+
+
+# ------------------------------------------------------------------ cache keys
+
+
+def content_key(name: str | None) -> list[str] | str | None:
+    """The sha256 of a local file, or of the weight/data files of a local folder (else None: a Hub id or a
+    `bigbench:`/`embedded:` name, keyed by the name itself)."""
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        return None
+    suffixes = {".safetensors", ".bin", ".pt", ".gguf", ".jsonl", ".json", ".csv", ".parquet", ".arrow", ".model"}
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes and ".cache" not in p.parts)
+    return [f"{p.relative_to(path)}:{file_sha256(p)}" for p in files]
+
+
+def recipe_key(configs) -> dict:
+    """What a run computes from: every value of the four dataclasses but where it writes and how it reports, with
+    local model and data paths replaced by the sha256 of their files (a moved file keeps its runs, an edited one
+    does not)."""
+    from minorsft_trl.embedded import resolve_model
+
+    values = {}
+    for name, config in zip(("script", "training", "model", "dataset"), configs, strict=True):
+        if config is None:
+            continue
+        as_dict = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
+        values[name] = {k: v for k, v in as_dict.items() if k not in UNKEYED_FIELDS}
+        for key in PATH_FIELDS & set(values[name]):
+            value = values[name][key]
+            content = content_key(resolve_model(value)) if isinstance(value, str) else None
+            if content is not None:
+                values[name][key] = {"sha256": content}
+    for index, dataset in enumerate(values.get("dataset", {}).get("datasets") or []):
+        content = content_key(dataset.get("path"))
+        if content is not None:
+            values["dataset"]["datasets"][index]["path"] = {"sha256": content}
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def cached_result(cache_dir: Path, name: str, key: dict, compute) -> tuple[dict, bool]:
+    """`compute()`'s JSON result cached under `name` and `key`, and whether it was computed now."""
+    entry_name = f"{name}-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    computed = []
+
+    def build(out: Path) -> None:
+        (out / "result.json").write_text(json.dumps(compute()))
+        computed.append(True)
+
+    entry = cached_directory(cache_dir / entry_name, key, build)
+    return json.loads((entry / "result.json").read_text()), bool(computed)
+
+
+# ------------------------------------------------------------------ one run
+
+
+class MissingMeasures(RuntimeError):
+    """`trainer.evaluate()` returned no drift measure: the trainer does not measure drift."""
+
+
+def read_measures(metrics: dict, loss_type: str) -> dict:
+    """The comparison's measures from `trainer.evaluate()`'s metrics, with the name of the metric each came from."""
+    kl_source = next((k for k in ("eval_forward_kl", "eval_forward_kl_sampled") if k in metrics), None)
+    if kl_source is None:
+        raise MissingMeasures(
+            "trainer.evaluate() returned no `eval_forward_kl` (nor `eval_forward_kl_sampled`): this MinorSFTTrainer "
+            f"does not measure drift (metrics: {sorted(metrics)}). Update minorsft_trl, and keep `eval_drift` on."
+        )
+    gain_source = "eval_answer_nll" if "eval_answer_nll" in metrics else None
+    if gain_source is None and loss_type == "nll" and "eval_loss" in metrics:
+        gain_source = "eval_loss"  # TRL's token-mean NLL of the held-out answers
+    return {
+        "forward_kl": metrics[kl_source],
+        "forward_kl_source": kl_source,
+        "answer_nll": metrics[gain_source] if gain_source else None,
+        "answer_nll_source": gain_source,
+        "heldout_deviation": metrics.get("eval_deviation"),
+        "nll_change": metrics.get("eval_nll_change"),
+    }
+
+
+def read_log_history(log_history: list[dict], max_grad_norm: float | None) -> dict:
+    """Mean `minor_weight`, the last train `deviation`, and the fraction of logged steps whose `grad_norm` exceeded
+    the clipping bound (where clipping undoes a brake's average scaling: DESIGN.md section 5)."""
+    train = [log for log in log_history if "loss" in log]
+    weights = [log["minor_weight"] for log in train if "minor_weight" in log]
+    deviations = [log["deviation"] for log in train if "deviation" in log]
+    norms = [log["grad_norm"] for log in train if log.get("grad_norm") is not None]
+    clipped = None
+    if norms:
+        clipped = sum(n > max_grad_norm for n in norms) / len(norms) if max_grad_norm and max_grad_norm > 0 else 0.0
+    return {
+        "mean_minor_weight": sum(weights) / len(weights) if weights else None,
+        "train_deviation": deviations[-1] if deviations else None,
+        "clipped_fraction": clipped,
+        "curve": [{k: log[k] for k in ("step", "loss", "deviation") if k in log} for log in train],
+    }
+
+
+def train(configs):
+    """One training run: the training script's `main`, which returns the trainer."""
+    from minorsft_trl.scripts import minor_sft
+
+    return minor_sft.main(*configs)
+
+
+def run_and_measure(configs, eval_dataset, accuracy_kind: str | None) -> dict:
+    """Train one run and measure it: `trainer.evaluate()`'s drift and gain measures, the log history, and the task
+    accuracy on the held-out split (LoRA merged first) when it is a task."""
+    from minorsft_trl.evaluation import task_accuracy
+
+    started = time.perf_counter()
+    trainer = train(configs)
+    metrics = trainer.evaluate()
+    result = {
+        **read_measures(metrics, configs[1].loss_type),
+        **read_log_history(trainer.state.log_history, configs[1].max_grad_norm),
+        "eval_metrics": metrics,
+    }
+    if accuracy_kind is not None:
+        model = trainer.model
+        model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # training is done
+        result["accuracy"] = task_accuracy(model, trainer.processing_class, eval_dataset).value
+    result["wall_seconds"] = time.perf_counter() - started
+    del trainer
+    gc.collect()
+    return result
+
+
+def base_accuracy(configs, eval_dataset) -> float:
+    """The base model's task accuracy on the held-out split."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minorsft_trl.embedded import resolve_model
+    from minorsft_trl.evaluation import task_accuracy
+
+    model_args = configs[2]
+    path = resolve_model(model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=model_args.dtype)
+    return task_accuracy(model, tokenizer, eval_dataset).value
+
+
+# ------------------------------------------------------------------ the comparison
+
+
+@dataclass
+class Comparison:
+    """The grid, the recipe and where things go: `run()` trains (or reads back) every run."""
+
+    config: str
+    overrides: list[str]
+    grid: Grid
+    output_dir: Path
+    cache_dir: Path = field(default_factory=lambda: cache_root() / "comparison")
+
+    def prepare(self) -> None:
+        """Every check that can fail, before any training: the recipe, every run's configuration, the eval split."""
+        forced = sorted(
+            {a.removeprefix("--").split("=")[0] for a in self.overrides if a.startswith("--")} & set(GRID_KEYS)
+        )
+        if forced:
+            raise CompareError(f"--{forced[0]} is set per run by the grid: use {GRID_KEYS[forced[0]]} instead.")
+        self.base = parse_recipe(self.config, self.overrides)
+        check_recipe(self.base)
+        # Every run's recipe parses (a method setting it cannot take is an error now, not after hours of training)
+        for run in plan(self.grid):
+            self.run_configs(run, run.learning_rate)
+        self.eval_dataset = held_out_split(self.base)
+        self.accuracy_kind = task_kind(self.eval_dataset)
+
+    def run_configs(self, run: Run, learning_rate: float):
+        args = run_overrides(run, self.grid, self.base[1], self.output_dir, learning_rate)
+        return parse_recipe(self.config, [*self.overrides, *args])
+
+    def run(self, log=print) -> dict:
+        if not hasattr(self, "base"):
+            self.prepare()
+        results = {"base": {}, "runs": []}
+        base_key = {"format": EVAL_FORMAT, "base": recipe_key(self.base)}
+        if self.accuracy_kind is not None:
+            base_key["base"]["training"] = {}  # the base model's accuracy does not depend on training settings
+            value, _ = cached_result(
+                self.cache_dir, "base", base_key, lambda: {"accuracy": base_accuracy(self.base, self.eval_dataset)}
+            )
+            results["base"]["accuracy"] = value["accuracy"]
+            log(f"base model: held-out accuracy {100 * value['accuracy']:.1f}%")
+        planned = plan(self.grid)
+        for number, run in enumerate(planned, start=1):
+            learning_rate = run.learning_rate
+            if run.method == STEP_CONTROL:
+                learning_rate *= self.mean_minor_weight(results["runs"], run.learning_rate)
+            configs = self.run_configs(run, learning_rate)
+            key = {
+                "format": EVAL_FORMAT,
+                "method": run.method,
+                "lr": learning_rate,
+                "seed": run.seed,
+                "recipe": recipe_key(configs),
+            }
+            result, computed = cached_result(
+                self.cache_dir,
+                run.name,
+                key,
+                lambda c=configs: run_and_measure(c, self.eval_dataset, self.accuracy_kind),
+            )
+            where = "trained" if computed else "from the cache"
+            log(f"[{number}/{len(planned)}] {run.method} lr={learning_rate:.3g} seed={run.seed}: {where}")
+            results["runs"].append({**dataclasses.asdict(run), **result, "trained_lr": learning_rate})
+        return results
+
+    @staticmethod
+    def mean_minor_weight(runs: list[dict], learning_rate: float) -> float:
+        weights = [
+            r["mean_minor_weight"]
+            for r in runs
+            if r["method"] == "minor_sft"
+            and r["learning_rate"] == learning_rate
+            and r.get("mean_minor_weight") is not None
+        ]
+        if not weights:
+            raise RuntimeError(
+                f"no minor_sft run at lr {learning_rate:g} logged `minor_weight`: no step-size control."
+            )
+        return sum(weights) / len(weights)
+
+
+# ------------------------------------------------------------------ the command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CompareError(message)
+
+
+def make_parser(prog: str = "minorsft-trl compare") -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        allow_abbrev=False,
+        description="Compare fine-tuning methods on a recipe: methods x learning rates x seeds, each run trained "
+        "and measured (gain, drift from the base model), with 95%% t intervals over seeds, differences paired by "
+        "seed against SFT, drift at matched gain, the Pareto front and the step-size control. Runs in process, "
+        "one after the other, on one process (no `accelerate launch`); every run is cached as it finishes. Any "
+        "other `--key value` is a recipe override applied to every run.",
+    )
+    parser.add_argument("--config", required=True, help="a recipe YAML file or a packaged recipe's name")
+    parser.add_argument(
+        "--methods", nargs="*", help=f"methods to compare, of: {', '.join(METHODS)} (default: sft minor_sft)"
+    )
+    parser.add_argument("--learning_rates", nargs="*", help="learning rates (default: the recipe's)")
+    parser.add_argument("--seeds", nargs="*", help="training seeds (default: 0 1 2)")
+    parser.add_argument(
+        "--step_control",
+        nargs="+",
+        help="the step-size control: on (at the largest learning "
+        "rate; the default when sft and minor_sft are compared), off, or Minor SFT learning rate(s)",
+    )
+    parser.add_argument(
+        "--grid",
+        help="a YAML file with methods, learning_rates, seeds, step_control, "
+        "method_settings (e.g. {minor_sft: {beta: 0.04}}); the command line wins",
+    )
+    parser.add_argument("--output_dir", required=True, help="where results.md, results.json, the plot and runs/ go")
+    parser.add_argument("--cache_dir", help="the run cache (default: $MINORSFT_TRL_CACHE/comparison)")
+    return parser
+
+
+def comparison_from_args(argv: list[str], prog: str = "minorsft-trl compare") -> Comparison:
+    """The `Comparison` a command line asks for (a `CompareError` for bad input)."""
+    argv, learning_rates = _take_numbers(argv, "--learning_rates")
+    args, overrides = make_parser(prog).parse_known_args(argv)
+    if learning_rates is not None:
+        args.learning_rates = learning_rates
+    from_file = read_grid_file(args.grid) if args.grid else {}
+
+    def pick(name, default):
+        value = getattr(args, name, None)
+        return value if value is not None else from_file.get(name, default)
+
+    step_control = pick("step_control", None)
+    if isinstance(step_control, list) and len(step_control) == 1 and step_control[0] in ("on", "off"):
+        step_control = step_control[0]
+    learning_rates = pick("learning_rates", None)
+    if learning_rates is None:
+        learning_rates = [parse_recipe(args.config, [a for a in overrides if a])[1].learning_rate]
+    seeds = pick("seeds", [0, 1, 2])
+    try:
+        seeds = [int(s) for s in seeds]
+    except (TypeError, ValueError):
+        raise CompareError(f"seeds must be integers, got {seeds}: fix --seeds.") from None
+    grid = make_grid(
+        pick("methods", ["sft", "minor_sft"]), learning_rates, seeds, step_control, from_file.get("method_settings")
+    )
+    cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "comparison"
+    return Comparison(args.config, overrides, grid, Path(args.output_dir), cache_dir)
+
+
+def _take_numbers(argv: list[str], option: str) -> tuple[list[str], list[str] | None]:
+    """`argv` without `option` and the numbers after it, and those numbers (None without `option`). argparse would
+    read `-1e-3` as an option, not as a value: a negative learning rate must reach the check that names it."""
+    values = None
+    while option in argv:  # the last one wins, as in argparse
+        start = argv.index(option) + 1
+        end = start
+        while end < len(argv) and _is_number(argv[end]):
+            end += 1
+        argv, values = [*argv[: start - 1], *argv[end:]], argv[start:end]
+    return argv, values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def main(argv: list[str], prog: str = "minorsft-trl compare") -> int:
+    """Run `minorsft-trl compare` (the arguments after `compare`); 2 and a one-line error for bad input."""
+    import sys
+
+    from minorsft_trl.drift import report
+
+    started = time.perf_counter()
+    try:
+        comparison = comparison_from_args(argv, prog)
+        comparison.prepare()
+    except CompareError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    if len(comparison.grid.seeds) == 1:
+        print(report.ONE_SEED, flush=True)
+    results = comparison.run(log=lambda line: print(line, flush=True))
+    text = report.write(results, comparison, time.perf_counter() - started)
+    print(text)
+    return 0

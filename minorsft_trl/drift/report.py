@@ -1,0 +1,347 @@
+"""The method comparison's aggregates and its report: `results.md`, `results.json` and the gain-vs-drift plot.
+
+Every measure is a mean over seeds with its 95% t interval; differences are paired by seed against SFT at the same
+learning rate; drift is compared at matched gain (interpolated seed by seed between a method's learning rates, never
+extrapolated); the Pareto front keeps the configurations nothing beats on gain and forward KL together.
+"""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from minorsft_trl.drift.compare import LABELS, STEP_CONTROL, Grid
+from minorsft_trl.drift.stats import Interval, interpolate_at, paired_difference, pareto_front, t_interval
+
+MEASURES = {  # key: (title, higher is better)
+    "accuracy": ("held-out accuracy (%)", True),
+    "answer_nll": ("held-out answer NLL", False),
+    "forward_kl": ("forward KL(ref ‖ θ)", False),
+    "heldout_deviation": ("held-out m_theta", False),
+    "nll_change": ("NLL change on held-out text", False),
+    "train_deviation": ("train deviation", False),
+    "clipped_fraction": ("steps clipped", False),
+}
+DRIFTS = ("forward_kl", "heldout_deviation", "nll_change")
+ONE_SEED = "one seed: no intervals (every number is that seed's value; give --seeds 0 1 2 for 95% intervals)."
+COLOURS = {
+    "sft": "tab:grey", "minor_sft": "tab:blue", "sft_dpo": "tab:orange", "asft": "tab:green",
+    "sft_kl": "tab:olive", "iw_sft": "tab:red", STEP_CONTROL: "black",
+}  # fmt: skip
+
+
+def gain_measure(runs: list[dict]) -> str:
+    """`accuracy` when every run has a task accuracy, else the held-out answer NLL (lower is better)."""
+    return "accuracy" if runs and all(r.get("accuracy") is not None for r in runs) else "answer_nll"
+
+
+def present(runs: list[dict]) -> list[str]:
+    """The measures some run has a value of."""
+    return [m for m in MEASURES if any(r.get(m) is not None for r in runs)]
+
+
+def per_seed(runs: list[dict], measure: str) -> dict[int, float | None]:
+    scale = 100 if measure == "accuracy" else 1
+    return {r["seed"]: None if r.get(measure) is None else r[measure] * scale for r in runs}
+
+
+def groups_of(runs: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    """The runs grouped by (method, grid learning rate), in the order they ran."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["method"], run["learning_rate"]), []).append(run)
+    return groups
+
+
+def summarise(runs: list[dict], grid: Grid) -> dict:
+    """Every measure of every configuration with its interval; paired differences against SFT at the same learning
+    rate; drift at matched gain; the Pareto front (gain up, forward KL down); the step-size control."""
+    measures = present(runs)
+    gain = gain_measure(runs)
+    higher_is_better = MEASURES[gain][1]
+    groups = groups_of(runs)
+    summary = {"gain": gain, "measures": measures, "configurations": [], "paired": [], "matched": [], "control": []}
+    for (method, lr), group in groups.items():
+        entry = {"method": method, "learning_rate": lr, "trained_lr": sum(r["trained_lr"] for r in group) / len(group)}
+        entry.update({m: t_interval(list(per_seed(group, m).values())).to_dict() for m in measures})
+        if method == "minor_sft":
+            entry["mean_minor_weight"] = t_interval([r.get("mean_minor_weight") for r in group]).to_dict()
+        summary["configurations"].append(entry)
+        baseline = groups.get(("sft", lr))
+        if method not in ("sft", STEP_CONTROL) and baseline:  # the control has its own comparison, below
+            summary["paired"].append(
+                {
+                    "method": method,
+                    "learning_rate": lr,
+                    **{m: paired_difference(per_seed(group, m), per_seed(baseline, m)).to_dict() for m in measures},
+                }
+            )
+    ranked = [c for c in summary["configurations"] if _finite(c[gain]["mean"]) and _finite(c["forward_kl"]["mean"])]
+    points = [((1 if higher_is_better else -1) * c[gain]["mean"], c["forward_kl"]["mean"]) for c in ranked]
+    summary["pareto_front"] = [(ranked[i]["method"], ranked[i]["trained_lr"]) for i in pareto_front(points)]
+    if len(grid.learning_rates) > 1:
+        drifts = [d for d in DRIFTS if d in measures]
+        summary["matched"] = matched_gain(groups, grid, gain, drifts)
+    for lr in grid.step_control:
+        control, minor = groups.get((STEP_CONTROL, lr)), groups.get(("minor_sft", lr))
+        if control and minor:
+            summary["control"].append(
+                {
+                    "learning_rate": lr,
+                    "trained_lr": control[0]["trained_lr"],
+                    **{m: paired_difference(per_seed(minor, m), per_seed(control, m)).to_dict() for m in measures},
+                }
+            )
+    return summary
+
+
+def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list[dict]:
+    """Each method's drift at one gain every method reached: the middle of the overlap of their (seed-mean) gain
+    ranges over learning rates, interpolated seed by seed between the method's learning rates. The overlap and the
+    interpolation do not depend on which direction of the gain is better. A seed whose learning rates do not bracket
+    the target has no value there: each row counts the seeds it rests on (`seeds_reaching`, out of `seeds`)."""
+    methods = [m for m in grid.methods if all((m, lr) in groups for lr in grid.learning_rates)]
+    if not methods:
+        return []
+    ranges = {}
+    for method in methods:
+        means = [t_interval(list(per_seed(groups[(method, lr)], gain).values())).mean for lr in grid.learning_rates]
+        ranges[method] = (min(means), max(means))
+    low, high = max(r[0] for r in ranges.values()), min(r[1] for r in ranges.values())
+    if not (low <= high):  # also when a mean is NaN
+        return [{"target": None, "gain": gain, "note": "the methods' gain ranges do not overlap"}]
+    target = (low + high) / 2
+    rows = []
+    for method in methods:
+        seeds = sorted({r["seed"] for lr in grid.learning_rates for r in groups[(method, lr)]})
+        row = {"method": method, "target": target, "gain": gain, "seeds": len(seeds)}
+        for drift in drifts:
+            values = []
+            for seed in seeds:
+                seed_points = [
+                    (per_seed([r], gain)[seed], r[drift])
+                    for lr in grid.learning_rates
+                    for r in groups[(method, lr)]
+                    if r["seed"] == seed and r.get(gain) is not None and r.get(drift) is not None
+                ]
+                values.append(interpolate_at(seed_points, target))
+            row[drift] = t_interval(values).to_dict()
+        row["seeds_reaching"] = row[drifts[0]]["n"] if drifts else 0
+        rows.append(row)
+    return rows
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+# ------------------------------------------------------------------ markdown
+
+
+def interval_text(interval: dict, measure: str = "") -> str:
+    digits = {"accuracy": 1, "forward_kl": 4}.get(measure, 3)  # a forward KL of 0.001 nats/token is already drift
+    return Interval(**interval).format(digits=digits)
+
+
+def label(method: str, trained_lr: float | None = None) -> str:
+    text = LABELS[method]
+    return f"{text} (lr {trained_lr:.3g})" if method == STEP_CONTROL and trained_lr is not None else text
+
+
+def measures_table(rows: list[tuple[str, float, dict]], measures: list[str]) -> list[str]:
+    """A markdown table, one row per `(label, learning rate, intervals by measure)`, a column per measure."""
+    lines = ["| method | lr | " + " | ".join(MEASURES[m][0] for m in measures) + " |"]
+    lines.append("|---|---|" + "---|" * len(measures))
+    for name, learning_rate, intervals in rows:
+        cells = [interval_text(intervals[m], m) for m in measures]
+        lines.append(f"| {name} | {learning_rate:.3g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def matched_table(rows: list[dict]) -> list[str]:
+    """The drift at matched gain, a row per method, with the seeds each interval rests on."""
+    drifts = [d for d in DRIFTS if d in rows[0]]
+    lines = [
+        "| method | seeds reaching it | " + " | ".join(MEASURES[d][0] for d in drifts) + " |",
+        "|---|---|" + "---|" * len(drifts),
+    ]
+    for row in rows:
+        cells = [f"{row['seeds_reaching']} of {row['seeds']}"] + [interval_text(row[d], d) for d in drifts]
+        lines.append(f"| {LABELS[row['method']]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrides=(), wall_seconds=None) -> str:
+    measures, gain = summary["measures"], summary["gain"]
+    one_seed = len(grid.seeds) == 1
+    runs = results["runs"]
+    lines = ["# Method comparison", ""]
+    if recipe:
+        lines += [f"Recipe `{recipe}`" + (f" with `{' '.join(overrides)}`" if overrides else "") + ".", ""]
+    lines += [
+        f"Methods {', '.join(grid.methods)}; learning rates {', '.join(f'{lr:g}' for lr in grid.learning_rates)}; "
+        f"seeds {list(grid.seeds)}."
+        + (
+            f" Step-size control at Minor SFT's lr {', '.join(f'{lr:g}' for lr in grid.step_control)}."
+            if grid.step_control
+            else ""
+        ),
+        "",
+        ONE_SEED if one_seed else "Every cell: mean over seeds [95% t interval].",
+        "",
+        "Gain: "
+        + (
+            "held-out task accuracy in % (higher is better)."
+            if gain == "accuracy"
+            else "held-out answer NLL, the mean per-token NLL of the held-out answers (lower is better)."
+        )
+        + " Drift: forward KL(π_ref ‖ π_θ) per token on reference samples; held-out m_theta (log-ratio per answer "
+        "token on held-out answers); NLL change on held-out text (when the recipe sets `drift_text_dataset`).",
+    ]
+    sampled = sorted(
+        {
+            f"{r['method']} lr {r['trained_lr']:.3g}"
+            for r in runs
+            if r.get("forward_kl_source") == "eval_forward_kl_sampled"
+        }
+    )
+    if sampled:
+        lines += [
+            "",
+            "Forward KL of these runs is the sampled-token estimate (they released their reference): "
+            + "; ".join(sampled)
+            + ".",
+        ]
+    if results.get("base", {}).get("accuracy") is not None:
+        lines += ["", f"Base model: held-out accuracy {100 * results['base']['accuracy']:.1f}%."]
+    lines += [""]
+    lines += measures_table(
+        [(label(c["method"], c["trained_lr"]), c["trained_lr"], c) for c in summary["configurations"]], measures
+    )
+    if summary["paired"]:
+        lines += [
+            "",
+            f"Paired differences against SFT at the same learning rate (method - SFT, seed by seed"
+            f"{'; lower gain NLL is better' if gain == 'answer_nll' else ''}):",
+            "",
+        ]
+        lines += measures_table([(LABELS[p["method"]], p["learning_rate"], p) for p in summary["paired"]], measures)
+    if summary["matched"]:
+        target = summary["matched"][0]["target"]
+        if target is None:
+            lines += ["", "Matched gain: " + summary["matched"][0]["note"] + "."]
+        else:
+            what = f"held-out accuracy {target:.1f}%" if gain == "accuracy" else f"held-out answer NLL {target:.3f}"
+            lines += [
+                "",
+                f"Drift at matched {what} (interpolated seed by seed between learning rates; a seed whose learning "
+                "rates do not bracket it is left out, and counted):",
+                "",
+            ]
+            lines += matched_table(summary["matched"])
+    for control in summary["control"]:
+        lines += [
+            "",
+            f"Step-size control: Minor SFT minus plain SFT at Minor SFT's learning rate {control['learning_rate']:g} "
+            f"times its mean weight (lr {control['trained_lr']:.3g}; same seeds):",
+            "",
+            "| " + " | ".join(MEASURES[m][0] for m in measures) + " |",
+            "|" + "---|" * len(measures),
+            "| " + " | ".join(interval_text(control[m], m) for m in measures) + " |",
+        ]
+    front = ", ".join(f"{label(m)} lr {lr:.3g}" for m, lr in summary["pareto_front"])
+    direction = "up" if MEASURES[gain][1] else "(NLL) down"
+    lines += ["", f"Pareto front (gain {direction}, forward KL down): {front or 'none'}."]
+    if wall_seconds is not None:
+        trained = sum(r.get("wall_seconds") or 0 for r in runs)
+        lines += ["", f"Wall time of the runs: {trained / 60:.1f} min; of this call: {wall_seconds / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ plot and files
+
+
+def plot(summary: dict, path: Path, title: str = "") -> Path | None:
+    """Gain against each drift measure, a point per configuration (a method's points are its learning rates), with
+    95% interval bars when there are several seeds. None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gain = summary["gain"]
+    drifts = [d for d in DRIFTS if d in summary["measures"]]
+    figure, axes = plt.subplots(1, len(drifts), figsize=(5 * len(drifts), 4.2), sharey=True, squeeze=False)
+    for axis, drift in zip(axes[0], drifts, strict=True):
+        for method in dict.fromkeys(c["method"] for c in summary["configurations"]):
+            points = sorted(
+                (c for c in summary["configurations"] if c["method"] == method), key=lambda c: c["learning_rate"]
+            )
+
+            def errors(key, cs=points):
+                return [
+                    [max(c[key]["mean"] - c[key]["low"], 0) if c[key]["n"] > 1 else 0 for c in cs],
+                    [max(c[key]["high"] - c[key]["mean"], 0) if c[key]["n"] > 1 else 0 for c in cs],
+                ]
+
+            axis.errorbar(
+                [c[drift]["mean"] for c in points], [c[gain]["mean"] for c in points],
+                xerr=errors(drift), yerr=errors(gain), marker="o", capsize=3,
+                color=COLOURS.get(method), label=LABELS[method],
+            )  # fmt: skip
+        axis.set(xlabel=MEASURES[drift][0])
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel(MEASURES[gain][0] + ("" if MEASURES[gain][1] else " (lower is better)"))
+    axes[0][-1].legend(fontsize=7)
+    figure.suptitle(title or "mean over seeds, 95% intervals; a method's points are its learning rates")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_name(summary: dict) -> str:
+    return "accuracy_vs_drift.png" if summary["gain"] == "accuracy" else "gain_vs_drift.png"
+
+
+def _json_safe(value):
+    """NaN (the interval of one seed) as null: results.json stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_outputs(
+    results: dict, grid: Grid, output_dir: Path, recipe: str = "", overrides=(), wall_seconds=None, title: str = ""
+) -> str:
+    """`results.md`, `results.json` and the plot in `output_dir`; returns the markdown."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarise(results["runs"], grid)
+    text = markdown(results, summary, grid, recipe, overrides, wall_seconds)
+    (output_dir / "results.md").write_text(text)
+    payload = {
+        "recipe": recipe,
+        "overrides": list(overrides),
+        "grid": dataclasses.asdict(grid),
+        "base": results.get("base", {}),
+        "runs": results["runs"],
+        "summary": summary,
+        "wall_seconds_of_runs": sum(r.get("wall_seconds") or 0 for r in results["runs"]),
+        "wall_seconds_of_this_call": wall_seconds,
+    }
+    (output_dir / "results.json").write_text(json.dumps(_json_safe(payload), indent=1))
+    plot(summary, output_dir / plot_name(summary), title)
+    return text
+
+
+def write(results: dict, comparison, wall_seconds: float) -> str:
+    """The outputs of a `Comparison` run."""
+    return write_outputs(
+        results, comparison.grid, comparison.output_dir, comparison.config, comparison.overrides, wall_seconds
+    )

@@ -1,0 +1,251 @@
+"""`minorsft-trl compare`: its report on synthetic runs with known answers, bad input refused before any training, and
+a comparison end to end on a local `.jsonl` with a tiny model, resumed from its cache."""
+
+import json
+import math
+
+import pytest
+import yaml
+from tiny import prompt_completion_dataset, write_recipe
+
+from minorsft_trl import cli
+from minorsft_trl.drift import compare, report
+from minorsft_trl.drift.compare import make_grid
+
+
+def synthetic_runs(method, lr, answer_nll, drift, accuracy=None, trained_lr=None):
+    """One run per seed with the measures the summary reads."""
+    return [
+        {
+            "method": method, "learning_rate": lr, "trained_lr": trained_lr or lr, "seed": seed,
+            "answer_nll": nll, "forward_kl": d, "heldout_deviation": 10 * d, "train_deviation": 1.0,
+            "accuracy": None if accuracy is None else accuracy[seed], "clipped_fraction": 0.0,
+            "mean_minor_weight": 0.5 if method == "minor_sft" else None,
+        }
+        for seed, (nll, d) in enumerate(zip(answer_nll, drift, strict=True))
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------ the report
+
+
+def test_one_seed_says_so_and_prints_no_interval(tmp_path):
+    grid = make_grid(("sft", "minor_sft"), (1e-3,), (0,))
+    runs = synthetic_runs("sft", 1e-3, [2.0], [0.3]) + synthetic_runs("minor_sft", 1e-3, [2.5], [0.1])
+    runs += synthetic_runs("step_control", 1e-3, [2.2], [0.2], trained_lr=5e-4)
+    text = report.write_outputs({"runs": runs}, grid, tmp_path)
+    assert "one seed: no intervals" in text
+    assert "[" not in text.split("| method |", 1)[1], "an interval printed from one seed"
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]  # valid JSON: NaN written as null
+    paired = summary["paired"][0]
+    assert (paired["answer_nll"]["mean"], paired["answer_nll"]["low"], paired["answer_nll"]["n"]) == (0.5, None, 1)
+    assert (tmp_path / "gain_vs_drift.png").stat().st_size > 0
+
+
+def test_paired_differences_and_matched_gain_when_lower_answer_nll_is_better():
+    # Seeds shift both methods alike; Minor SFT's NLL is 0.5 higher (worse) and its drift lower, at both rates
+    grid = make_grid(("sft", "minor_sft"), (1e-4, 1e-3), (0, 1, 2), step_control=False)
+    runs = (
+        synthetic_runs("sft", 1e-4, [3.0, 3.1, 3.2], [0.1, 0.2, 0.3])
+        + synthetic_runs("sft", 1e-3, [2.0, 2.1, 2.2], [0.5, 0.6, 0.7])
+        + synthetic_runs("minor_sft", 1e-4, [3.5, 3.6, 3.7], [0.15, 0.25, 0.35])
+        + synthetic_runs("minor_sft", 1e-3, [2.5, 2.6, 2.7], [0.3, 0.4, 0.5])
+    )
+    summary = report.summarise(runs, grid)
+    assert summary["gain"] == "answer_nll"
+    paired = {p["learning_rate"]: p for p in summary["paired"]}
+    assert paired[1e-3]["answer_nll"]["mean"] == pytest.approx(0.5)
+    assert paired[1e-3]["answer_nll"]["high"] - paired[1e-3]["answer_nll"]["low"] == pytest.approx(0.0, abs=1e-9)
+    assert paired[1e-3]["forward_kl"]["mean"] == pytest.approx(-0.2)
+    # Seed-mean NLL ranges: SFT 2.1-3.1, Minor SFT 2.6-3.6; the overlap 2.6-3.1, matched at 2.85
+    matched = {row["method"]: row for row in summary["matched"]}
+    assert matched["sft"]["target"] == pytest.approx(2.85)
+    # SFT, seed 0: NLL 2.0 (KL 0.5) to 3.0 (KL 0.1); at 2.85, 85% of the way: KL 0.5 - 0.85 * 0.4 = 0.16; seed 1
+    # 0.6 - 0.75 * 0.4 = 0.30; seed 2 0.7 - 0.65 * 0.4 = 0.44
+    assert matched["sft"]["forward_kl"]["mean"] == pytest.approx((0.16 + 0.30 + 0.44) / 3)
+    # Minor SFT, seed 0: NLL 2.5 (0.3) to 3.5 (0.15); at 2.85, 35%: 0.3 - 0.35 * 0.15 = 0.2475; 0.3625; 0.4775
+    assert matched["minor_sft"]["forward_kl"]["mean"] == pytest.approx((0.2475 + 0.3625 + 0.4775) / 3)
+    assert [(row["seeds_reaching"], row["seeds"]) for row in summary["matched"]] == [(3, 3), (3, 3)]
+    # Lower NLL is better: Minor SFT at 1e-4 (NLL 3.6, KL 0.25) is beaten by SFT at 1e-4 (3.1, 0.2); read the other
+    # way round, its NLL would be the best of all and keep it on the front
+    assert set(summary["pareto_front"]) == {("sft", 1e-3), ("sft", 1e-4), ("minor_sft", 1e-3)}
+    text = report.markdown({"runs": runs}, summary, grid)
+    assert "held-out answer NLL 2.850" in text and "lower is better" in text
+
+
+def test_matched_gain_and_pareto_when_higher_accuracy_is_better():
+    grid = make_grid(("sft", "minor_sft"), (1e-4, 1e-3), (0, 1), step_control=False)
+    runs = (
+        synthetic_runs("sft", 1e-4, [3.0, 3.0], [0.1, 0.1], accuracy=[0.5, 0.5])
+        + synthetic_runs("sft", 1e-3, [2.0, 2.0], [0.5, 0.5], accuracy=[0.9, 0.9])
+        + synthetic_runs("minor_sft", 1e-4, [3.0, 3.0], [0.05, 0.05], accuracy=[0.6, 0.6])
+        + synthetic_runs("minor_sft", 1e-3, [2.0, 2.0], [0.25, 0.25], accuracy=[0.8, 0.8])
+    )
+    summary = report.summarise(runs, grid)
+    assert summary["gain"] == "accuracy"
+    matched = {row["method"]: row for row in summary["matched"]}
+    assert matched["sft"]["target"] == pytest.approx(70.0)  # overlap 60-80%
+    assert matched["sft"]["forward_kl"]["mean"] == pytest.approx(0.3)
+    assert matched["minor_sft"]["forward_kl"]["mean"] == pytest.approx(0.15)
+    # Higher accuracy is better: SFT 1e-3 (90%), Minor SFT 1e-4 (least KL) and Minor SFT 1e-3 (80%, KL 0.25 < 0.5);
+    # SFT 1e-4 (50%, KL 0.1) is beaten by Minor SFT 1e-4 (60%, KL 0.05)
+    assert set(summary["pareto_front"]) == {("sft", 1e-3), ("minor_sft", 1e-4), ("minor_sft", 1e-3)}
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_model_dir):
+    """A recipe on the tiny model and a local `.jsonl` with no test split: `test_split_size` holds out 2 of 8."""
+    data = tmp_path / "data.jsonl"
+    prompt_completion_dataset().to_json(data)
+    return write_recipe(tmp_path, tiny_model_dir, dataset_name=str(data), test_split_size=2, max_steps=2)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        pytest.fail("trained")
+
+    monkeypatch.setattr(compare, "train", refuse)
+    monkeypatch.setattr(compare, "run_and_measure", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seeds"], "zero seeds: give at least one with --seeds"),
+        (["--methods", "sft", "minor_sfft"], "unknown method(s) 'minor_sfft': known ones are sft, minor_sft, sft_dpo"),
+        (["--learning_rates", "1e-3", "0"], "a learning rate must be a number > 0, got 0.0"),
+        (["--learning_rates", "-1e-3"], "a learning rate must be a number > 0, got -0.001"),
+        (["--learnig_rate", "1e-3"], "the recipe does not parse: unrecognized arguments: --learnig_rate"),
+        (["--beta", "-1"], "the recipe does not parse: beta must be a finite number > 0, got -1.0"),
+        (["--learning_rate", "1e-3"], "--learning_rate is set per run by the grid: use --learning_rates"),
+        (["--step_control", "5e-3"], "step_control at learning rate 0.005, where minor_sft does not run"),
+    ],
+)
+def test_bad_input_is_refused_before_any_training(extra, message, recipe, tmp_path, capsys, no_training):
+    argv = ["compare", "--config", str(recipe), "--output_dir", str(tmp_path / "out"), "--learning_rates", "1e-3"]
+    assert cli.main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minorsft-trl compare: error: ") and message in err, err
+
+
+def test_data_without_a_held_out_split_is_refused(recipe, tmp_path, capsys, no_training):
+    values = yaml.safe_load(recipe.read_text())
+    del values["test_split_size"]
+    recipe.write_text(yaml.safe_dump(values))
+    assert cli.main(["compare", "--config", str(recipe), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "every run is measured on a held-out split" in err and "set `test_split_size`" in err, err
+
+
+def test_a_recipe_with_a_typo_is_refused(recipe, tmp_path, capsys, no_training):
+    recipe.write_text(recipe.read_text() + "learnig_rate: 1.0e-04\n")
+    assert cli.main(["compare", "--config", str(recipe), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "the recipe does not parse: unknown key(s) in the recipe" in capsys.readouterr().err
+
+
+def test_the_grid_file_and_the_command_line_which_wins(recipe, tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(
+        yaml.safe_dump(
+            {
+                "methods": ["sft", "sft_kl"],
+                "learning_rates": [1e-4, 1e-3],
+                "seeds": 4,
+                "method_settings": {"sft_kl": {"kl_coef": 0.1}},
+            }
+        )
+    )
+    comparison = compare.comparison_from_args(
+        ["--config", str(recipe), "--grid", str(grid_file), "--seeds", "0", "1", "--output_dir", "o"]
+    )
+    grid = comparison.grid
+    assert (grid.methods, grid.learning_rates, grid.seeds) == (("sft", "sft_kl"), (1e-4, 1e-3), (0, 1))
+    assert grid.step_control == ()  # no minor_sft: no control
+    comparison.prepare()
+    run = compare.Run("sft_kl", 1e-3, 1)
+    training_args = comparison.run_configs(run, 1e-3)[1]
+    assert (training_args.loss_type, training_args.kl_coef, training_args.seed, training_args.learning_rate) == (
+        "sft_kl",
+        0.1,
+        1,
+        1e-3,
+    )
+    assert training_args.output_dir == f"o/runs/{run.name}"
+    assert training_args.save_strategy == "no" and training_args.eval_strategy == "steps"  # evaluated once, at the end
+
+
+def test_compare_help_says_it_runs_in_process(capsys):
+    assert cli.main(["compare", "-h"]) == 0
+    assert "no `accelerate launch`" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ end to end, and resumed
+
+
+def fake_measures(configs, eval_dataset, accuracy_kind):
+    args = configs[1]
+    return {
+        "forward_kl": args.learning_rate * (1 + args.seed), "forward_kl_source": "eval_forward_kl",
+        "answer_nll": 3.0 - args.learning_rate, "answer_nll_source": "eval_answer_nll",
+        "heldout_deviation": 0.1, "nll_change": None, "train_deviation": 0.2, "clipped_fraction": 0.5,
+        "mean_minor_weight": 0.5 if args.loss_type == "minor_sft" else None, "wall_seconds": 1.0,
+    }  # fmt: skip
+
+
+def compare_argv(recipe, out, cache_dir, *learning_rates) -> list[str]:
+    """`minorsft-trl compare` of SFT and Minor SFT over 2 seeds on the tiny recipe."""
+    return [
+        "compare", "--config", str(recipe), "--methods", "sft", "minor_sft", "--seeds", "0", "1",
+        "--learning_rates", *learning_rates, "--output_dir", str(out), "--cache_dir", str(cache_dir),
+    ]  # fmt: skip
+
+
+def test_a_second_invocation_reads_every_run_from_the_cache(recipe, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(compare, "run_and_measure", lambda *a: calls.append(a[0][1]) or fake_measures(*a))
+    argv = compare_argv(recipe, tmp_path / "out", tmp_path / "c", "1e-3")
+    assert cli.main(argv) == 0
+    assert len(calls) == 6  # 2 methods x 2 seeds, and the control x 2 seeds
+    control = [args for args in calls if args.output_dir.endswith("step_control-lr0.001-seed0")][0]
+    assert control.loss_type == "nll" and control.learning_rate == pytest.approx(0.5e-3)  # Minor SFT's mean step
+    first = json.loads((tmp_path / "out" / "results.json").read_text())
+    monkeypatch.setattr(compare, "run_and_measure", lambda *a: pytest.fail("trained again"))
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.count(": from the cache") == 6
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"] == first["runs"]
+
+
+def test_compare_end_to_end_on_a_local_jsonl_and_resumed(recipe, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = compare_argv(recipe, out, tmp_path / "cache", "1e-2", "3e-2")
+    assert cli.main(argv) == 0
+    for name in ("results.md", "results.json", "gain_vs_drift.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 10  # 2 methods x 2 rates x 2 seeds, and the control at 3e-2 x 2 seeds
+    for run in results["runs"]:
+        assert math.isfinite(run["forward_kl"]) and run["answer_nll"] > 0 and run["train_deviation"] is not None
+        assert run["forward_kl_source"] in ("eval_forward_kl", "eval_forward_kl_sampled")
+    minor = [
+        r["mean_minor_weight"] for r in results["runs"] if r["method"] == "minor_sft" and r["learning_rate"] == 3e-2
+    ]
+    control = [r for r in results["runs"] if r["method"] == "step_control"]
+    assert control[0]["trained_lr"] == pytest.approx(3e-2 * sum(minor) / len(minor))
+    text = (out / "results.md").read_text()
+    assert "Paired differences against SFT" in text and (
+        "Drift at matched held-out answer NLL" in text
+        or "Matched gain: the methods' gain ranges do not overlap" in text
+    )
+    assert "Step-size control" in text and "Pareto front" in text
+
+    def no_training(*args):
+        pytest.fail("trained again")
+
+    monkeypatch.setattr(compare, "train", no_training)
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.count(": from the cache") == 10
