@@ -247,11 +247,12 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                     "reference": module_fingerprint(reference, canonical_name, sample=1024),
                 }
             )
-            reference_identity = (
-                from_main_process(model_identity(reference, canonical_name, adapter_config))
-                if args.precompute_ref_log_probs or measures_drift
-                else None
-            )
+            reference_identity = None
+            if args.precompute_ref_log_probs or measures_drift:
+                started = time.perf_counter()
+                reference_identity = from_main_process(model_identity(reference, canonical_name, adapter_config))
+                if not args.precompute_ref_log_probs:  # the drift measures' cache key alone needs it
+                    self.drift_seconds += time.perf_counter() - started
             if self.ref_model is not None:
                 self.ref_model = self._prepare_reference(self.ref_model)
             if measures_drift:  # before a separate reference is released by the precompute
@@ -641,7 +642,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         section = drift_section(self.state.log_history, self._drift_budget)
         if section is not None and self.is_world_process_zero():
             with open(os.path.join(self.args.output_dir, "README.md"), "a") as card:
-                card.write("\n" + section)
+                card.write("\n\n" + section)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation forwards in eval mode without grad: keep 4-bit layers on their training kernels, see

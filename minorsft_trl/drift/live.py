@@ -193,7 +193,7 @@ class DriftMixin:
                     continuations.update(zip(rows, generated, strict=True))
         continuations = self._gathered(continuations)
         samples = Sequences(prompts, [continuations[i] for i in range(len(prompts))])
-        ref_sample_logps = self._reference_sums(samples)
+        ref_sample_logps = self._reference_sums(samples, keep_states=True)
         ref_text_logps = self._reference_sums(texts) if texts is not None else []
         logger.info(
             f"Drift measures: the reference continued {len(prompts)} prompts with "
@@ -202,12 +202,17 @@ class DriftMixin:
         )
         return DriftProbe(samples, ref_sample_logps, texts, ref_text_logps)
 
-    def _reference_sums(self, sequences: Sequences) -> list[float]:
+    def _reference_sums(self, sequences: Sequences, keep_states: bool = False) -> list[float]:
+        """The reference's summed log-probs of the scored part of each sequence; with `keep_states`, its hidden states
+        are kept from the same forward for the evaluations (`_reference_states`)."""
         sums = {}
         with self._drift_reference() as reference:
             for batch_index, rows in self._drift_shares(len(sequences)):
                 with self.accelerator.autocast():
-                    logps = score(reference, sequences.batch(rows, self._pad_id())).logps
+                    scored = score(reference, sequences.batch(rows, self._pad_id()), hidden_states=keep_states)
+                logps = scored.logps
+                if keep_states:
+                    self._drift_reference_states[tuple(rows)] = scored.hidden_states
                 if batch_index >= 0:
                     sums.update(zip(rows, logps.tolist(), strict=True))
         sums = self._gathered(sums)
