@@ -256,7 +256,10 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             if self.ref_model is not None:
                 self.ref_model = self._prepare_reference(self.ref_model)
             if measures_drift:  # before a separate reference is released by the precompute
-                self._build_drift_probe(reference_identity)
+                reference_stays = (self.ref_model is not None and not args.precompute_ref_log_probs) or (
+                    self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model))
+                )
+                self._prepare_drift_measures(reference_identity, reference_stays)
                 self.add_callback(DriftCallback(self))
             self._drift_budget = None
             if args.max_forward_kl is not None:
@@ -444,7 +447,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         mode = "train" if self.model.training else "eval"
         index = ExampleIndex.from_batch(inputs["labels"], inputs.get("position_ids"))
         # Plain SFT with drift measures runs its reference in evaluation only, for the held-out m_theta
-        reference_in_eval = mode == "eval" and self._drift_probe is not None and self._drift_has_live_reference
+        reference_in_eval = mode == "eval" and self._measures_drift and self._drift_has_live_reference
         if not (self.args.uses_reference or reference_in_eval):
             if mode == "train":
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -601,7 +604,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """`SFTTrainer.evaluate`, with the drift measures: measured once per call (not per dataset of a dict), and
         returned, logged and passed to the callbacks with the other metrics."""
-        if self._drift_probe is None or self._pending_drift_metrics is not None:
+        if not self._measures_drift or self._pending_drift_metrics is not None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         self._pending_drift_metrics = {f"{metric_key_prefix}_{k}": v for k, v in self._drift_metrics().items()}
         try:

@@ -196,12 +196,22 @@ def test_samples_are_drawn_once_and_read_from_the_cache(tmp_path, tokenizer, mon
     original = live_module.sample_continuations
     monkeypatch.setattr(live_module, "sample_continuations", lambda *a, **k: calls.append(1) or original(*a, **k))
     first = make_trainer(tmp_path, tokenizer, learning_rate=1e-2)
+    assert not calls, "a reference that stays for the run samples at first use, not while the trainer is built"
+    first._ensure_drift_probe()
     drawn = len(calls)
     second = make_trainer(tmp_path, tokenizer, learning_rate=3e-2, loss_type="nll")  # same reference
+    second._ensure_drift_probe()
     assert drawn > 0 and len(calls) == drawn
     assert second._drift_probe == first._drift_probe
     third = make_trainer(tmp_path, tokenizer, drift_seed=1)
+    third._ensure_drift_probe()
     assert len(calls) > drawn and third._drift_probe.samples != first._drift_probe.samples
+    # A reference released after the precompute is sampled before it goes
+    separate = make_model(tokenizer)
+    released = make_trainer(
+        tmp_path / "released", tokenizer, peft_config=None, ref_model=separate, precompute_ref_log_probs=True
+    )
+    assert released.ref_model is None and released._drift_probe is not None
 
 
 # ---------------------------------------------------------------- the budget
@@ -276,6 +286,7 @@ def test_named_prompts_are_rendered_by_the_chat_template(tmp_path, tokenizer):
     conversation = [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]
     path.write_text(json.dumps({"messages": conversation}) + "\n")
     trainer = make_trainer(tmp_path, tokenizer, drift_prompts=str(path))
+    trainer._ensure_drift_probe()
     expected = tokenizer.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True)
     assert trainer._drift_probe.samples.prompt_ids == [tokenizer(expected, add_special_tokens=False)["input_ids"]]
 

@@ -1,7 +1,7 @@
 """The drift measures of a training run: what the reference gives once, before training, and what each evaluation
 logs next to TRL's metrics.
 
-Before training (`DriftMixin._build_drift_probe`), the reference as the run starts continues a fixed set of held-out
+Once (`DriftMixin._ensure_drift_probe`), the reference as the run starts continues a fixed set of held-out
 prompts (`drift_num_prompts`, from the eval split or `drift_prompts`), and scores those continuations and the general
 texts of `drift_text_dataset`. These numbers are cached next to the precomputed reference log-probs, keyed by the
 reference's weights and the token ids, so a second run (another learning rate, seed or loss) reuses them.
@@ -106,6 +106,8 @@ class DriftMixin:
     """
 
     _drift_probe: DriftProbe | None = None
+    # What the probe is built from, once the drift measures are prepared: (reference identity, prompts, texts)
+    _drift_plan: tuple[dict, list[list[int]], Sequences | None] | None = None
     # The frozen reference's hidden states on the samples, by rows (`_reference_states`)
     _drift_reference_states: dict[tuple[int, ...], torch.Tensor]
     drift_seconds: float = 0.0
@@ -115,19 +117,42 @@ class DriftMixin:
     def _drift_enabled(self) -> bool:
         return bool(self.args.eval_drift) and self.eval_dataset is not None
 
-    @_timed
-    def _build_drift_probe(self, reference_identity: dict) -> None:
-        """Draw the reference's samples and score them (or read them from the cache): with the reference as the run
-        starts, so before a separate reference is released."""
+    @property
+    def _measures_drift(self) -> bool:
+        return self._drift_plan is not None
+
+    def _prepare_drift_measures(self, reference_identity: dict, reference_stays: bool) -> None:
+        """Read and check the prompts and texts now, so that bad input stops the run before it starts. The reference's
+        samples are drawn at their first use (once DeepSpeed or FSDP have wrapped the model) if the reference stays
+        for the run, else now, with the reference as the run starts (a separate reference the precompute releases, or
+        the policy itself in full fine-tuning without one)."""
         self._drift_reference_states = {}
         args = self.args
-        prompts = self._drift_prompts()
         texts = None
         if args.drift_text_dataset is not None:
             ids = text_ids_from_dataset(
                 args.drift_text_dataset, self.processing_class, args.drift_num_texts, args.max_length
             )
             texts = Sequences([t[:1] for t in ids], [t[1:] for t in ids])
+        self._drift_plan = (reference_identity, self._drift_prompts(), texts)
+        if reference_stays:
+            return
+        if is_deepspeed_zero3_enabled():
+            raise ValueError(
+                "The drift measures need the reference's samples before training, from a reference this run does not "
+                "keep (released after the precompute, or the policy itself in full fine-tuning with loss_type='nll'), "
+                "and DeepSpeed ZeRO-3 has partitioned the model at load: it cannot run before training starts. Set "
+                "eval_drift=False, or keep a reference (precompute_ref_log_probs=False, or a PEFT model)."
+            )
+        self._ensure_drift_probe()
+
+    @_timed
+    def _ensure_drift_probe(self) -> None:
+        """Draw the reference's samples and score them (or read them from the cache), once."""
+        if self._drift_probe is not None:
+            return
+        args = self.args
+        reference_identity, prompts, texts = self._drift_plan
         key = {
             "format": CACHE_FORMAT,
             "reference": reference_identity,
@@ -239,6 +264,7 @@ class DriftMixin:
     @_timed
     def _drift_metrics(self) -> dict[str, float]:
         """The drift measures of the policy now, without the `eval_` prefix (see the module docstring)."""
+        self._ensure_drift_probe()
         probe = self._drift_probe
         policy = self.accelerator.unwrap_model(self.model)
         live = self._drift_has_live_reference
