@@ -195,7 +195,6 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             True if reference_loss is not None and reference_loss.mean_over is MeanOver.EXAMPLES else None
         )
         policy_has_own_adapter = is_peft_model_or_path(model) and peft_config is None
-        _check_drift_has_an_eval_split(args, eval_dataset)
         # `Trainer.__init__` creates the output directory; a failed init leaves nothing behind
         with _removed_on_error(args.output_dir):
             with _loss_type_seen_by_trl(args):
@@ -752,23 +751,6 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                 f"{num_dropped} of {len(train_dataset)} training examples lost all their answer tokens to truncation "
                 f"at max_length={self.args.max_length} and were dropped. Raise `max_length` to keep them."
             )
-
-
-def _check_drift_has_an_eval_split(args: MinorSFTConfig, eval_dataset) -> None:
-    """The drift settings that only act at evaluations, refused when the run has nothing to evaluate on."""
-    if eval_dataset is not None:
-        return
-    named = {
-        name: getattr(args, name)
-        for name in ("max_forward_kl", "drift_prompts", "drift_text_dataset")
-        if getattr(args, name) is not None
-    }
-    if named:
-        settings = ", ".join(f"{k}={v!r}" for k, v in named.items())
-        raise ValueError(
-            f"{settings}: the drift measures run at evaluations, and this run has no eval dataset. Pass "
-            "`eval_dataset` (in a recipe: a test split, or `test_split_size`) with `eval_strategy`, or drop them."
-        )
 
 
 def _fused_token_logps(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

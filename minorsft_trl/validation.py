@@ -46,6 +46,23 @@ def _check_writable(directory: Path) -> None:
         ) from error
 
 
+def _check_drift_has_an_eval_split(args, eval_dataset) -> None:
+    """The drift settings that only act at evaluations, refused when the run has nothing to evaluate on."""
+    if eval_dataset is not None:
+        return
+    named = {
+        name: getattr(args, name)
+        for name in ("max_forward_kl", "drift_prompts", "drift_text_dataset")
+        if getattr(args, name) is not None
+    }
+    if named:
+        settings = ", ".join(f"{k}={v!r}" for k, v in named.items())
+        raise ValueError(
+            f"{settings}: the drift measures run at evaluations, and this run has no eval dataset. Pass "
+            "`eval_dataset` (in a recipe: a test split, or `test_split_size`) with `eval_strategy`, or drop them."
+        )
+
+
 def check_inputs(
     args,
     *,
@@ -65,6 +82,7 @@ def check_inputs(
         # Checked on the objects as given: `get_peft_model` would inject the adapters into this very model
         raise ValueError("`ref_model` is the model being trained. Leave `ref_model` unset to get a frozen reference.")
     _check_output_dir(Path(args.output_dir))
+    _check_drift_has_an_eval_split(args, eval_dataset)
     if formatting_func is None:
         check_dataset(train_dataset, "train_dataset", args.dataset_text_field)
         check_dataset(eval_dataset, "eval_dataset", args.dataset_text_field)
