@@ -84,6 +84,9 @@ def test_qlora_reference_equals_a_pristine_4bit_base_after_training_and_evaluati
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert trainer.state.global_step == 4 and len(losses) == 4 and all(map(math.isfinite, losses))
     assert [log for log in trainer.state.log_history if "loss" in log][0]["deviation"] == 0.0
+    # The drift measures ran too (on by default with an eval split): sampling and scoring with the 4-bit reference
+    drift = [log["eval_forward_kl"] for log in trainer.state.log_history if "eval_forward_kl" in log]
+    assert len(drift) == 3 and drift[0] == 0.0 and drift[-1] > 0
 
     batch = whole_dataset_batch(trainer)
     base = pristine_in_training_kernels(quantizable_model_dir, quantization_config=four_bit_config())
