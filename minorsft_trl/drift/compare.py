@@ -539,7 +539,7 @@ def make_parser(prog: str = "minorsft-trl compare") -> argparse.ArgumentParser:
         prog=prog,
         allow_abbrev=False,
         description="Compare fine-tuning methods on a recipe: methods x learning rates x seeds, each run trained "
-        "and measured (gain, drift from the base model), with 95%% t intervals over seeds, differences paired by "
+        "and measured (gain, drift from the reference), with 95% t intervals over seeds, differences paired by "
         "seed against SFT, drift at matched gain, the Pareto front and the step-size control. Runs in process, "
         "one after the other, on one process (no `accelerate launch`); every run is cached as it finishes. Any "
         "other `--key value` is a recipe override applied to every run.",
