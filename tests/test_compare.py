@@ -190,7 +190,7 @@ def fake_measures(configs, eval_dataset, accuracy_kind):
     args = configs[1]
     return {
         "forward_kl": args.learning_rate * (1 + args.seed), "forward_kl_source": "eval_forward_kl",
-        "answer_nll": 3.0 - args.learning_rate, "answer_nll_source": "eval_answer_nll",
+        "answer_nll": 3.0 - args.learning_rate,
         "heldout_deviation": 0.1, "nll_change": None, "train_deviation": 0.2, "clipped_fraction": 0.5,
         "mean_minor_weight": 0.5 if args.loss_type == "minor_sft" else None, "wall_seconds": 1.0,
     }  # fmt: skip
@@ -249,3 +249,17 @@ def test_compare_end_to_end_on_a_local_jsonl_and_resumed(recipe, tmp_path, monke
     capsys.readouterr()
     assert cli.main(argv) == 0
     assert capsys.readouterr().out.count(": from the cache") == 10
+
+
+def test_a_run_whose_recipe_evaluates_at_its_last_step_is_not_evaluated_again(recipe, tmp_path, monkeypatch):
+    from minorsft_trl import MinorSFTTrainer
+
+    evaluations = []
+    evaluate = MinorSFTTrainer.evaluate
+    monkeypatch.setattr(
+        MinorSFTTrainer, "evaluate", lambda self, *a, **k: evaluations.append(1) or evaluate(self, *a, **k)
+    )
+    overrides = ["--eval_strategy", "steps", "--eval_steps", "2", "--output_dir", str(tmp_path / "run")]
+    result = compare.run_and_measure(compare.parse_recipe(str(recipe), overrides), None, None)
+    assert len(evaluations) == 1  # the training loop's, at step 2
+    assert result["eval_metrics"]["step"] == 2 and result["answer_nll"] == result["eval_metrics"]["eval_answer_nll"]

@@ -359,7 +359,7 @@ class MissingMeasures(RuntimeError):
     """`trainer.evaluate()` returned no drift measure: the trainer does not measure drift."""
 
 
-def read_measures(metrics: dict, loss_type: str) -> dict:
+def read_measures(metrics: dict) -> dict:
     """The comparison's measures from `trainer.evaluate()`'s metrics, with the name of the metric each came from."""
     kl_source = next((k for k in ("eval_forward_kl", "eval_forward_kl_sampled") if k in metrics), None)
     if kl_source is None:
@@ -367,14 +367,10 @@ def read_measures(metrics: dict, loss_type: str) -> dict:
             "trainer.evaluate() returned no `eval_forward_kl` (nor `eval_forward_kl_sampled`): this MinorSFTTrainer "
             f"does not measure drift (metrics: {sorted(metrics)}). Update minorsft_trl, and keep `eval_drift` on."
         )
-    gain_source = "eval_answer_nll" if "eval_answer_nll" in metrics else None
-    if gain_source is None and loss_type == "nll" and "eval_loss" in metrics:
-        gain_source = "eval_loss"  # TRL's token-mean NLL of the held-out answers
     return {
         "forward_kl": metrics[kl_source],
         "forward_kl_source": kl_source,
-        "answer_nll": metrics[gain_source] if gain_source else None,
-        "answer_nll_source": gain_source,
+        "answer_nll": metrics.get("eval_answer_nll"),
         "heldout_deviation": metrics.get("eval_deviation"),
         "nll_change": metrics.get("eval_nll_change"),
     }
@@ -412,9 +408,13 @@ def run_and_measure(configs, eval_dataset, accuracy_kind: str | None) -> dict:
 
     started = time.perf_counter()
     trainer = train(configs)
-    metrics = trainer.evaluate()
+    # The recipe's own evaluation at the last step, if it had one, is the final model's: not evaluated again
+    final = [
+        log for log in trainer.state.log_history if "eval_loss" in log and log["step"] == trainer.state.global_step
+    ]
+    metrics = final[-1] if final else trainer.evaluate()
     result = {
-        **read_measures(metrics, configs[1].loss_type),
+        **read_measures(metrics),
         **read_log_history(trainer.state.log_history, configs[1].max_grad_norm),
         "eval_metrics": metrics,
     }
