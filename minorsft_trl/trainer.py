@@ -221,7 +221,6 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             self.ref_model = None
             self._reference_released = False
             self._reference_check = None
-            self._pending_drift_metrics = None
             measures_drift = self._drift_enabled()
             explicit_reference = ref_model is not None or args.ref_model_name_or_path is not None
             # Plain SFT measures its drift against the reference it would have: free for a PEFT model (adapters
@@ -601,22 +600,13 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             self._metrics["eval"]["answer_nll"].append(nll_sum / count)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """`SFTTrainer.evaluate`, with the drift measures: measured once per call (not per dataset of a dict), and
-        returned, logged and passed to the callbacks with the other metrics."""
-        if not self._measures_drift or self._pending_drift_metrics is not None:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        self._pending_drift_metrics = {f"{metric_key_prefix}_{k}": v for k, v in self._drift_metrics().items()}
-        try:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        finally:
-            self._pending_drift_metrics = None
-
-    def evaluation_loop(self, *args, **kwargs):
-        output = super().evaluation_loop(*args, **kwargs)
-        if self._pending_drift_metrics:  # the first dataset of an evaluation carries them
-            output.metrics.update(self._pending_drift_metrics)
-            self._pending_drift_metrics = {}
-        return output
+        """`SFTTrainer.evaluate`, with the drift measures among TRL's eval metrics (`SFTTrainer.log` logs them as
+        `eval_*`, returned and passed to the callbacks with the others). Measured once per evaluation: a dict of eval
+        datasets is evaluated with the prefixes `eval_<name>`, which do not measure again."""
+        if self._measures_drift and metric_key_prefix == "eval":
+            for key, value in self._drift_metrics().items():
+                self._metrics["eval"][key].append(value)
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # `SFTTrainer.log` averages each metric over the logging window; the extremes take their min and max instead

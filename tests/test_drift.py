@@ -314,3 +314,21 @@ def test_the_curves_and_the_model_card_show_the_drift_and_the_budget(tmp_path, t
     without = plot_training_curves([log for log in logs if "eval_forward_kl" not in log], tmp_path / "without.png")
     panel_width = imread(without).shape[1] / 3  # loss, deviation, minor_weight
     assert imread(with_drift).shape[1] == pytest.approx(4 * panel_width, abs=2)
+
+
+def test_an_evaluation_of_several_eval_datasets_measures_the_drift_once(tmp_path, tokenizer, monkeypatch):
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=drift_args(tmp_path),
+        train_dataset=prompt_completion_dataset(),
+        eval_dataset={"a": prompt_completion_dataset(4), "b": prompt_completion_dataset(6)},
+        processing_class=tokenizer,
+        peft_config=copy.deepcopy(LORA),
+    )
+    calls = []
+    measure = trainer._drift_metrics
+    monkeypatch.setattr(trainer, "_drift_metrics", lambda: calls.append(1) or measure())
+    metrics = trainer.evaluate()
+    assert len(calls) == 1 and metrics["eval_forward_kl"] == 0.0
+    assert {"eval_a_loss", "eval_b_loss"} <= metrics.keys()
+    assert sum("eval_forward_kl" in log for log in trainer.state.log_history) == 1
