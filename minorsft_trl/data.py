@@ -157,12 +157,12 @@ def load_datasets(
     return DataSplits(train, test)
 
 
-def load_named(script_args: MinorSFTScriptArguments):
+def load_named(script_args: MinorSFTScriptArguments, where: str = "dataset_name"):
     """The splits of `dataset_name`: a `bigbench:` task, a local file or folder, or a `datasets.load_dataset` name.
 
     A single file is the train split (named `dataset_train_split`); a folder's splits come from its file names, as
     `datasets` reads them (`train.jsonl`, `test.jsonl`, `validation.jsonl`, ...; one file of any other name is
-    `train`).
+    `train`). `where` names the setting in errors.
     """
     name = script_args.dataset_name
     streaming = script_args.dataset_streaming
@@ -174,21 +174,23 @@ def load_named(script_args: MinorSFTScriptArguments):
         )
     path = Path(name).expanduser()
     if path.is_file():
-        builder = file_builder(path, "dataset_name")
-        return _load_local(path, builder, data_files={script_args.dataset_train_split: str(path)}, streaming=streaming)
+        builder = file_builder(path, where)
+        return _load_local(
+            path, where, builder, data_files={script_args.dataset_train_split: str(path)}, streaming=streaming
+        )
     if path.is_dir():
         if is_saved_dataset(path):
             saved = load_from_disk(str(path))
             return saved if isinstance(saved, DatasetDict) else DatasetDict({script_args.dataset_train_split: saved})
-        check_folder(path, "dataset_name")
-        return _load_local(path, str(path), streaming=streaming)
+        check_folder(path, where)
+        return _load_local(path, where, str(path), streaming=streaming)
     if looks_like_path(name):
-        raise ValueError(_missing_path(name, "dataset_name"))
+        raise ValueError(_missing_path(name, where))
     try:
         return load_dataset(name, name=script_args.dataset_config, streaming=streaming)
     except (FileNotFoundError, ConnectionError) as error:
         raise ValueError(
-            f"dataset_name {name!r} is neither a local file or folder (relative paths are read from "
+            f"{where} {name!r} is neither a local file or folder (relative paths are read from "
             f"{os.getcwd()}) nor a dataset `datasets` could load from the Hub: {error}"
         ) from error
 
@@ -310,7 +312,7 @@ def looks_like_path(name: str) -> bool:
     )
 
 
-def _load_local(path: Path, *args, **kwargs):
+def _load_local(path: Path, where: str, *args, **kwargs):
     """`load_dataset` on a local file or folder, naming the path when `datasets` cannot read it: a file without rows
     (a CSV with only its header is 'Instruction "train" corresponds to no data!', a Parquet file with no rows a bare
     "An error occurred while generating the dataset")."""
@@ -321,7 +323,7 @@ def _load_local(path: Path, *args, **kwargs):
             raise
         cause = f": {error.__cause__}" if error.__cause__ is not None else ""
         raise ValueError(
-            f"dataset_name {str(path)!r}: `datasets` could not read it ({error}{cause}). A file may hold no rows (a "
+            f"{where} {str(path)!r}: `datasets` could not read it ({error}{cause}). A file may hold no rows (a "
             "CSV with only its header, an empty Parquet file) or malformed ones: give every file at least one valid "
             "example, or remove it."
         ) from error

@@ -1,10 +1,9 @@
 """The token ids the drift measures score: prompts for the reference to continue, and general text."""
 
-from pathlib import Path
+from datasets import Dataset, IterableDataset
+from trl.data_utils import is_conversational, maybe_apply_chat_template
 
-from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
-
-from ..data import _missing_path, check_folder, file_builder, is_saved_dataset, looks_like_path
+from ..data import MinorSFTScriptArguments, load_named
 
 # Columns of a prepared (tokenized) dataset that mark the tokens the loss counts, as SFTTrainer names them
 LOSS_MASKS = ("completion_mask", "assistant_masks")
@@ -34,9 +33,10 @@ def prompt_ids_from_prepared(
 
 
 def prompt_ids_from_dataset(name: str, tokenizer, count: int) -> list[list[int]]:
-    """The first `count` prompts of the dataset `name`: a `prompt` column (text, or a conversation ended by a user
-    turn) or a `messages` column (each conversation up to its last assistant turn), rendered by the chat template."""
-    dataset = _first_rows(load_drift_dataset(name, "drift_prompts"), count)
+    """The first `count` prompts of the dataset `name`: a `prompt` column (text, or a conversation) or a `messages`
+    column (each conversation up to its last assistant turn), rendered as TRL renders prompts (a conversation ending
+    with a user turn gets the generation prompt)."""
+    dataset = load_drift_dataset(name, "drift_prompts", count)
     if "prompt" in dataset.column_names:
         prompts = dataset["prompt"]
     elif "messages" in dataset.column_names:
@@ -46,23 +46,20 @@ def prompt_ids_from_dataset(name: str, tokenizer, count: int) -> list[list[int]]
             f"drift_prompts {name!r} has the columns {dataset.column_names}: give it a `prompt` column (text or a "
             "conversation) or a `messages` column."
         )
-    return [_token_ids(tokenizer, p, add_generation_prompt=True) for p in prompts]
+    return [_token_ids(tokenizer, {"prompt": p}, "prompt") for p in prompts]
 
 
 def text_ids_from_dataset(name: str, tokenizer, count: int, max_length: int | None) -> list[list[int]]:
     """The token ids of the first `count` texts of the dataset `name` (a `text` column, or `messages` rendered by the
     chat template), each cut to `max_length` tokens; texts of fewer than 2 tokens are refused."""
-    dataset = _first_rows(load_drift_dataset(name, "drift_text_dataset"), count)
-    if "text" in dataset.column_names:
-        texts = dataset["text"]
-    elif "messages" in dataset.column_names:
-        texts = dataset["messages"]
-    else:
+    dataset = load_drift_dataset(name, "drift_text_dataset", count)
+    if not {"text", "messages"} & set(dataset.column_names):
         raise ValueError(
             f"drift_text_dataset {name!r} has the columns {dataset.column_names}: give it a `text` column (or "
             "`messages`)."
         )
-    ids = [_token_ids(tokenizer, t, add_generation_prompt=False)[:max_length] for t in texts]
+    key = "text" if "text" in dataset.column_names else "messages"
+    ids = [_token_ids(tokenizer, {key: value}, "text")[:max_length] for value in dataset[key]]
     short = [i for i, t in enumerate(ids) if len(t) < 2]
     if short:
         raise ValueError(
@@ -72,30 +69,13 @@ def text_ids_from_dataset(name: str, tokenizer, count: int, max_length: int | No
     return ids
 
 
-def load_drift_dataset(name: str, where: str) -> Dataset:
-    """The train split (or the only split) of a local file, a folder of files, a `save_to_disk` folder or a
-    `datasets` name; an empty one is refused."""
-    path = Path(name).expanduser()
-    if path.is_file():
-        loaded = load_dataset(file_builder(path, where), data_files=str(path))
-    elif path.is_dir():
-        if is_saved_dataset(path):
-            loaded = load_from_disk(str(path))
-        else:
-            check_folder(path, where)
-            loaded = load_dataset(str(path))
-    elif looks_like_path(name):
-        raise ValueError(_missing_path(name, where))
-    else:
-        loaded = load_dataset(name)
-    if isinstance(loaded, DatasetDict):
-        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-    if len(loaded) == 0:
+def load_drift_dataset(name: str, where: str, count: int) -> Dataset:
+    """The first `count` rows of the train split (or the only split) of whatever `dataset_name` reads: a local file
+    or folder, a `bigbench:` task, a `datasets` name. An empty one is refused."""
+    splits = load_named(MinorSFTScriptArguments(dataset_name=name), where=where)
+    dataset = splits["train"] if "train" in splits else next(iter(splits.values()))
+    if len(dataset) == 0:
         raise ValueError(f"{where} {name!r} has no rows: give it at least one.")
-    return loaded
-
-
-def _first_rows(dataset: Dataset, count: int) -> Dataset:
     return dataset.select(range(min(count, len(dataset))))
 
 
@@ -104,14 +84,15 @@ def _before_last_assistant_turn(messages: list[dict]) -> list[dict]:
     return messages[:last]
 
 
-def _token_ids(tokenizer, value, add_generation_prompt: bool) -> list[int]:
-    """A text as the tokenizer encodes it, or a conversation as the chat template renders it."""
-    if isinstance(value, str):
-        return tokenizer(value)["input_ids"]
+def _token_ids(tokenizer, example: dict, rendered_key: str) -> list[int]:
+    """A text as the tokenizer encodes it, or a conversation as TRL's `maybe_apply_chat_template` renders it (its
+    special tokens written by the template, none added)."""
+    if not is_conversational(example):
+        return tokenizer(next(iter(example.values())))["input_ids"]
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             "A drift dataset holds conversations, but the tokenizer has no chat template. Set `chat_template_path`, "
             "or give plain text."
         )
-    text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = maybe_apply_chat_template(example, tokenizer)[rendered_key]
     return tokenizer(text, add_special_tokens=False)["input_ids"]
