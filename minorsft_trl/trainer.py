@@ -254,10 +254,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             if self.ref_model is not None:
                 self.ref_model = self._prepare_reference(self.ref_model)
             if measures_drift:  # before a separate reference is released by the precompute
-                reference_stays = (self.ref_model is not None and not args.precompute_ref_log_probs) or (
-                    self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model))
-                )
-                self._prepare_drift_measures(reference_identity, reference_stays)
+                self._prepare_drift_measures(reference_identity)
                 self.add_callback(DriftCallback(self))
             self._drift_budget = None
             if args.max_forward_kl is not None:
@@ -265,14 +262,6 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                 self.add_callback(self._drift_budget)
             if args.precompute_ref_log_probs:
                 self._attach_precomputed_reference(reference_identity)
-            if measures_drift and not self._drift_has_live_reference:
-                logger.info(
-                    "The run keeps no reference model (a separate reference released after the precompute, or full "
-                    "fine-tuning with loss_type='nll'): the forward KL is logged as `eval_forward_kl_sampled`, its "
-                    "sampled-token estimate from the reference's log-probs of its samples, taken before training. "
-                    "The full-vocabulary `eval_forward_kl` needs the reference model kept: precompute_ref_log_probs="
-                    "False, or a loss with a reference (one more no-grad forward per step)."
-                )
 
     # ------------------------------------------------------------------ reference
 

@@ -121,7 +121,7 @@ class DriftMixin:
     def _measures_drift(self) -> bool:
         return self._drift_plan is not None
 
-    def _prepare_drift_measures(self, reference_identity: dict, reference_stays: bool) -> None:
+    def _prepare_drift_measures(self, reference_identity: dict) -> None:
         """Read and check the prompts and texts now, so that bad input stops the run before it starts. The reference's
         samples are drawn at their first use (once DeepSpeed or FSDP have wrapped the model) if the reference stays
         for the run, else now, with the reference as the run starts (a separate reference the precompute releases, or
@@ -135,8 +135,18 @@ class DriftMixin:
             )
             texts = Sequences([t[:1] for t in ids], [t[1:] for t in ids])
         self._drift_plan = (reference_identity, self._drift_prompts(), texts)
-        if reference_stays:
-            return
+        policy_is_peft = is_peft_model(self.accelerator.unwrap_model(self.model))
+        if (self.ref_model is None and policy_is_peft) or (
+            self.ref_model is not None and not args.precompute_ref_log_probs
+        ):
+            return  # the reference stays for the run
+        logger.info(
+            "The run keeps no reference model (a separate reference released after the precompute, or full "
+            "fine-tuning with loss_type='nll'): the forward KL is logged as `eval_forward_kl_sampled`, its "
+            "sampled-token estimate from the reference's log-probs of its samples, taken before training. The "
+            "full-vocabulary `eval_forward_kl` needs the reference model kept: precompute_ref_log_probs=False, or a "
+            "loss with a reference (one more no-grad forward per step)."
+        )
         if is_deepspeed_zero3_enabled():
             raise ValueError(
                 "The drift measures need the reference's samples before training, from a reference this run does not "
@@ -198,9 +208,6 @@ class DriftMixin:
     def _compute_drift_probe(self, prompts: list[list[int]], texts: Sequences | None) -> DriftProbe:
         """Sample and score with the reference, each process its share of the batches, gathered in order."""
         args = self.args
-        tokenizer = self.processing_class
-        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         continuations = {}
         with self._drift_reference() as reference:
             for batch_index, rows in self._drift_shares(len(prompts)):
@@ -210,8 +217,8 @@ class DriftMixin:
                     rows,
                     args.drift_max_new_tokens,
                     seed=args.drift_seed + batch_index,
-                    pad_id=pad_id,
-                    eos_id=tokenizer.eos_token_id,
+                    pad_id=self._pad_id(),
+                    eos_id=self._plain_tokenizer.eos_token_id,
                     synced_gpus=self._drift_synced(),
                 )
                 if batch_index >= 0:
@@ -339,8 +346,13 @@ class DriftMixin:
         """Whether generation must keep the processes in step (a sharded model)."""
         return self.accelerator.num_processes > 1 and (self.is_fsdp_enabled or is_deepspeed_zero3_enabled())
 
+    @property
+    def _plain_tokenizer(self):
+        """The tokenizer (of a processor, for vision-language models)."""
+        return getattr(self.processing_class, "tokenizer", self.processing_class)
+
     def _pad_id(self) -> int:
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        tokenizer = self._plain_tokenizer
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
