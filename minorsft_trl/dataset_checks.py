@@ -1,8 +1,9 @@
 """Datasets checked before anything is tokenised: a format `SFTTrainer` can read, in every row, and no example that
 would silently train on nothing.
 
-TRL reads a dataset in one of four formats, chosen from its first row: language modelling (a `text` column, or
-`dataset_text_field`), conversations (`messages`), prompt-completion (`prompt` and `completion`, plain or
+TRL reads a dataset in one of five formats, chosen from its first row: language modelling (a `text` column, or
+`dataset_text_field`), conversations (`messages`, or ShareGPT's `conversations` of `from`/`value` turns, which TRL
+converts to `messages` with `maybe_convert_to_chatml`), prompt-completion (`prompt` and `completion`, plain or
 conversational), or tokenised (`input_ids`). A dataset it cannot read fails deep inside tokenisation (`KeyError:
 'text'`), and a row of another format than the first, or a missing value, fails or is silently mangled there.
 """
@@ -10,6 +11,7 @@ conversational), or tokenised (`input_ids`). A dataset it cannot read fails deep
 import pyarrow.compute as pc
 import transformers
 from datasets import Dataset
+from trl.data_utils import is_conversational_from_value
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -22,6 +24,7 @@ def dataset_formats(text_field: str) -> dict[str, tuple[str, ...]]:
     return {
         "language modelling": (text_field,),
         "conversational": ("messages",),
+        "conversational (ShareGPT)": ("conversations",),
         "prompt-completion": ("prompt", "completion"),
         "tokenised": ("input_ids",),
     }
@@ -38,14 +41,18 @@ def check_dataset(dataset, name: str, text_field: str) -> None:
         return
     if isinstance(dataset, Dataset) and len(dataset) == 0:
         raise ValueError(f"`{name}` is empty (0 examples): pass a dataset with at least one example.")
-    columns = dataset.column_names if dataset.column_names is not None else list(next(iter(dataset)))
+    first_row = next(iter(dataset), {})
+    columns = dataset.column_names if dataset.column_names is not None else list(first_row)
     formats = {fmt: needed for fmt, needed in dataset_formats(text_field).items() if set(needed) <= set(columns)}
+    if "conversations" in columns and not is_conversational_from_value(first_row):
+        # TRL converts `conversations` only when its turns are `from`/`value` dicts, and reads nothing else of it
+        formats.pop("conversational (ShareGPT)")
     if not formats:
         raise ValueError(
             f"`{name}` has the columns {sorted(columns)}, and SFTTrainer reads a `{text_field}` column (language "
-            "modelling), `messages` (conversations), `prompt` and `completion` (prompt-completion) or `input_ids` "
-            "(tokenised). Rename the columns (`dataset.rename_column(old, new)`), set `dataset_text_field`, or pass "
-            "a `formatting_func`."
+            "modelling), `messages` (conversations of `role`/`content` turns), `conversations` (ShareGPT: turns of "
+            "`from`/`value`), `prompt` and `completion` (prompt-completion) or `input_ids` (tokenised). Rename the "
+            "columns (`dataset.rename_column(old, new)`), set `dataset_text_field`, or pass a `formatting_func`."
         )
     if not isinstance(dataset, Dataset):
         return

@@ -9,7 +9,9 @@
 """
 
 import copy
+import dataclasses
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -68,11 +70,17 @@ def add_reference_adapter(model: nn.Module) -> None:
     """Give a PEFT model a frozen copy of its active adapter under the name `"ref"`, as TRL's `DPOTrainer` does.
 
     Used when the model arrives with an adapter of its own (re-training it): the reference is the adapter as it was
-    at the start, not the bare base model. The copy keeps the dtype of each trained parameter (QLoRA casts the
+    at the start, not the bare base model (with the base parameters the adapter trains at their starting values, see
+    `StartingBaseParameters`). The copy keeps the dtype of each trained parameter (QLoRA casts the
     adapter to bfloat16), so at step 0 the reference equals the policy exactly.
     """
     active = model.active_adapter
-    model.add_adapter(REF_ADAPTER, model.peft_config[active])
+    config = model.peft_config[active]
+    # The base biases an adapter trains (`bias="all"`) belong to no adapter, and PEFT allows one adapter with a bias:
+    # the copy has none, and the biases' starting values are put in place for it (`StartingBaseParameters`)
+    if getattr(config, "bias", "none") != "none":
+        config = dataclasses.replace(config, bias="none")
+    model.add_adapter(REF_ADAPTER, config)
     model.set_adapter(active)
     copied = 0
     for name, param in model.named_parameters():
@@ -87,6 +95,46 @@ def add_reference_adapter(model: nn.Module) -> None:
             f"Found no parameter of adapter {active!r} to copy into the reference adapter {REF_ADAPTER!r}: the "
             "reference would be the bare base model. Pass the initial model as `ref_model` explicitly."
         )
+
+
+class StartingBaseParameters:
+    """The base-model parameters a PEFT model trains besides its adapters, as they were at the start.
+
+    PEFT's `bias="all"` / `"lora_only"` (and the same option of other PEFT types) train the base model's own biases:
+    disabling the adapters, or switching to the frozen `"ref"` adapter, does not undo their updates, so a reference
+    that is the policy itself would train along with it. Their starting values are kept aside (biases: a few
+    thousand numbers) and put in place for each reference pass (`in_place`), so the reference stays the model the
+    run started from.
+    """
+
+    def __init__(self, model: nn.Module | None = None):
+        """`model`: a PEFT model that is its own reference, or `None` (nothing to keep)."""
+        adapters = list(getattr(model, "peft_config", {}))
+        self.parameters = {
+            name: param
+            for name, param in (model.named_parameters() if model is not None else ())
+            if param.requires_grad and not any(belongs_to_adapter(name, adapter) for adapter in adapters)
+        }
+        self.starting = {name: param.detach().clone() for name, param in self.parameters.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.parameters)
+
+    @contextmanager
+    def in_place(self) -> Iterator[None]:
+        """Swap the starting values in for the block (no copy: the parameters' storage is exchanged), and the trained
+        values back after it, also when the block raises. PEFT's warning that disabled adapters with trained biases
+        are not the base model is silenced inside: here they are."""
+        trained = {name: param.data for name, param in self.parameters.items()}
+        for name, param in self.parameters.items():
+            param.data = self.starting[name]
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Careful, disabling adapter layers with bias")
+                yield
+        finally:
+            for name, param in self.parameters.items():
+                param.data = trained[name]
 
 
 def belongs_to_adapter(name: str, adapter: str) -> bool:

@@ -42,6 +42,7 @@ from .loss_types import LossInputs, MeanOver, ReferenceNeed
 from .losses import deviation
 from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process
 from .reference import (
+    StartingBaseParameters,
     add_reference_adapter,
     check_same_tokenizer,
     check_same_vocabulary,
@@ -219,6 +220,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             check_parallelism(args, self.accelerator.parallelism_config)
             self._warn_if_launcher_overrides_precision()
             self.ref_model = None
+            self._starting_base_parameters = StartingBaseParameters()
             self._reference_released = False
             self._reference_check = None
             measures_drift = self._drift_enabled()
@@ -276,6 +278,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         if not explicit and is_peft_model(policy):
             adapter_config = policy.peft_config[policy.active_adapter]
+            self._starting_base_parameters = self._keep_starting_base_parameters(policy)
             if policy_has_own_adapter:
                 add_reference_adapter(policy)
                 return None, ReferenceCheck(
@@ -337,6 +340,28 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         add_fused_lm_head(ref_model.get_base_model() if is_peft_model(ref_model) else ref_model)
         return ref_model, check
 
+    def _keep_starting_base_parameters(self, policy: torch.nn.Module) -> StartingBaseParameters:
+        """The starting values of the base parameters a PEFT policy trains besides its adapters (`bias="all"`), which
+        its own reference must not see move. Refused where they are sharded (FSDP, ZeRO-3): kept whole here, they
+        could not be put in place of a shard."""
+        starting = StartingBaseParameters(policy)
+        if not starting:
+            return starting
+        names = list(starting.parameters)
+        if is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
+            raise ValueError(
+                f"The PEFT adapter trains {len(names)} parameters of the base model besides its own (e.g. "
+                f"{names[0]!r}: `bias='all'` or `'lora_only'`), which the base model seen with the adapters disabled "
+                "(the reference) must keep at their starting values; under FSDP or ZeRO-3 they are sharded and "
+                "cannot be swapped. Set `bias='none'`, or pass the starting model as `ref_model`."
+            )
+        logger.info(
+            f"The PEFT adapter trains {len(names)} parameters of the base model besides its own (e.g. {names[0]!r}): "
+            "their starting values are kept aside and put in place for every reference pass, so the reference stays "
+            "the model the run started from."
+        )
+        return starting
+
     def _prepare_reference(self, ref_model: torch.nn.Module) -> torch.nn.Module:
         """Place (and under FSDP / ZeRO, shard) a separate reference, as TRL's `DPOTrainer` does."""
         if self.is_deepspeed_enabled:
@@ -374,17 +399,26 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                 "The reference model was released after its log-probs were precomputed for the datasets given at "
                 "init, and this batch has none. Pass every evaluation dataset to the trainer's `eval_dataset`."
             )
-        if self.ref_model is not None:
-            model, adapter = self.ref_model, nullcontext()
-        else:
-            model = self.accelerator.unwrap_model(self.model)
-            adapter = use_adapter(model, reference_adapter_name(model))
-        with reference_mode(model), adapter:
+        with self._running_reference() as model:
             if not hidden_states:
                 return _fused_token_logps(model, inputs)
             with captured_hidden_states(model) as captured:
                 token_logps = _fused_token_logps(model, inputs)
             return token_logps, captured[-1], lm_head_weights(model)
+
+    @contextmanager
+    def _running_reference(self) -> Iterator[torch.nn.Module]:
+        """The reference as a model to call (no gradient, eval mode): the separate reference; or the PEFT policy with
+        its adapters disabled (or its `"ref"` adapter) and the base parameters it trains at their starting values
+        (`StartingBaseParameters`); or, before training only, the full fine-tuning policy itself (plain SFT's drift
+        measures, where the policy as it starts is the reference and no copy is kept)."""
+        if self.ref_model is not None:
+            model, context = self.accelerator.unwrap_model(self.ref_model), nullcontext()
+        else:
+            model = self.accelerator.unwrap_model(self.model)
+            context = use_adapter(model, reference_adapter_name(model)) if is_peft_model(model) else nullcontext()
+        with self._starting_base_parameters.in_place(), reference_mode(model), context:
+            yield model
 
     def _reference_logps(self, inputs: dict[str, Any], index: ExampleIndex) -> torch.Tensor:
         """`(num_examples,)` summed answer log-probs of the reference, by a reference forward on the batch."""

@@ -2,6 +2,7 @@
 
 import copy
 import math
+from dataclasses import replace
 
 import bitsandbytes.nn.modules as bnb_modules
 import pytest
@@ -50,17 +51,27 @@ def pristine_in_training_kernels(model_dir, **init_kwargs):
     return model
 
 
-def test_adapter_disabled_reference_equals_a_pristine_base_after_training(tmp_path, tokenizer, tiny_model_dir):
+# PEFT's `bias` option trains the base model's own biases, which disabling the adapters does not undo
+BIASES = ["none", "all", "lora_only"]
+
+
+@pytest.mark.parametrize("bias", BIASES)
+def test_adapter_disabled_reference_equals_a_pristine_base_after_training(
+    tmp_path, tokenizer, quantizable_model_dir, bias
+):
     trainer = MinorSFTTrainer(
-        tiny_model_dir,
+        quantizable_model_dir,
         args=train_args(tmp_path),
         train_dataset=prompt_completion_dataset(),
         processing_class=tokenizer,
-        peft_config=lora_config(),
+        peft_config=replace(lora_config(), bias=bias),
     )
+    trained_biases = [n for n, p in trainer.model.named_parameters() if p.requires_grad and n.endswith(".bias")]
+    if bias != "none" and "qwen2" in quantizable_model_dir:
+        assert trained_biases, "the test must train the base model's biases"
     trainer.train()
     batch = whole_dataset_batch(trainer)
-    base_logps = fused_logps(pristine(tiny_model_dir), batch)
+    base_logps = fused_logps(pristine(quantizable_model_dir), batch)
 
     torch.testing.assert_close(trainer._reference_token_logps(batch), base_logps, rtol=0, atol=0)
     # The policy did move, and the reference pass reads the policy's own (single) copy of the base weights
@@ -160,8 +171,9 @@ def test_policy_log_probs_are_bit_identical_with_and_without_a_reference_pass(tm
     assert torch.equal(policy_logps(0, with_reference_pass=True), without)
 
 
-def test_retrained_adapter_is_compared_with_a_frozen_copy_of_itself(tmp_path, tokenizer):
-    model = get_peft_model(make_model(tokenizer), lora_config())
+@pytest.mark.parametrize("bias", BIASES)
+def test_retrained_adapter_is_compared_with_a_frozen_copy_of_itself(tmp_path, tokenizer, bias):
+    model = get_peft_model(make_model(tokenizer, architecture="qwen2"), replace(lora_config(), bias=bias))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

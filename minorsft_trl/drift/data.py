@@ -1,7 +1,12 @@
 """The token ids the drift measures score: prompts for the reference to continue, and general text."""
 
 from datasets import Dataset, IterableDataset
-from trl.data_utils import is_conversational, maybe_apply_chat_template
+from trl.data_utils import (
+    is_conversational,
+    is_conversational_from_value,
+    maybe_apply_chat_template,
+    maybe_convert_to_chatml,
+)
 
 from ..data import MinorSFTScriptArguments, load_named
 
@@ -71,12 +76,16 @@ def text_ids_from_dataset(name: str, tokenizer, count: int, max_length: int | No
 
 def load_drift_dataset(name: str, where: str, count: int) -> Dataset:
     """The first `count` rows of the train split (or the only split) of whatever `dataset_name` reads: a local file
-    or folder, a `bigbench:` task, a `datasets` name. An empty one is refused."""
+    or folder, a `bigbench:` task, a `datasets` name; ShareGPT `conversations` become `messages`, as TRL converts
+    them. An empty one is refused."""
     splits = load_named(MinorSFTScriptArguments(dataset_name=name), where=where)
     dataset = splits["train"] if "train" in splits else next(iter(splits.values()))
     if len(dataset) == 0:
         raise ValueError(f"{where} {name!r} has no rows: give it at least one.")
-    return dataset.select(range(min(count, len(dataset))))
+    dataset = dataset.select(range(min(count, len(dataset))))
+    if is_conversational_from_value(dataset[0]):
+        dataset = dataset.map(maybe_convert_to_chatml, remove_columns="conversations")
+    return dataset
 
 
 def _before_last_assistant_turn(messages: list[dict]) -> list[dict]:

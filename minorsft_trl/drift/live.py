@@ -26,7 +26,6 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,10 +34,9 @@ import transformers
 from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
 from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
-from trl.trainer.utils import use_adapter
 
 from ..cache import cache_root, cached_directory, is_complete
-from ..reference import reference_adapter_name, reference_mode
+from ..reference import reference_mode
 from ..vocabulary_kl import lm_head_weights
 from .data import prompt_ids_from_dataset, prompt_ids_from_prepared, text_ids_from_dataset
 from .measures import Sequences, forward_kl_sum, sample_continuations, score
@@ -209,7 +207,7 @@ class DriftMixin:
         """Sample and score with the reference, each process its share of the batches, gathered in order."""
         args = self.args
         continuations = {}
-        with self._drift_reference() as reference:
+        with self._running_reference() as reference:
             for batch_index, rows in self._drift_shares(len(prompts)):
                 generated = sample_continuations(
                     reference,
@@ -238,7 +236,7 @@ class DriftMixin:
         """The reference's summed log-probs of the scored part of each sequence; with `keep_states`, its hidden states
         are kept from the same forward for the evaluations (`_reference_states`)."""
         sums = {}
-        with self._drift_reference() as reference:
+        with self._running_reference() as reference:
             for batch_index, rows in self._drift_shares(len(sequences)):
                 with self.accelerator.autocast():
                     scored = score(reference, sequences.batch(rows, self._pad_id()), hidden_states=keep_states)
@@ -284,7 +282,7 @@ class DriftMixin:
             with reference_mode(policy), self.accelerator.autocast():
                 scored = score(policy, batch, hidden_states=live)
             if live:
-                with self._drift_reference() as reference, self.accelerator.autocast():
+                with self._running_reference() as reference, self.accelerator.autocast():
                     ref_hidden_states = self._reference_states(reference, rows, batch)
                     kl = forward_kl_sum(scored, ref_hidden_states, lm_head_weights(reference))
             else:
@@ -309,20 +307,6 @@ class DriftMixin:
         return metrics
 
     # ------------------------------------------------------------------ plumbing
-
-    @contextmanager
-    def _drift_reference(self) -> Iterator[torch.nn.Module]:
-        """The reference as a model to call (no gradient, eval mode): the separate reference, the PEFT policy with its
-        adapters disabled or its `"ref"` adapter, or, before training only, the policy itself (full fine-tuning
-        without a reference: the policy is its own starting point)."""
-        if self.ref_model is not None:
-            model, adapter = self.accelerator.unwrap_model(self.ref_model), nullcontext()
-        else:
-            model = self.accelerator.unwrap_model(self.model)
-            peft = is_peft_model(model)
-            adapter = use_adapter(model, reference_adapter_name(model)) if peft else nullcontext()
-        with reference_mode(model), adapter:
-            yield model
 
     def _drift_shares(self, count: int) -> Iterator[tuple[int, list[int]]]:
         """`(batch_index, rows)` of this process: batches of `BATCH_SIZE` rows dealt round-robin to the processes,
