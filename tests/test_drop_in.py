@@ -1,0 +1,104 @@
+"""`MinorSFTTrainer` as a drop-in for TRL's `SFTTrainer`: the data it reads, checked against stock `SFTTrainer` itself
+(the independent code path), not against a copy of its list of formats."""
+
+import pytest
+from datasets import Dataset, IterableDataset
+from tiny import COMPLETIONS, PROMPTS, conversational_dataset, cpu_args, make_model, prompt_completion_dataset
+from trl import SFTConfig, SFTTrainer
+
+from minorsft_trl import MinorSFTTrainer
+
+
+def sharegpt_dataset() -> Dataset:
+    """LLaMA-Factory's and axolotl's format: `conversations` of `{"from", "value"}` turns."""
+    return Dataset.from_dict(
+        {
+            "conversations": [
+                [{"from": "user", "value": p}, {"from": "assistant", "value": c.strip()}]
+                for p, c in zip(PROMPTS, COMPLETIONS, strict=True)
+            ]
+        }
+    )
+
+
+def streamed(dataset: Dataset) -> IterableDataset:
+    rows = dataset.to_list()
+    return IterableDataset.from_generator(lambda: iter(rows))
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+# A dataset and the `SFTConfig` fields it needs: the formats TRL documents for SFT, and shapes next to them it refuses
+DATASETS = {
+    "language modelling": lambda tok: (
+        Dataset.from_dict({"text": [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]}),
+        {},
+    ),
+    "language modelling, own text field": lambda tok: (
+        Dataset.from_dict({"content": [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]}),
+        {"dataset_text_field": "content"},
+    ),
+    "conversational": lambda tok: (conversational_dataset(), {}),
+    "conversational, extra columns": lambda tok: (conversational_dataset().add_column("id", list(range(8))), {}),
+    "conversational, assistant only": lambda tok: (conversational_dataset(), {"assistant_only_loss": True}),
+    "ShareGPT conversations": lambda tok: (sharegpt_dataset(), {}),
+    "ShareGPT conversations, assistant only": lambda tok: (sharegpt_dataset(), {"assistant_only_loss": True}),
+    "ShareGPT conversations, streamed": lambda tok: (streamed(sharegpt_dataset()), {}),
+    "prompt-completion": lambda tok: (prompt_completion_dataset(), {}),
+    "conversational prompt-completion": lambda tok: (
+        Dataset.from_dict({"prompt": [user(p) for p in PROMPTS], "completion": [assistant(c) for c in COMPLETIONS]}),
+        {},
+    ),
+    "tokenised": lambda tok: (
+        Dataset.from_dict({"input_ids": [tok(p + c)["input_ids"] for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]}),
+        {},
+    ),
+    # Shapes stock SFTTrainer does not read either
+    "conversations of role/content turns": lambda tok: (
+        Dataset.from_dict({"conversations": conversational_dataset()["messages"]}),
+        {},
+    ),
+    "prompt without completion": lambda tok: (Dataset.from_dict({"prompt": PROMPTS}), {}),
+    "question and answer": lambda tok: (Dataset.from_dict({"question": PROMPTS, "answer": COMPLETIONS}), {}),
+}
+
+
+def reads(build) -> bool:
+    try:
+        build()
+    except Exception:  # whichever error: whether the trainer reads the data is the question
+        return False
+    return True
+
+
+@pytest.mark.parametrize("shape", DATASETS)
+def test_with_nll_every_dataset_stock_sft_trainer_reads_is_read_and_no_other(tmp_path, tokenizer, shape):
+    def stock():
+        dataset, fields = DATASETS[shape](tokenizer)
+        args = SFTConfig(str(tmp_path / "stock"), use_cpu=True, report_to=[], max_steps=1, max_length=64, **fields)
+        return SFTTrainer(make_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+
+    def ours():
+        dataset, fields = DATASETS[shape](tokenizer)
+        args = cpu_args(tmp_path / "ours", loss_type="nll", max_steps=1, **fields)
+        return MinorSFTTrainer(make_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+
+    assert reads(ours) == reads(stock)
+
+
+def test_sharegpt_conversations_train_minor_sft_from_the_reference(tmp_path, tokenizer):
+    """Converted as TRL converts them, and the reference scores the same tokens: `deviation` is 0 at step 0."""
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(tmp_path, max_steps=1),
+        train_dataset=sharegpt_dataset(),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert trainer.state.log_history[0]["deviation"] == 0.0
