@@ -57,6 +57,12 @@ class MinorSFTConfig(SFTConfig):
         ref_cache_dir (`str`, *optional*):
             Where the precomputed reference log-probs are cached. Defaults to `ref_logps` in the per-user cache
             (`$MINORSFT_TRL_CACHE`, else `~/.cache/minorsft_trl`), so separate runs share it.
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            Set every dropout of the policy to 0 (PEFT's `lora_dropout` and the model's own, attention included) when
+            training reads the reference (every `loss_type` but `nll` and `dft`, or `log_deviation=True`), as TRL's
+            `DPOConfig` does: the policy's log-probs come from a training forward and the reference's from an
+            eval-mode one, so dropout would make the log-ratio, the weights and the KL anchor noise from the first
+            step. Plain `nll` and `dft` keep the model's dropout, as `SFTTrainer` does.
         eval_drift (`bool`, *optional*, defaults to `True`):
             Measure the drift from the reference at every evaluation and once before training (where it is 0), for
             every `loss_type`: `eval_forward_kl` (`KL(pi_ref || pi_theta)` per token over the whole vocabulary, on
@@ -139,6 +145,13 @@ class MinorSFTConfig(SFTConfig):
             "`$MINORSFT_TRL_CACHE/ref_logps` (`~/.cache/minorsft_trl/ref_logps`)."
         },
     )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Set every dropout of the policy to 0 when training reads the reference (as DPOConfig does), so "
+            "the log-ratio is 0 at the start. Plain 'nll' and 'dft' keep the model's dropout."
+        },
+    )
 
     eval_drift: bool = field(
         default=True,
@@ -199,6 +212,13 @@ class MinorSFTConfig(SFTConfig):
             raise ValueError(
                 f"precompute_ref_log_probs=True with loss_type={self.loss_type!r} and log_deviation=False: there is "
                 "no reference to precompute. Drop precompute_ref_log_probs, or set log_deviation=True."
+            )
+        if self.neftune_noise_alpha is not None and self.uses_reference:
+            raise ValueError(
+                f"neftune_noise_alpha={self.neftune_noise_alpha} with loss_type={self.loss_type!r}: NEFTune adds "
+                "noise to the policy's input embeddings in training forwards only, and the reference scores clean "
+                "ones, so log(pi_theta / pi_ref), the weights and `deviation` are noise from the first step. Use "
+                "NEFTune with loss_type='nll' (or 'dft'), or drop neftune_noise_alpha."
             )
         self._check_drift_settings()
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:

@@ -19,6 +19,7 @@ import torch
 from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import AutoTokenizer
+from trl.trainer.utils import disable_dropout_in_model
 
 REF_ADAPTER = "ref"
 
@@ -64,6 +65,32 @@ def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def active_dropouts(model: nn.Module) -> list[str]:
+    """The modules of `model` that drop out in training: `nn.Dropout` with `p > 0`, and transformers' attention modules
+    with a float `attention_dropout > 0` (a functional dropout, which `nn.Dropout` does not cover)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Dropout) and module.p > 0 or _attention_dropout(module) > 0
+    ]
+
+
+def disable_dropout(model: nn.Module) -> list[str]:
+    """Set every dropout of `model` to 0, as TRL's `DPOTrainer` does (`disable_dropout_in_model`), attention dropout
+    included. Returns the modules that dropped out before."""
+    active = active_dropouts(model)
+    disable_dropout_in_model(model)
+    for module in model.modules():
+        if _attention_dropout(module) > 0:
+            module.attention_dropout = 0.0
+    return active
+
+
+def _attention_dropout(module: nn.Module) -> float:
+    rate = getattr(module, "attention_dropout", None)
+    return rate if isinstance(rate, float) else 0.0
 
 
 def add_reference_adapter(model: nn.Module) -> None:

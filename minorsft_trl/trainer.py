@@ -43,9 +43,11 @@ from .losses import deviation
 from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process
 from .reference import (
     StartingBaseParameters,
+    active_dropouts,
     add_reference_adapter,
     check_same_tokenizer,
     check_same_vocabulary,
+    disable_dropout,
     freeze,
     frozen_copy,
     quantized_layers_in_train_mode,
@@ -217,6 +219,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                     formatting_func=formatting_func,
                 )
             self._check_prepared_dataset(train_dataset)
+            self._disable_dropout_if_asked()
             check_parallelism(args, self.accelerator.parallelism_config)
             self._warn_if_launcher_overrides_precision()
             self.ref_model = None
@@ -746,6 +749,28 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                 f"the training arguments (bf16={self.args.bf16}, fp16={self.args.fp16}): training and the reference "
                 f"run under {launched} autocast. Set `mixed_precision: {requested}` in the accelerate config (or pass "
                 f"`--mixed_precision {requested}` to `accelerate launch`) to train as the recipe says."
+            )
+
+    def _disable_dropout_if_asked(self) -> None:
+        """`disable_dropout` (see `MinorSFTConfig`): where training reads the reference, dropout would make the
+        policy's log-probs differ from the reference's at the first step; say what was switched off, or warn."""
+        if not self.args.uses_reference:
+            return
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.args.disable_dropout:
+            switched = disable_dropout(policy)
+            if switched:
+                logger.info(
+                    f"disable_dropout=True: set {len(switched)} dropouts of the policy to 0 (e.g. {switched[0]!r}), "
+                    "so the policy's training forward gives the reference's log-probs at the start."
+                )
+            return
+        active = active_dropouts(policy)
+        if active:
+            logger.warning(
+                f"disable_dropout=False with {len(active)} active dropouts (e.g. {active[0]!r}): the policy's "
+                "log-probs come from training forwards with dropout and the reference's without, so the log-ratio, "
+                f"the {self.args.loss_type} weights and `deviation` carry dropout noise from the first step."
             )
 
     def _check_prepared_dataset(self, train_dataset) -> None:

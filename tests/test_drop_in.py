@@ -3,10 +3,12 @@
 
 import pytest
 from datasets import Dataset, IterableDataset
+from peft import LoraConfig
 from tiny import COMPLETIONS, PROMPTS, conversational_dataset, cpu_args, make_model, prompt_completion_dataset
 from trl import SFTConfig, SFTTrainer
 
 from minorsft_trl import MinorSFTTrainer
+from minorsft_trl.reference import active_dropouts
 
 
 def sharegpt_dataset() -> Dataset:
@@ -102,3 +104,40 @@ def test_sharegpt_conversations_train_minor_sft_from_the_reference(tmp_path, tok
     )
     trainer.train()
     assert trainer.state.log_history[0]["deviation"] == 0.0
+
+
+# ---------------------------------------------------------------- dropout and NEFTune
+
+
+def dropout_trainer(tmp_path, tokenizer, **overrides):
+    """LoRA with `lora_dropout` (an `nn.Dropout`) on a model with attention dropout (functional, in Llama)."""
+    return MinorSFTTrainer(
+        make_model(tokenizer, attention_dropout=0.3),
+        args=cpu_args(tmp_path, max_steps=1, **overrides),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.3),
+    )
+
+
+@pytest.mark.parametrize("loss_type", ["minor_sft", "sft_kl"])
+def test_dropout_is_off_where_training_reads_the_reference_so_it_starts_at_zero(tmp_path, tokenizer, loss_type):
+    trainer = dropout_trainer(tmp_path, tokenizer, loss_type=loss_type)
+    assert active_dropouts(trainer.model) == []
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["deviation"] == 0.0
+    assert first.get("minor_weight", 1.0) == 1.0 and first.get("kl", 0.0) == 0.0
+
+
+def test_with_dropout_kept_the_start_is_noise_and_a_warning_says_so(tmp_path, tokenizer, warnings_of_minorsft):
+    trainer = dropout_trainer(tmp_path, tokenizer, disable_dropout=False)
+    assert len(active_dropouts(trainer.model)) == 6  # per layer: the q and v LoRA dropouts, the attention
+    assert any("disable_dropout=False with" in message for message in warnings_of_minorsft)
+    trainer.train()
+    assert trainer.state.log_history[0]["deviation"] != 0.0
+
+
+def test_plain_sft_keeps_the_models_dropout_as_sft_trainer_does(tmp_path, tokenizer):
+    trainer = dropout_trainer(tmp_path, tokenizer, loss_type="nll")
+    assert active_dropouts(trainer.model)
