@@ -84,13 +84,19 @@ def _zero3_gathered(tensor: torch.Tensor):
     return deepspeed.zero.GatheredParameters([tensor], modifier_rank=None)
 
 
+# The modules PEFT puts between a wrapped module and its weights: LoRA-type layers (`base_layer`), `modules_to_save`
+# (`original_module`), `trainable_token_indices` (`token_adapter.base_layer`)
+_PEFT_WRAPPERS = frozenset({"base_layer", "original_module", "token_adapter"})
+
+
 def peft_reference_name(name: str, other_adapters: list[str]) -> str | None:
     """The name of a PEFT model's state-dict entry in the plain model, or `None` for the weights of an adapter the
     reference does not run: the adapter-disabled reference then fingerprints exactly like its base model, whatever
-    modules the adapter wraps."""
+    modules the adapter wraps or copies."""
     if any(belongs_to_adapter(name, adapter) for adapter in other_adapters):
         return None
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    parts = name.removeprefix("base_model.model.").split(".")
+    return ".".join(part for part in parts if part not in _PEFT_WRAPPERS)
 
 
 def model_identity(model: torch.nn.Module, canonical_name: Callable[[str], str | None], adapter_config=None) -> dict:

@@ -379,7 +379,10 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         (plus its frozen `"ref"` adapter, if any), named as in the plain model, so equal weights are equal. Without any
         reference (`nll`): the policy as it starts, which is what a checkpoint of the run continues from."""
         if self.ref_model is not None:
-            return self.accelerator.unwrap_model(self.ref_model), lambda name: name, None
+            reference = self.accelerator.unwrap_model(self.ref_model)
+            # An explicit PEFT reference runs its active adapter, whose settings (`lora_alpha`) scale its output
+            adapter_config = reference.peft_config[reference.active_adapter] if is_peft_model(reference) else None
+            return reference, lambda name: name, adapter_config
         model = self.accelerator.unwrap_model(self.model)
         if not is_peft_model(model):
             return model, lambda name: name, None

@@ -98,12 +98,14 @@ SAME_WEIGHTS_OTHER_REFERENCE = {
     "hidden_act": lambda tok: dict(ref_model=make_model(tok, seed=1, hidden_act="gelu")),
     "attn_implementation": lambda tok: dict(ref_model=make_model(tok, seed=1, attn_implementation="eager")),
     "lora_alpha of the ref adapter": lambda tok: dict(model=retrained_lora(tok, lora_alpha=16)),
+    "lora_alpha of a PEFT ref_model": lambda tok: dict(ref_model=retrained_lora(tok, lora_alpha=16)),
 }
 BASELINE = {
     "rms_norm_eps": lambda tok: dict(ref_model=make_model(tok, seed=1)),
     "hidden_act": lambda tok: dict(ref_model=make_model(tok, seed=1)),
     "attn_implementation": lambda tok: dict(ref_model=make_model(tok, seed=1, attn_implementation="sdpa")),
     "lora_alpha of the ref adapter": lambda tok: dict(model=retrained_lora(tok, lora_alpha=8)),
+    "lora_alpha of a PEFT ref_model": lambda tok: dict(ref_model=retrained_lora(tok, lora_alpha=8)),
 }
 
 
@@ -114,8 +116,39 @@ def test_a_reference_with_equal_weights_but_another_configuration_gets_its_own_c
     first = precompute_trainer(tmp_path, tokenizer, **BASELINE[change](tokenizer))
     second = precompute_trainer(tmp_path, tokenizer, **SAME_WEIGHTS_OTHER_REFERENCE[change](tokenizer))
     assert count_reference_passes == ["train", "train"]
+    # Two keys, not one entry the second run rebuilt over the first's
+    assert len(cache_entries(tmp_path / "cache")) == 2
     if change != "attn_implementation":  # eager and sdpa attention agree to float noise
         assert first.train_dataset["ref_logps"] != second.train_dataset["ref_logps"]
+
+
+def cache_entries(cache_dir):
+    return [entry for entry in cache_dir.iterdir() if entry.is_dir()]
+
+
+# Adapters whose disabled base model is the same reference: other rank and targets, a trained copy of the LM head,
+# trained rows of the embeddings
+SAME_REFERENCE_ADAPTERS = {
+    "other rank and targets": LoraConfig(r=8, target_modules=["k_proj", "o_proj"]),
+    "modules_to_save": LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    "trainable_token_indices": LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[1, 2]),
+}
+
+
+@pytest.mark.parametrize("adapter", SAME_REFERENCE_ADAPTERS)
+def test_adapter_settings_that_leave_the_reference_alone_reuse_its_cache_entry(
+    tmp_path, tokenizer, count_reference_passes, adapter
+):
+    first = precompute_trainer(tmp_path, tokenizer, peft_config=lora_config())
+    second = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=first.args,
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=SAME_REFERENCE_ADAPTERS[adapter],
+    )
+    assert count_reference_passes == ["train"]
+    assert first.train_dataset["ref_logps"] == second.train_dataset["ref_logps"]
 
 
 def test_a_custom_collator_that_masks_differently_gets_its_own_cache_entry(
