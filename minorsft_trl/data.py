@@ -212,7 +212,9 @@ def load_mixture(dataset_args: DatasetMixtureConfig) -> DatasetDict:
         path = Path(config.path).expanduser()
         if path.is_file():
             builder = file_builder(path, where)
-            config = replace(config, path=builder, name=None, data_dir=None, data_files={config.split: str(path)})
+            # The file is the split named before any slice (`train[:50%]`), which `load_dataset` then takes
+            split_name = config.split.split("[")[0]
+            config = replace(config, path=builder, name=None, data_dir=None, data_files={split_name: str(path)})
         elif path.is_dir():
             if is_saved_dataset(path):
                 raise ValueError(

@@ -5,9 +5,12 @@ A padded batch holds one example per row. A padding-free batch (TRL's `padding_f
 begins. Minor SFT normalises per example, so per-token tensors are reduced per original example, never per row.
 """
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 
 @dataclass(frozen=True)
@@ -64,3 +67,18 @@ class ExampleIndex:
         """
         sums = per_token.new_zeros(self.num_examples)
         return sums.index_add(0, self.example_ids, per_token[self.answer_mask])
+
+
+@dataclass
+class PackedRowsApart:
+    """TRL's collator where the eval rows are packed and the training rows are not (`packing=False`,
+    `eval_packing=True`): the training collator gives a packed row no `position_ids`, so its examples would attend to
+    each other and count as one. Rows that carry their `seq_lengths` (packed ones) are collated padding-free instead,
+    as `packing=True` collates them: their examples kept apart by `position_ids`."""
+
+    collator: DataCollatorForLanguageModeling
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if "seq_lengths" in examples[0]:
+            return dataclasses.replace(self.collator, padding_free=True)(examples)
+        return self.collator(examples)

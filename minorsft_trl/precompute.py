@@ -197,7 +197,7 @@ class PrecomputedReferenceMixin:
             logger.warning(f"The cached reference log-probs of {name!r} hold another number of examples: rebuilding.")
             return False
         per_token = ((live - expected) / num_tokens).abs().max().item() if live.numel() else 0.0
-        tolerance = deviation_tolerance(self._half_precision())
+        tolerance = deviation_tolerance(self._half_precision(), same_batch=False)
         if per_token > tolerance:
             logger.warning(
                 f"The cached reference log-probs of {name!r} differ from a live reference pass by up to "

@@ -17,6 +17,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import prepare_deepspeed, prepare_fsdp
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import (
     add_fused_lm_head,
     create_model_from_path,
@@ -36,7 +37,7 @@ from .config import TRL_LOSS_TYPES, MinorSFTConfig
 from .drift.budget import DriftBudgetCallback
 from .drift.card import drift_section
 from .drift.live import DriftCallback, DriftMixin
-from .examples import ExampleIndex
+from .examples import ExampleIndex, PackedRowsApart
 from .fingerprint import model_identity, module_fingerprint, peft_reference_name
 from .loss_types import LossInputs, MeanOver, ReferenceNeed
 from .losses import deviation
@@ -219,6 +220,13 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                     formatting_func=formatting_func,
                 )
             self._check_prepared_dataset(train_dataset)
+            if (
+                args.eval_packing
+                and not args.packing
+                and isinstance(self.data_collator, DataCollatorForLanguageModeling)
+                and not self.data_collator.padding_free
+            ):
+                self.data_collator = PackedRowsApart(self.data_collator)
             self._disable_dropout_if_asked()
             check_parallelism(args, self.accelerator.parallelism_config)
             self._warn_if_launcher_overrides_precision()
@@ -446,7 +454,17 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         return self.accelerator.mixed_precision if self.accelerator.native_amp else "no"
 
     def _half_precision(self) -> bool:
-        return self._autocast_precision() != "no" or self.model.dtype in (torch.bfloat16, torch.float16)
+        """Whether either side of the log-ratio computes in half precision: under autocast, or with half-precision
+        weights (a bf16 model; or QLoRA's trained parameters, which TRL casts to bf16, e.g. a `modules_to_save` copy
+        of the LM head that the policy runs in bf16 where its reference runs the model's float32 head)."""
+        if self._autocast_precision() != "no":
+            return True
+        models = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+        return any(
+            param.dtype in (torch.bfloat16, torch.float16)
+            for model in models
+            for param in self.accelerator.unwrap_model(model).parameters()
+        )
 
     # ------------------------------------------------------------------ loss
 
@@ -485,6 +503,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             return result
 
         ref_logps = inputs.pop(REF_LOGPS, None)
+        precomputed = ref_logps is not None
         ref_hidden = ref_head = None
         if self._needs_reference_distribution:
             # Reference first: its activations are freed before the policy's graph is built
@@ -498,7 +517,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             )
         if mode == "train" and self._reference_check is not None:
             if self.state.global_step == 0:  # not when resuming: the policy has moved by then
-                self._check_reference_at_start(model, inputs, index, ref_logps)
+                self._check_reference_at_start(model, inputs, index, ref_logps, precomputed)
             self._reference_check = None
         unwrapped = self.accelerator.unwrap_model(model)
         recorder = _FusedForwardRecorder(model, unwrapped if ref_hidden is not None else None)
@@ -538,15 +557,13 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         return (loss, trl_result[1]) if return_outputs else loss
 
     def _check_reference_at_start(
-        self, model, inputs: dict[str, Any], index: ExampleIndex, ref_logps: torch.Tensor
+        self, model, inputs: dict[str, Any], index: ExampleIndex, ref_logps: torch.Tensor, precomputed: bool
     ) -> None:
         """Before the first update, compare the policy in reference mode with the reference on this batch (all
-        processes), and stop if a reference that must equal the policy's starting point does not (`ReferenceCheck`)."""
+        processes), and stop if a reference that must equal the policy's starting point does not (`ReferenceCheck`).
+        `precomputed`: whether `ref_logps` come from the precompute pass (other batches: layout noise)."""
         start = time.perf_counter()
-        policy = self.accelerator.unwrap_model(model)
-        with reference_mode(policy):
-            policy_logps = index.sum(_fused_token_logps(policy, inputs)[:, -index.answer_mask.size(1) :])
-        per_token = (policy_logps - ref_logps) / index.num_tokens
+        per_token = self._start_log_ratios(model, inputs, index, ref_logps)
         local = torch.stack(
             [
                 per_token.abs().max() if per_token.numel() else per_token.new_tensor(0.0),
@@ -556,8 +573,19 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         )
         stats = self.accelerator.gather(local[None]).view(-1, 3)
         max_abs, total, count = stats[:, 0].max().item(), stats[:, 1].sum().item(), stats[:, 2].sum().item()
-        self._reference_check.verify(max_abs, total / max(count, 1), deviation_tolerance(self._half_precision()))
+        tolerance = deviation_tolerance(self._half_precision(), same_batch=not precomputed)
+        self._reference_check.verify(max_abs, total / max(count, 1), tolerance)
         logger.info(f"The reference check took {time.perf_counter() - start:.3f} s.")
+
+    def _start_log_ratios(
+        self, model, inputs: dict[str, Any], index: ExampleIndex, ref_logps: torch.Tensor
+    ) -> torch.Tensor:
+        """`(num_examples,)` log-ratios per answer token of the policy in reference mode (no dropout) against the
+        reference's `ref_logps` on this batch."""
+        policy = self.accelerator.unwrap_model(model)
+        with reference_mode(policy):
+            policy_logps = index.sum(_fused_token_logps(policy, inputs)[:, -index.answer_mask.size(1) :])
+        return (policy_logps - ref_logps) / index.num_tokens
 
     def _mean_over_examples(self, per_example: torch.Tensor, num_examples_in_step: torch.Tensor | None):
         """Sum of this micro-batch's per-example losses over the examples of the optimizer step (training), or over

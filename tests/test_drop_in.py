@@ -4,6 +4,7 @@
 import pytest
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig
+from test_gradients import _perturb_lora, lora_config
 from tiny import COMPLETIONS, PROMPTS, conversational_dataset, cpu_args, make_model, prompt_completion_dataset
 from trl import SFTConfig, SFTTrainer
 
@@ -141,3 +142,34 @@ def test_with_dropout_kept_the_start_is_noise_and_a_warning_says_so(tmp_path, to
 def test_plain_sft_keeps_the_models_dropout_as_sft_trainer_does(tmp_path, tokenizer):
     trainer = dropout_trainer(tmp_path, tokenizer, loss_type="nll")
     assert active_dropouts(trainer.model)
+
+
+# ---------------------------------------------------------------- packed evaluation of unpacked training
+
+
+def evaluated(tmp_path, tokenizer, eval_packing, precompute):
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(
+            tmp_path / f"packed-{eval_packing}-{precompute}", eval_packing=eval_packing, max_length=256,
+            per_device_eval_batch_size=8, precompute_ref_log_probs=precompute, ref_cache_dir=str(tmp_path / "cache"),
+            eval_drift=False,
+        ),
+        train_dataset=prompt_completion_dataset(),
+        eval_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )  # fmt: skip
+    _perturb_lora(trainer.model)  # the policy away from its reference: per-example weights differ
+    return trainer, trainer.evaluate()
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["on the fly", "precomputed"])
+def test_packed_eval_rows_of_unpacked_training_are_scored_per_example(tmp_path, tokenizer, precompute):
+    """`packing=False, eval_packing=True`: TRL packs the eval rows and collates them with the training collator,
+    which gives them no `position_ids`; each packed row must still be its examples, each attending to itself."""
+    packed_trainer, packed = evaluated(tmp_path, tokenizer, eval_packing=True, precompute=precompute)
+    assert len(packed_trainer.eval_dataset) < 8  # the 8 examples are packed into fewer rows
+    _, unpacked = evaluated(tmp_path, tokenizer, eval_packing=False, precompute=precompute)
+    for key in ("eval_loss", "eval_deviation", "eval_minor_weight", "eval_minor_weight_min", "eval_answer_nll"):
+        assert packed[key] == pytest.approx(unpacked[key], rel=1e-5, abs=1e-6), key

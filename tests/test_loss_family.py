@@ -167,9 +167,9 @@ def reference_objective(loss_type, policy_logps_v, ref_logps_v, batch):
     return (weight[:, None] * -token_logps * mask).sum() / mask.sum()
 
 
-def _trainer(tmp_path, tokenizer, loss_type, architecture="llama", **kwargs):
+def _trainer(tmp_path, tokenizer, loss_type, architecture="llama", model=None, **kwargs):
     return MinorSFTTrainer(
-        make_model(tokenizer, architecture=architecture),
+        model if model is not None else make_model(tokenizer, architecture=architecture),
         args=step_args(tmp_path, loss_type=loss_type, kl_coef=KL_COEF),
         train_dataset=prompt_completion_dataset(),
         processing_class=tokenizer,
@@ -198,9 +198,12 @@ def test_lora_gradient_away_from_the_reference_equals_the_papers_objective(
 def test_full_fine_tuning_gradient_with_a_separate_reference_equals_the_papers_objective(
     tmp_path, tokenizer, loss_type
 ):
-    """Full fine-tuning: the LM head (tied to the embeddings) gets the KL's gradient too."""
-    reference = make_model(tokenizer, seed=1)
-    trainer = _trainer(tmp_path, tokenizer, loss_type, ref_model=reference)
+    """Full fine-tuning: the LM head, tied to the embeddings, gets the KL's gradient too (through the tied weight)."""
+    reference = make_model(tokenizer, seed=1, tie_word_embeddings=True)
+    policy = make_model(tokenizer, tie_word_embeddings=True)
+    trainer = _trainer(tmp_path, tokenizer, loss_type, model=policy, ref_model=reference)
+    for model in (trainer.model, reference):
+        assert model.lm_head.weight is model.model.embed_tokens.weight, "the head must be tied"
     batch = whole_dataset_batch(trainer)
     with torch.no_grad():
         ref_logps_v, _ = full_logits(reference, batch)

@@ -183,6 +183,15 @@ def test_a_mixture_of_two_local_files_with_columns_and_fractions(tmp_path):
         load_datasets(script_args(), mixture(0.5, 0.5), evaluate=True)
 
 
+@pytest.mark.parametrize(("split", "expected"), [("train[:50%]", rows(5)), ("train[2:4]", rows(4)[2:])])
+def test_a_mixture_entry_that_is_a_local_file_takes_a_sliced_split(tmp_path, split, expected):
+    """As for a Hub dataset through TRL: the slice is read from the file's one split."""
+    data = write(tmp_path / "data.jsonl", rows(10))
+    mixture = DatasetMixtureConfig(datasets=[DatasetConfig(path=str(data), split=split)])
+    train, _ = load_datasets(script_args(), mixture, evaluate=False)
+    assert as_list(train) == expected
+
+
 def test_a_recipe_with_a_mixture_parses_with_the_scripts_dataclasses(tmp_path):
     """The four dataclasses of TRL's sft.py, with ours in place of `ScriptArguments` and `SFTConfig`: no field
     clashes, and the YAML a user writes gives a mixture `load_datasets` reads."""

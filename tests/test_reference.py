@@ -112,6 +112,28 @@ def test_qlora_reference_equals_a_pristine_4bit_base_after_training_and_evaluati
     assert not torch.allclose(fused_logps(trainer.model.train(), batch), fused_logps(base, batch), atol=1e-3)
 
 
+def test_qlora_of_a_float32_model_with_a_trained_head_copy_passes_the_start_check(
+    tmp_path, tokenizer, quantizable_model_dir
+):
+    """What TRL sets up by itself when `chat_template_path` adds tokens: `modules_to_save=["lm_head"]`, whose trained
+    copy TRL casts to bfloat16 under QLoRA, while the reference (adapters disabled) runs the float32 head."""
+    trainer = MinorSFTTrainer(
+        quantizable_model_dir,
+        args=cpu_args(tmp_path, max_steps=1),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=replace(lora_config(), modules_to_save=["lm_head"]),
+        quantization_config=four_bit_config(),
+    )
+    head_copy = trainer.model.base_model.model.lm_head.modules_to_save["default"].weight
+    assert (
+        head_copy.dtype == torch.bfloat16
+        and trainer.model.base_model.model.lm_head.original_module.weight.dtype == torch.float32
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
 def test_reference_pass_restores_adapters_and_train_mode_even_when_the_forward_raises(tmp_path, tokenizer):
     trainer = MinorSFTTrainer(
         make_model(tokenizer),
@@ -151,7 +173,7 @@ def test_policy_log_probs_are_bit_identical_with_and_without_a_reference_pass(tm
     config.lora_dropout = 0.2
     trainer = MinorSFTTrainer(
         make_model(tokenizer, attention_dropout=0.2),
-        args=train_args(tmp_path),
+        args=train_args(tmp_path, disable_dropout=False),  # the reference pass must not move the RNG either way
         train_dataset=prompt_completion_dataset(),
         processing_class=tokenizer,
         peft_config=config,

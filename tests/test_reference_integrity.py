@@ -289,8 +289,15 @@ def fails_the_check(trainer):
     assert trainer.state.global_step == 0
 
 
-def test_check_fires_when_disabling_the_adapters_does_not_give_the_starting_weights(tmp_path, tokenizer):
-    # PiSSA moves the principal components of the base weights into the adapter: disabled, it is not the base model
+@pytest.mark.parametrize("precision", ["float32", "bf16 autocast"])
+def test_check_fires_when_disabling_the_adapters_does_not_give_the_starting_weights(
+    tmp_path, tokenizer, request, precision
+):
+    # PiSSA moves the principal components of the base weights into the adapter: disabled, it is not the base model.
+    # On the tiny random model the policy is off by only 0.02 nats per token, the float32 and the bf16 tolerance of a
+    # check on the same batch catch that; a real model is off by nats (`benchmarks/reference_check_noise.py`)
+    if precision == "bf16 autocast":
+        request.getfixturevalue("launched_with_bf16_autocast")
     fails_the_check(
         lora_trainer(tmp_path, tokenizer, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="pissa"))
     )
