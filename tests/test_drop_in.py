@@ -68,6 +68,10 @@ DATASETS = {
         {},
     ),
     "prompt without completion": lambda tok: (Dataset.from_dict({"prompt": PROMPTS}), {}),
+    "preference (DPO's format)": lambda tok: (
+        Dataset.from_dict({"prompt": PROMPTS, "chosen": COMPLETIONS, "rejected": COMPLETIONS[::-1]}),
+        {},
+    ),
     "question and answer": lambda tok: (Dataset.from_dict({"question": PROMPTS, "answer": COMPLETIONS}), {}),
 }
 
