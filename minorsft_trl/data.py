@@ -145,10 +145,10 @@ def load_datasets(
             '`eval_strategy: "no"`.'
         )
 
-    train = first(train, script_args.max_train_examples)
+    train = _capped(train, script_args.max_train_examples, "max_train_examples", "training")
     if not evaluate:
         return DataSplits(train, None)
-    test = first(test, script_args.max_eval_examples)
+    test = _capped(test, script_args.max_eval_examples, "max_eval_examples", "eval")
     if isinstance(test, Dataset) and len(test) == 0:
         raise ValueError(
             f"The eval split of {source} is empty (0 examples; max_eval_examples={script_args.max_eval_examples}): "
@@ -257,6 +257,14 @@ def carve_test_split(dataset: Dataset, test_size: int | float, seed: int = 0) ->
         )
     parts = dataset.train_test_split(test_size=count, shuffle=True, seed=seed)
     return parts["train"], parts["test"]
+
+
+def _capped(dataset, cap: int | None, name: str, split: str):
+    """`first(dataset, cap)`, saying when the cap leaves examples out."""
+    capped = first(dataset, cap)
+    if isinstance(dataset, Dataset) and len(capped) < len(dataset):
+        logger.warning(f"{name}={cap}: using the first {len(capped)} of the {len(dataset)} {split} examples.")
+    return capped
 
 
 def first(dataset, n: int | None):

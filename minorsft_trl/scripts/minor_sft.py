@@ -23,7 +23,10 @@ import os
 import sys
 import types
 import typing
+from pathlib import Path
 
+import transformers
+import yaml
 from accelerate import PartialState
 from transformers import AutoTokenizer
 from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config, get_quantization_config
@@ -34,6 +37,8 @@ from minorsft_trl.embedded import resolve_model
 from minorsft_trl.packaged import resolve_config_argument, resolve_recipe_file
 from minorsft_trl.plotting import plot_training_curves
 from minorsft_trl.validation import check_recipe_keys
+
+logger = transformers.utils.logging.get_logger("minorsft_trl.scripts.minor_sft")
 
 
 def main(
@@ -128,7 +133,31 @@ def parse_args(args: list[str] | None = None):
         check_recipe_keys(args[args.index("--config") + 1])
     configs = make_parser().parse_args_and_config(args)
     check_types(*configs)
+    drop_caps_of_other_data(args, configs[0])
     return configs
+
+
+# The example caps of a recipe, which belong to the data the recipe names (the BIG-bench demo's 400 questions)
+_CAPS = ("max_train_examples", "max_eval_examples")
+
+
+def drop_caps_of_other_data(args: list[str], script_args: MinorSFTScriptArguments) -> None:
+    """A recipe's `max_train_examples` / `max_eval_examples` limit the recipe's own data: when the command line names
+    other data (`--dataset_name`, `--datasets`) and does not set a cap itself, the recipe's caps are dropped, and the
+    log says so, rather than silently cutting the user's data."""
+    given = {arg.split("=")[0] for arg in args if arg.startswith("--")}
+    if "--config" not in args or not {"--dataset_name", "--datasets"} & given:
+        return
+    recipe = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text()) or {}
+    if recipe.get("dataset_name") == script_args.dataset_name and "--datasets" not in given:
+        return
+    for cap in _CAPS:
+        if recipe.get(cap) is not None and f"--{cap}" not in given:
+            setattr(script_args, cap, None)
+            logger.warning(
+                f"The recipe's {cap}={recipe[cap]} limits its own data ({recipe.get('dataset_name')!r}); the command "
+                f"line names other data, which is used whole. Pass --{cap} N to cap it."
+            )
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None) -> TrlParser:
