@@ -6,6 +6,7 @@ optimizer step with both models in reference mode, must be 0 up to float noise. 
 explicit `ref_model`, prompt learning's virtual tokens), the initial deviation is logged once.
 """
 
+import math
 from dataclasses import dataclass
 
 import transformers
@@ -62,6 +63,12 @@ class ReferenceCheck:
                 f"{max_abs_deviation:.4g}). `deviation` and the brake measure drift from that reference."
             )
             return
+        if not math.isfinite(max_abs_deviation):
+            raise RuntimeError(
+                f"Reference check failed: on the first batch the log-ratio per answer token of the policy against "
+                f"{self.description} is {max_abs_deviation} for one example: the policy or the reference gives "
+                "non-finite log-probs, so their weights hold NaN or inf. Check the model (and the reference) you load."
+            )
         if max_abs_deviation > tolerance:
             raise RuntimeError(
                 f"Reference check failed: the reference is {self.description}, which must give the policy's own "

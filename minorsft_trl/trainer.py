@@ -488,6 +488,41 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = self._loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if self.model.training and not torch.isfinite(loss.detach()).all():
+            self._stop_on_non_finite_loss(loss)
+        return result
+
+    def _stop_on_non_finite_loss(self, loss: torch.Tensor) -> None:
+        """A NaN or infinite training loss: stop with the step and the likely cause, rather than train on and save a
+        broken model (transformers logs the NaN and carries on)."""
+        broken = [
+            f"{label} {name!r}"
+            for label, module in (("policy", self.model), ("reference", self.ref_model))
+            if module is not None
+            for name, param in self.accelerator.unwrap_model(module).named_parameters()
+            if param.is_floating_point() and not torch.isfinite(param).all()
+        ]
+        if broken:
+            cause = f"{len(broken)} weights hold NaN or inf (e.g. the {broken[0]}): " + (
+                "the model was broken when loaded; check the checkpoint (and its dtype: a float16 conversion can "
+                "overflow)."
+                if self.state.global_step == 0
+                else "the updates diverged; lower `learning_rate`, or keep `max_grad_norm` on."
+            )
+        else:
+            cause = (
+                "the weights are finite, but the forward is not: a float16 overflow (train in bf16 or float32), or "
+                "logits the loss cannot take."
+            )
+        raise RuntimeError(
+            f"The training loss is {loss.item()} at step {self.state.global_step}: {cause} Training stops here, "
+            "before a broken model is saved."
+        )
+
+    def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss of one micro-batch (see `compute_loss`)."""
         num_examples_in_step = inputs.pop(NUM_EXAMPLES_KEY, None)
         mode = "train" if self.model.training else "eval"
         index = ExampleIndex.from_batch(inputs["labels"], inputs.get("position_ids"))

@@ -1,8 +1,12 @@
 """What a new user trips on that is not a plain bad input: a run that would silently do something other than what was
 asked (caps of another dataset, NaN weights, a LoRA target that matches nothing, a resumed run with other settings)."""
 
-from tiny import prompt_completion_dataset, write_recipe
+import pytest
+import torch
+from test_gradients import lora_config
+from tiny import cpu_args, make_model, prompt_completion_dataset, write_recipe
 
+from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.data import MinorSFTScriptArguments, load_datasets
 from minorsft_trl.scripts.minor_sft import parse_args
 
@@ -31,3 +35,32 @@ def test_a_cap_that_leaves_examples_out_says_so(tmp_path, warnings_of_minorsft):
     train, _ = load_datasets(MinorSFTScriptArguments(dataset_name=str(own), max_train_examples=3), evaluate=False)
     assert len(train) == 3
     assert "max_train_examples=3: using the first 3 of the 8 training examples." in warnings_of_minorsft
+
+
+def nan_model(tokenizer):
+    model = make_model(tokenizer)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    return model
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "message"),
+    [
+        ("minor_sft", r"Reference check failed: .* is nan for one example: the policy or the reference gives"),
+        ("nll", r"The training loss is nan at step 0: 1 weights hold NaN or inf \(e.g. the policy "
+                r"'base_model.model.model.layers.0.mlp.down_proj.(base_layer.)?weight'\): the model was broken when "
+                r"loaded"),
+    ],
+)  # fmt: skip
+def test_a_model_with_nan_weights_stops_at_the_first_step_and_saves_nothing(tmp_path, tokenizer, loss_type, message):
+    trainer = MinorSFTTrainer(
+        nan_model(tokenizer),
+        args=cpu_args(tmp_path / "out", loss_type=loss_type, max_steps=2, save_strategy="steps", save_steps=1),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    with pytest.raises(RuntimeError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not list((tmp_path / "out").glob("checkpoint-*"))
