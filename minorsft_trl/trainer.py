@@ -56,7 +56,7 @@ from .reference import (
     reference_mode,
 )
 from .reference_check import ReferenceCheck, deviation_tolerance
-from .validation import check_inputs, check_parallelism, is_peft_model_or_path
+from .validation import check_adapter_targets, check_inputs, check_parallelism, is_peft_model_or_path
 from .vocabulary_kl import (
     answer_hidden_states,
     captured_hidden_states,
@@ -220,6 +220,8 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                     formatting_func=formatting_func,
                 )
             self._check_prepared_dataset(train_dataset)
+            if peft_config is not None:
+                check_adapter_targets(self.accelerator.unwrap_model(self.model))
             if (
                 args.eval_packing
                 and not args.packing

@@ -161,6 +161,33 @@ def check_parallelism(args, parallelism) -> None:
         )
 
 
+def check_adapter_targets(model: "torch.nn.Module") -> None:
+    """Refuse a PEFT adapter whose `target_modules` list names a module the model does not have: PEFT stops only when
+    no name matches, so a typo in one of them (`[q_proj, v_prj]`) would train the others alone."""
+    config = model.peft_config[model.active_adapter]
+    targets = getattr(config, "target_modules", None)
+    if not isinstance(targets, list | set | tuple):
+        return  # "all-linear", a regular expression, or a PEFT type without targets
+    targeted = getattr(model.base_model, "targeted_module_names", [])
+    missing = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in targeted))
+    if not missing:
+        return
+    adapters = set(model.peft_config)
+    linear = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not adapters & set(name.split(".")) and "." in name
+        }
+        - {"base_layer"}
+    )
+    raise ValueError(
+        f"{config.peft_type.value} target_modules {missing} match no module of the model, so the adapter would train "
+        f"only {sorted(set(targets) - set(missing))}. The model's linear layers are named {linear}: fix the names "
+        "(`lora_target_modules` in a recipe), or use 'all-linear'."
+    )
+
+
 def check_launch(args) -> None:
     """Refuse a launch whose processes are not one training: `accelerate launch --num_processes 2` of a multi-GPU
     config on a machine without GPUs and without `use_cpu` starts processes that each train alone (world size 1),

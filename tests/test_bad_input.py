@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from datasets import IterableDataset
+from peft import LoraConfig
 from test_gradients import lora_config
 from test_reference import four_bit_config
 from tiny import cpu_args, make_model, make_tokenizer, prompt_completion_dataset, write_recipe
@@ -308,6 +309,13 @@ CASES = [
      r"invalid float value: 'fast'"),
     ("cli", "unknown loss type", lambda c: parse_args(["--config", str(c.recipe()), "--loss_type", "minorsft"]),
      SystemExit, r"invalid choice: 'minorsft'"),
+    # The second newcomer walk
+    ("python", "a LoRA target that matches nothing",
+     lambda c: c.trainer(peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_prj"])), ValueError,
+     r"LORA target_modules \['v_prj'\] match no module of the model, so the adapter would train only \['q_proj'\]\. "
+     r"The model's linear layers are named \[.*'v_proj'.*\]: fix the names"),
+    ("yaml", "a LoRA target that matches nothing", lambda c: c.run_recipe(lora_target_modules=["q_proj", "v_prj"]),
+     ValueError, r"target_modules \['v_prj'\] match no module.*`lora_target_modules` in a recipe"),
 ]  # fmt: skip
 
 
