@@ -3,10 +3,16 @@
 import math
 from dataclasses import dataclass, field
 
+import transformers
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig
 
 from .loss_types import REFERENCE_LOSSES, LossType
+
+logger = transformers.utils.logging.get_logger(__name__)
+
+# Above it, `sft_dpo`'s first steps are more than half the summed answer NLL gradient
+SFT_DPO_LARGE_BETA = 1.0
 
 TRL_LOSS_TYPES = ("nll", "dft")
 REFERENCE_LOSS_TYPES = tuple(REFERENCE_LOSSES)
@@ -199,6 +205,13 @@ class MinorSFTConfig(SFTConfig):
         _check_number("beta", self.beta, positive=True, hint="The paper's best is beta=0.04.")
         _check_number("kl_coef", self.kl_coef, positive=False, hint="The ASFT paper recommends kl_coef=0.05.")
         _check_number("iw_weight_max", self.iw_weight_max, positive=True, hint="The iw-SFT authors use 16.")
+        if self.loss_type == "sft_dpo" and self.beta > SFT_DPO_LARGE_BETA:
+            logger.warning(
+                f"loss_type='sft_dpo' with beta={self.beta:g}: at the start its gradient is beta/2 = "
+                f"{self.beta / 2:g} times the gradient of the answer's summed NLL (a sum over its tokens, not a "
+                "mean), so the first steps are that much larger than plain SFT's, and once the policy moves the "
+                "weights sigmoid(-beta r) fall to 0. The paper's best is beta=0.04."
+            )
         reference_loss = self.reference_loss
         if self.precompute_ref_log_probs and reference_loss and not reference_loss.reference.can_be_precomputed:
             precomputable = [name for name, loss in REFERENCE_LOSSES.items() if loss.reference.can_be_precomputed]

@@ -17,6 +17,7 @@ from .losses import (
     minor_sft_loss,
     minor_sft_weight,
     sft_dpo_loss,
+    sft_dpo_weight,
     sft_kl_loss,
 )
 
@@ -77,6 +78,8 @@ class LossType:
         settings: the `MinorSFTConfig` fields the loss reads (named with the run, e.g. in its plot's title).
         weight_name: the metric under which per-example weights are logged (with `_min` and `_max`), if any.
         weight: `(log_ratio, num_tokens, args) -> (N,)` the per-example weights the loss applies.
+        brakes: whether the weights shrink towards 0 as the policy moves away from the reference: all of them near 0
+            means learning has stopped (the trainer warns).
     """
 
     reference: ReferenceNeed
@@ -85,6 +88,7 @@ class LossType:
     settings: tuple[str, ...]
     weight_name: str | None = None
     weight: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor] | None = None
+    brakes: bool = False
 
 
 REFERENCE_LOSSES: dict[str, LossType] = {
@@ -95,12 +99,16 @@ REFERENCE_LOSSES: dict[str, LossType] = {
         settings=("beta",),
         weight_name="minor_weight",
         weight=lambda log_ratio, num_tokens, args: minor_sft_weight(log_ratio, args.beta),
+        brakes=True,
     ),
     "sft_dpo": LossType(
         ReferenceNeed.SEQUENCE,
         MeanOver.EXAMPLES,
         loss=lambda b, args: sft_dpo_loss(b.policy_logps, b.ref_logps, args.beta),
         settings=("beta",),
+        weight_name="dpo_weight",
+        weight=lambda log_ratio, num_tokens, args: sft_dpo_weight(log_ratio, args.beta),
+        brakes=True,
     ),
     "asft": LossType(
         ReferenceNeed.DISTRIBUTION,

@@ -60,6 +60,20 @@ def minor_sft_loss(
     return weight * (-policy_logps / num_tokens)
 
 
+def sft_dpo_weight(log_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """The factor `sigmoid(-beta * r_i)` of the "SFT using DPO" gradient (paper eq. 4), in `(0, 1)`: `1/2` where the
+    policy equals the reference, towards 0 as the policy's answer gains on the reference's.
+
+    Args:
+        log_ratio: `(N,)` sequence log-ratios `r_i`.
+        beta: the DPO temperature, > 0.
+
+    Returns:
+        `(N,)` weights.
+    """
+    return torch.sigmoid(-beta * log_ratio)
+
+
 def sft_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
     """The paper's "SFT using DPO" (eq. 3): DPO's loss on the chosen answer alone, `-log sigmoid(beta * r_i)`.
 

@@ -712,13 +712,14 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             for key, reduce in ((f"{weight_name}_min", min), (f"{weight_name}_max", max)):
                 if metrics.get(key):
                     metrics[key] = [reduce(metrics[key])]
-        if mode == "train" and metrics.get("minor_weight_max") and metrics["minor_weight_max"][0] < STALLED_WEIGHT:
+        largest = metrics.get(f"{weight_name}_max")
+        if mode == "train" and reference_loss.brakes and largest and largest[0] < STALLED_WEIGHT:
             log_ratio = sum(metrics["log_ratio"]) / len(metrics["log_ratio"])
             logger.warning(
-                f"Every Minor SFT weight of the last logging window is below {STALLED_WEIGHT:g} (largest "
-                f"{metrics['minor_weight_max'][0]:.3g}, mean log-ratio {log_ratio:.3g}): "
-                f"the brake has stopped learning. beta={self.args.beta:g} is too large for these log-ratios; lower "
-                "it (the paper's best is 0.04)."
+                f"Every {self.args.loss_type} weight (`{weight_name}`) of the last logging window is below "
+                f"{STALLED_WEIGHT:g} (largest {largest[0]:.3g}, mean log-ratio {log_ratio:.3g}): the brake has "
+                f"stopped learning. beta={self.args.beta:g} is too large for these log-ratios; lower it (the paper's "
+                "best is 0.04)."
             )
         super().log(logs, start_time)
 

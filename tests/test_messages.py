@@ -1,6 +1,7 @@
 """What a user is told: a warning for input that is legitimate but probably not meant, a trainer that reports to
 TensorBoard offline, and nothing that fails a run after it succeeded."""
 
+import pytest
 from test_gradients import lora_config
 from tiny import cpu_args, make_model, prompt_completion_dataset
 
@@ -27,13 +28,22 @@ def test_empty_completions_are_reported(tmp_path, tokenizer, warnings_of_minorsf
     )
 
 
-def test_a_brake_that_stops_all_learning_is_reported(tmp_path, tokenizer, warnings_of_minorsft):
-    # beta=1e9: once the policy moves, every weight 2*sigmoid(-beta*r) is 0 and nothing is learned any more
-    run = trainer(tmp_path, tokenizer, beta=1e9, max_steps=3, learning_rate=5e-2, per_device_train_batch_size=4)
+@pytest.mark.parametrize(("loss_type", "weight"), [("minor_sft", "minor_weight"), ("sft_dpo", "dpo_weight")])
+def test_a_brake_that_stops_all_learning_is_reported(tmp_path, tokenizer, warnings_of_minorsft, loss_type, weight):
+    # beta=1e9: once the policy moves, every weight 2*sigmoid(-beta*r) (sigmoid(-beta*r) for sft_dpo) is 0 and nothing
+    # is learned any more
+    run = trainer(
+        tmp_path, tokenizer, loss_type=loss_type, beta=1e9, max_steps=3, learning_rate=5e-2,
+        per_device_train_batch_size=4,
+    )  # fmt: skip
     run.train()
-    assert [log["minor_weight_max"] < 1e-3 for log in run.state.log_history if "loss" in log] == [False, True, True]
+    stalled_windows = [log[f"{weight}_max"] < 1e-3 for log in run.state.log_history if "loss" in log]
+    assert stalled_windows[0] is False and stalled_windows[-1] is True
     stalled = [m for m in warnings_of_minorsft if "the brake has stopped learning" in m]
-    assert len(stalled) == 2 and "beta=1e+09 is too large" in stalled[0]
+    assert len(stalled) == sum(stalled_windows)
+    assert f"`{weight}`" in stalled[0] and "beta=1e+09 is too large" in stalled[0]
+    large_start = [m for m in warnings_of_minorsft if "beta/2 = 5e+08 times the gradient" in m]
+    assert len(large_start) == (loss_type == "sft_dpo")
 
 
 def test_a_normal_run_is_not_reported(tmp_path, tokenizer, warnings_of_minorsft):
