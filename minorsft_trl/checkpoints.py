@@ -63,14 +63,16 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
 RUN_IDENTITY = "minorsft_run.json"
 
 
-def write_run_identity(checkpoint: str | Path, identity: dict[str, str]) -> None:
-    """Record what a checkpoint belongs to (loss type, model, reference fingerprint), before it is marked complete."""
+def write_run_identity(checkpoint: str | Path, identity: dict) -> None:
+    """Record what a checkpoint belongs to (loss type and settings, model, reference fingerprint, adapter, data),
+    before it is marked complete."""
     (Path(checkpoint) / RUN_IDENTITY).write_text(json.dumps(identity, indent=1, sort_keys=True))
 
 
-def check_run_identity(checkpoint: str | Path, identity: dict[str, str]) -> None:
-    """Refuse to resume from a checkpoint of another run: another loss type, or another model or reference (adapters
-    of equal shapes would load silently and stitch two runs together)."""
+def check_run_identity(checkpoint: str | Path, identity: dict) -> None:
+    """Refuse to resume from a checkpoint of another run: another loss type or loss settings (`beta`), another model
+    or reference, another adapter (rank, targets), or other training data (adapters of equal shapes would load
+    silently and stitch two runs together; others fail deep in torch). Say what is resumed."""
     try:
         recorded = json.loads((Path(checkpoint) / RUN_IDENTITY).read_text())
     except (OSError, ValueError):
@@ -90,9 +92,32 @@ def check_run_identity(checkpoint: str | Path, identity: dict[str, str]) -> None
             f"{str(recorded.get('reference'))[:12]}) than this run's ({identity['model']!r}, "
             f"{identity['reference'][:12]})"
         )
+    # Recorded since the second version of this file: older checkpoints are compared on the above only
+    if "settings" in recorded and recorded["settings"] != identity["settings"]:
+        changed = ", ".join(
+            f"{name}={recorded['settings'].get(name)!r} there, {value!r} here"
+            for name, value in identity["settings"].items()
+            if recorded["settings"].get(name) != value
+        )
+        differences.append(f"its loss settings differ ({changed})")
+    if "adapter" in recorded and recorded["adapter"] != identity["adapter"]:
+        changed = _changed_entries(recorded["adapter"] or {}, identity["adapter"] or {})
+        differences.append(f"its adapter differs ({changed})")
+    if recorded.get("data") is not None and identity.get("data") is not None and recorded["data"] != identity["data"]:
+        differences.append("it was trained on other data (the tokenised training examples differ)")
     if differences:
         raise ValueError(
             f"resume_from_checkpoint={str(checkpoint)!r} belongs to another run: {'; '.join(differences)}. Resume "
-            "with the model and loss_type the checkpoint was trained with, or drop `resume_from_checkpoint` (or use "
-            "another `output_dir`) to start a new run."
+            "with the model, data and settings the checkpoint was trained with, or drop `resume_from_checkpoint` "
+            "(or use another `output_dir`) to start a new run."
         )
+    logger.warning(
+        f"Resuming from {str(checkpoint)!r}: the same loss ({identity['loss_type']}"
+        + "".join(f", {name}={value}" for name, value in identity["settings"].items())
+        + "), model, reference, adapter and data as this run."
+    )
+
+
+def _changed_entries(before: dict, after: dict) -> str:
+    keys = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    return ", ".join(f"{key}={before.get(key)!r} there, {after.get(key)!r} here" for key in keys)

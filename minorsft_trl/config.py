@@ -293,10 +293,14 @@ class MinorSFTConfig(SFTConfig):
         """The declaration of the reference-aware loss (`minorsft_trl.loss_types`), `None` for TRL's own losses."""
         return REFERENCE_LOSSES.get(self.loss_type)
 
+    @property
+    def loss_settings(self) -> tuple[str, ...]:
+        """The fields the loss reads (`beta` for `minor_sft`, ...); none for TRL's own losses."""
+        return self.reference_loss.settings if self.reference_loss is not None else ()
+
     def describe_loss(self) -> str:
         """The loss and the settings it reads, e.g. `"minor_sft (beta=0.04, lr=2e-05)"`."""
-        settings = self.reference_loss.settings if self.reference_loss is not None else ()
-        values = [f"{name}={getattr(self, name)}" for name in settings] + [f"lr={self.learning_rate}"]
+        values = [f"{name}={getattr(self, name)}" for name in self.loss_settings] + [f"lr={self.learning_rate}"]
         return f"{self.loss_type} ({', '.join(values)})"
 
     @property

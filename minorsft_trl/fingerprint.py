@@ -13,7 +13,9 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import pyarrow.compute as pc
 import torch
+from datasets import Dataset
 from torch.distributed.tensor import DTensor
 
 from .reference import belongs_to_adapter
@@ -124,3 +126,31 @@ def batches_fingerprint(batches: Iterable[dict[str, Any]]) -> str:
             else:
                 digest.update(f"{key}:{json.dumps(canonical(value))}".encode())
     return digest.hexdigest()
+
+
+# The columns of a prepared dataset that say what is trained on
+_TRAINED_COLUMNS = ("input_ids", "labels", "completion_mask", "assistant_masks", "seq_lengths")
+
+
+def dataset_fingerprint(dataset) -> str | None:
+    """A sha256 of a prepared (tokenised) map-style dataset's token ids and loss masks, in order; `None` for a
+    streamed one. Independent of how the dataset was built (`datasets`' own fingerprint hashes the transforms)."""
+    if not isinstance(dataset, Dataset):
+        return None
+    digest = hashlib.sha256()
+    table = dataset.with_format("arrow")[:]
+    for name in _TRAINED_COLUMNS:
+        if name not in table.column_names:
+            continue
+        column = table.column(name).combine_chunks()
+        digest.update(name.encode())
+        digest.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
+        digest.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()
+
+
+def trained_adapter_settings(model: torch.nn.Module) -> dict | None:
+    """The configuration of the adapter a PEFT model trains (rank, targets, ...), `None` for full fine-tuning: what a
+    checkpoint's weights must fit."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return canonical(config.to_dict()) if config is not None else None

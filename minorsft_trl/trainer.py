@@ -38,7 +38,13 @@ from .drift.budget import DriftBudgetCallback
 from .drift.card import drift_section
 from .drift.live import DriftCallback, DriftMixin
 from .examples import ExampleIndex, PackedRowsApart
-from .fingerprint import model_identity, module_fingerprint, peft_reference_name
+from .fingerprint import (
+    dataset_fingerprint,
+    model_identity,
+    module_fingerprint,
+    peft_reference_name,
+    trained_adapter_settings,
+)
 from .loss_types import LossInputs, MeanOver, ReferenceNeed
 from .losses import deviation
 from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process
@@ -258,6 +264,9 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                     "loss_type": args.loss_type,
                     "model": get_config_model_id(self.accelerator.unwrap_model(self.model).config),
                     "reference": module_fingerprint(reference, canonical_name, sample=1024),
+                    "settings": {name: getattr(args, name) for name in args.loss_settings},
+                    "adapter": trained_adapter_settings(self.accelerator.unwrap_model(self.model)),
+                    "data": dataset_fingerprint(self.train_dataset),
                 }
             )
             reference_identity = None

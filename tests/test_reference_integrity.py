@@ -239,16 +239,16 @@ def test_full_fine_tuning_reference_is_the_policy_as_resized_by_a_chat_template(
 # ---------------------------------------------------------------- 8. resuming another run's checkpoint
 
 
-def checkpointed_run(tmp_path, tokenizer, seed=0, **overrides):
+def checkpointed_run(tmp_path, tokenizer, seed=0, peft_config=None, dataset=None, **overrides):
     return MinorSFTTrainer(
         make_model(tokenizer, seed=seed),
         args=cpu_args(tmp_path / "out", **{
             "max_steps": 2, "per_device_train_batch_size": 4, "save_strategy": "steps", "save_steps": 1,
-            "learning_rate": 1e-2, **overrides,
+            "learning_rate": 1e-2, "beta": 0.04, **overrides,
         }),
-        train_dataset=prompt_completion_dataset(),
+        train_dataset=dataset if dataset is not None else prompt_completion_dataset(),
         processing_class=tokenizer,
-        peft_config=lora_config(),
+        peft_config=peft_config if peft_config is not None else lora_config(),
     )  # fmt: skip
 
 
@@ -257,17 +257,31 @@ def checkpointed_run(tmp_path, tokenizer, seed=0, **overrides):
     [
         (dict(seed=1), r"trained from other weights"),
         (dict(loss_type="sft_dpo"), r"trained with loss_type='minor_sft', this run has 'sft_dpo'"),
+        (dict(beta=5.0), r"its loss settings differ \(beta=0.04 there, 5.0 here\)"),
+        (dict(peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+         r"its adapter differs \(r=4 there, 8 here\)"),
+        (dict(dataset=prompt_completion_dataset().map(lambda row: {"completion": row["completion"] + "!"})),
+         r"it was trained on other data"),
     ],
-    ids=["other base model", "other loss type"],
-)
+    ids=["other base model", "other loss type", "other beta", "other LoRA rank", "other data"],
+)  # fmt: skip
 def test_resuming_from_a_checkpoint_of_another_run_is_refused(tmp_path, tokenizer, other, message):
     checkpointed_run(tmp_path, tokenizer).train()
     checkpoint = str(tmp_path / "out" / "checkpoint-2")
-    with pytest.raises(ValueError, match=rf"belongs to another run: .*{message}.*Resume with the model and loss_type"):
+    with pytest.raises(ValueError, match=rf"belongs to another run: .*{message}.*Resume with the model, data and"):
         checkpointed_run(tmp_path, tokenizer, **{**other, "max_steps": 3}).train(resume_from_checkpoint=checkpoint)
     resumed = checkpointed_run(tmp_path, tokenizer, max_steps=3)
     resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed.state.global_step == 3
+
+
+def test_resuming_says_what_is_resumed(tmp_path, tokenizer, warnings_of_minorsft):
+    checkpointed_run(tmp_path, tokenizer).train()
+    checkpointed_run(tmp_path, tokenizer, max_steps=3).train(resume_from_checkpoint=True)
+    assert any(
+        re.search(r"Resuming from '.*checkpoint-2': the same loss \(minor_sft, beta=0.04\), model", message)
+        for message in warnings_of_minorsft
+    )
 
 
 # ---------------------------------------------------------------- the reference self-check
