@@ -212,25 +212,31 @@ def check_same_vocabulary(policy: nn.Module, reference: nn.Module, explicit: boo
         )
 
 
-def check_same_tokenizer(tokenizer, ref_path: str) -> None:
-    """Raise if the reference at `ref_path` ships a tokenizer that maps tokens to other ids than the policy's: equal
-    vocabulary sizes do not make the log-probabilities comparable. Nothing to compare without both tokenizers."""
+def check_same_tokenizer(tokenizer, path: str, of: str = "reference") -> None:
+    """Raise if the model at `path` (the `"reference"`, or the `"model"` being trained) ships a tokenizer that maps
+    tokens to other ids than `tokenizer`: equal vocabulary sizes do not make the ids mean the same. Nothing to compare
+    without both tokenizers."""
     vocab = getattr(tokenizer, "get_vocab", None)
     if vocab is None:
         return
     try:
-        ref_tokenizer = AutoTokenizer.from_pretrained(ref_path)
+        saved = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         return
-    policy_vocab, ref_vocab = vocab(), ref_tokenizer.get_vocab()
-    if policy_vocab != ref_vocab:
-        differing = sorted(
-            token
-            for token in policy_vocab.keys() | ref_vocab.keys()
-            if policy_vocab.get(token) != ref_vocab.get(token)
-        )
+    ours, theirs = vocab(), saved.get_vocab()
+    # Tokens added to the policy's tokenizer (new ids, embeddings resized) are not a difference of the model's
+    compared = ours.keys() | theirs.keys() if of == "reference" else theirs.keys()
+    differing = sorted(token for token in compared if ours.get(token) != theirs.get(token))
+    if not differing:
+        return
+    if of == "reference":
         raise ValueError(
-            f"The reference {ref_path!r} has another tokenizer than the policy: {len(differing)} tokens differ (e.g. "
+            f"The reference {path!r} has another tokenizer than the policy: {len(differing)} tokens differ (e.g. "
             f"{differing[:3]}), so its log-probabilities score other tokens. Use a reference trained with the "
             "policy's tokenizer (the model the policy was initialised from)."
         )
+    raise ValueError(
+        f"`processing_class` maps tokens to other ids than the tokenizer saved with the model {path!r}: "
+        f"{len(differing)} tokens differ (e.g. {differing[:3]}), so the model would read every example as other "
+        "tokens. Pass the model's own tokenizer (`AutoTokenizer.from_pretrained(model_path)`)."
+    )

@@ -12,6 +12,7 @@ from trl.data_utils import is_conversational
 from .cache import cache_root
 from .config import REFERENCE_LOSS_TYPES
 from .dataset_checks import check_dataset
+from .reference import check_same_tokenizer
 
 
 def is_peft_model_or_path(model: "str | torch.nn.Module") -> bool:
@@ -83,6 +84,9 @@ def check_inputs(
         raise ValueError("`ref_model` is the model being trained. Leave `ref_model` unset to get a frozen reference.")
     _check_output_dir(Path(args.output_dir))
     _check_drift_has_an_eval_split(args, eval_dataset)
+    model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+    if processing_class is not None and model_path and Path(model_path).is_dir():
+        check_same_tokenizer(processing_class, model_path, of="model")
     if formatting_func is None:
         check_dataset(train_dataset, "train_dataset", args.dataset_text_field)
         check_dataset(eval_dataset, "eval_dataset", args.dataset_text_field)

@@ -310,6 +310,10 @@ CASES = [
     ("cli", "unknown loss type", lambda c: parse_args(["--config", str(c.recipe()), "--loss_type", "minorsft"]),
      SystemExit, r"invalid choice: 'minorsft'"),
     # The second newcomer walk
+    ("python", "a tokenizer of another family, same vocabulary size",
+     lambda c: c.trainer(model=c.model_dir, processing_class=make_tokenizer(reverse=True), peft_config=lora_config()),
+     ValueError, r"`processing_class` maps tokens to other ids than the tokenizer saved with the model .*: \d+ tokens "
+     r"differ.*Pass the model's own tokenizer"),
     ("python", "a LoRA target that matches nothing",
      lambda c: c.trainer(peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_prj"])), ValueError,
      r"LORA target_modules \['v_prj'\] match no module of the model, so the adapter would train only \['q_proj'\]\. "

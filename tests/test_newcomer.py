@@ -4,7 +4,8 @@ asked (caps of another dataset, NaN weights, a LoRA target that matches nothing,
 import pytest
 import torch
 from test_gradients import lora_config
-from tiny import cpu_args, make_model, prompt_completion_dataset, write_recipe
+from tiny import cpu_args, make_model, make_tokenizer, prompt_completion_dataset, write_recipe
+from transformers import AutoModelForCausalLM
 
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.data import MinorSFTScriptArguments, load_datasets
@@ -64,3 +65,18 @@ def test_a_model_with_nan_weights_stops_at_the_first_step_and_saves_nothing(tmp_
     with pytest.raises(RuntimeError, match=message):
         trainer.train()
     assert trainer.state.global_step == 0 and not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_the_models_own_tokenizer_with_added_tokens_is_accepted(tmp_path, tokenizer, tiny_model_dir):
+    """Only a tokenizer that maps the model's tokens to other ids is refused (see the bad-input table), not one that
+    adds tokens for resized embeddings."""
+    extended = make_tokenizer()
+    extended.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(extended))
+    MinorSFTTrainer(
+        model,
+        args=cpu_args(tmp_path, max_steps=1),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=extended,
+    )
