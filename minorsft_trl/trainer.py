@@ -818,10 +818,18 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
 
     def _warn_if_launcher_overrides_precision(self) -> None:
         """`accelerate launch` with `mixed_precision: bf16` trains under autocast even when the arguments say
-        `bf16: false`: say so, since the precision that runs is not the one the recipe shows."""
+        `bf16: false`: say so, since the precision that runs is not the one the recipe shows. And a mixed precision
+        the device has no autocast for (fp16 on a CPU) is ignored by accelerate: say that too."""
         launched = self.accelerator.mixed_precision
         requested = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
-        if launched != requested:
+        if launched != "no" and self._autocast_precision() == "no":
+            logger.warning(
+                f"mixed_precision={launched!r} (from the accelerate config, `--mixed_precision` or the training "
+                f"arguments) is ignored on this device ({self.accelerator.device.type}: accelerate has no {launched} "
+                f"autocast for it): training runs in {str(self.model.dtype).removeprefix('torch.')}. Use "
+                "`--mixed_precision bf16`, or `no` to say what runs."
+            )
+        elif launched != requested:
             logger.warning(
                 f"The accelerate config (or `--mixed_precision`) sets mixed_precision={launched!r}, which overrides "
                 f"the training arguments (bf16={self.args.bf16}, fp16={self.args.fp16}): training and the reference "

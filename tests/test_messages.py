@@ -2,6 +2,7 @@
 TensorBoard offline, and nothing that fails a run after it succeeded."""
 
 import pytest
+from accelerate.state import AcceleratorState
 from test_gradients import lora_config
 from tiny import cpu_args, make_model, prompt_completion_dataset
 
@@ -67,3 +68,18 @@ def test_report_to_tensorboard_writes_the_minor_sft_curves(tmp_path, tokenizer):
     (events,) = (tmp_path / "runs").rglob("events.out.tfevents.*")  # transformers' default: <output_dir>/runs/...
     tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
     assert {"train/loss", "train/deviation", "train/minor_weight", "train/minor_weight_min"} <= set(tags)
+
+
+def test_an_fp16_launch_on_a_cpu_says_it_is_ignored(tmp_path, tokenizer, monkeypatch, warnings_of_minorsft):
+    """`accelerate launch --mixed_precision fp16 --cpu`: accelerate has no fp16 autocast on a CPU and trains in
+    float32 without a word."""
+    AcceleratorState._reset_state(True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    try:
+        run = trainer(tmp_path, tokenizer)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert run._autocast_precision() == "no"
+    assert any("mixed_precision='fp16' (from the accelerate config" in m and "ignored on this device (cpu" in m
+               for m in warnings_of_minorsft)  # fmt: skip
+    assert not any("run under fp16 autocast" in m for m in warnings_of_minorsft)
