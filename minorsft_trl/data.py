@@ -12,14 +12,20 @@ the same split. The carved split is the same whether or not the run evaluates, s
 change the training data.
 """
 
+import codecs
+import csv
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
+from unittest.mock import patch
 
+import datasets
 import transformers
-from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Features, IterableDataset, Value, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 from trl import DatasetMixtureConfig, ScriptArguments, get_dataset
 
@@ -212,6 +218,7 @@ def load_mixture(dataset_args: DatasetMixtureConfig) -> DatasetDict:
         path = Path(config.path).expanduser()
         if path.is_file():
             builder = file_builder(path, where)
+            check_utf8([path], where)
             # The file is the split named before any slice (`train[:50%]`), which `load_dataset` then takes
             split_name = config.split.split("[")[0]
             config = replace(config, path=builder, name=None, data_dir=None, data_files={split_name: str(path)})
@@ -226,14 +233,19 @@ def load_mixture(dataset_args: DatasetMixtureConfig) -> DatasetDict:
             raise ValueError(_missing_path(config.path, where))
         resolved.append(config)
     try:
-        return get_dataset(replace(dataset_args, datasets=resolved, test_split_size=None))
-    except ValueError as error:
+        with csv_read_as_text("datasets[].path"):
+            return get_dataset(replace(dataset_args, datasets=resolved, test_split_size=None))
+    except (ValueError, DatasetGenerationError) as error:
+        if isinstance(error.__cause__, UnicodeDecodeError):
+            raise ValueError(
+                f"A file of the mixture is not UTF-8 text ({error.__cause__}): save every file as UTF-8."
+            ) from error
         if "can't be aligned" not in str(error):
             raise
         raise ValueError(
             f"The datasets of the mixture cannot be joined: a column has different types in different datasets "
             f"({error}). Select the same columns in each (`columns:`), holding the same kind of values; files of "
-            "one type join best (a CSV's text may be read as `large_string` where JSON and Parquet give `string`)."
+            "one type join best."
         ) from error
 
 
@@ -287,16 +299,21 @@ def file_builder(path: Path, where: str) -> str:
     return builder
 
 
-def check_folder(path: Path, where: str) -> None:
-    """Refuse a folder with no data file `datasets` can read as one of our file types, or with an empty one (which
-    `datasets` fails on with a bare `StopIteration`)."""
-    files = [
+def data_files_in(path: Path) -> list[Path]:
+    """The data files `datasets` reads in the folder `path` (of our file types, not hidden)."""
+    return sorted(
         file
         for file in path.rglob("*")
         if file.is_file()
         and file.suffix.lower() in FILE_BUILDERS
         and not any(part.startswith(".") for part in file.relative_to(path).parts)
-    ]
+    )
+
+
+def check_folder(path: Path, where: str) -> None:
+    """Refuse a folder with no data file `datasets` can read as one of our file types, or with an empty one (which
+    `datasets` fails on with a bare `StopIteration`)."""
+    files = data_files_in(path)
     if not files:
         raise ValueError(
             f"{where} {str(path)!r} is a folder with no {_SUPPORTED} file: put the data in train.jsonl (and "
@@ -322,13 +339,52 @@ def looks_like_path(name: str) -> bool:
     )
 
 
+def csv_text_features(files: list[Path], where: str) -> Features | None:
+    """Every column of the CSV files as text, or `None` if they are not all CSV. `datasets` reads a CSV through
+    pandas, which makes an answer that looks like a number a number (`" 74"` becomes `74`, which SFTTrainer cannot
+    append its end-of-sequence token to) and text `large_string` (JSON and Parquet give `string`, so a mixture of
+    both cannot be joined)."""
+    if not files or any(file.suffix.lower() != ".csv" for file in files):
+        return None
+    try:
+        with open(files[0], newline="", encoding="utf-8") as csv_file:
+            header = next(csv.reader(csv_file), [])
+    except UnicodeDecodeError as error:
+        raise ValueError(_not_utf8(files[0], where, error)) from error
+    return Features({name: Value("string") for name in header})
+
+
+@contextmanager
+def csv_read_as_text(where: str) -> Iterator[None]:
+    """Within the block, `datasets.load_dataset` of local CSV files (as TRL's `get_dataset` calls it for a mixture)
+    reads every column as text (`csv_text_features`)."""
+    original = datasets.load_dataset
+
+    def load(path, *args, **kwargs):
+        files = kwargs.get("data_files")
+        if path == "csv" and isinstance(files, dict) and "features" not in kwargs:
+            kwargs["features"] = csv_text_features([Path(file) for file in files.values()], where)
+        return original(path, *args, **kwargs)
+
+    with patch.object(datasets, "load_dataset", load):
+        yield
+
+
 def _load_local(path: Path, where: str, *args, **kwargs):
-    """`load_dataset` on a local file or folder, naming the path when `datasets` cannot read it: a file without rows
-    (a CSV with only its header is 'Instruction "train" corresponds to no data!', a Parquet file with no rows a bare
-    "An error occurred while generating the dataset")."""
+    """`load_dataset` on a local file or folder (CSV columns as text, see `csv_text_features`), naming the path when
+    `datasets` cannot read it: a file that is not UTF-8, or without rows (a CSV with only its header is
+    'Instruction "train" corresponds to no data!', a Parquet file with no rows a bare "An error occurred while
+    generating the dataset")."""
+    files = [path] if path.is_file() else data_files_in(path)
+    check_utf8(files, where)
+    features = csv_text_features(files, where)
+    if features is not None:
+        kwargs.setdefault("features", features)
     try:
         return load_dataset(*args, **kwargs)
     except (ValueError, DatasetGenerationError) as error:
+        if isinstance(error.__cause__, UnicodeDecodeError):
+            raise ValueError(_not_utf8(path, where, error.__cause__)) from error
         if isinstance(error, ValueError) and "corresponds to no data" not in str(error):
             raise
         cause = f": {error.__cause__}" if error.__cause__ is not None else ""
@@ -337,6 +393,32 @@ def _load_local(path: Path, where: str, *args, **kwargs):
             "CSV with only its header, an empty Parquet file) or malformed ones: give every file at least one valid "
             "example, or remove it."
         ) from error
+
+
+def check_utf8(files: list[Path], where: str) -> None:
+    """Refuse a text data file (JSON, JSON Lines, CSV) that is not UTF-8: `datasets` may read it without a word and
+    fail on the first row that is read, with a bare `UnicodeDecodeError`."""
+    for file in files:
+        if file.suffix.lower() == ".parquet":
+            continue
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        with open(file, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as error:
+                    raise ValueError(_not_utf8(file, where, error, offset)) from error
+                offset += len(chunk)
+
+
+def _not_utf8(path: Path, where: str, error: UnicodeDecodeError, offset: int = 0) -> str:
+    """The message for a file that is not UTF-8; `offset`: where in the file the decoded bytes began."""
+    return (
+        f"{where} {str(path)!r} is not UTF-8 text (byte {error.object[error.start : error.start + 1]!r} at position "
+        f"{offset + error.start} is not valid UTF-8; Latin-1 or Windows-1252 files are): save it as UTF-8, e.g. "
+        f"`iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`."
+    )
 
 
 def _missing_path(name: str, where: str) -> str:

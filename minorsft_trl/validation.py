@@ -11,6 +11,7 @@ from trl.data_utils import is_conversational
 
 from .cache import cache_root
 from .config import REFERENCE_LOSS_TYPES
+from .data import looks_like_path
 from .dataset_checks import check_dataset
 from .reference import check_same_tokenizer
 
@@ -84,6 +85,12 @@ def check_inputs(
         raise ValueError("`ref_model` is the model being trained. Leave `ref_model` unset to get a frozen reference.")
     _check_output_dir(Path(args.output_dir))
     _check_drift_has_an_eval_split(args, eval_dataset)
+    for where, value in (
+        ("model", model),
+        ("ref_model", ref_model),
+        ("ref_model_name_or_path", args.ref_model_name_or_path),
+    ):
+        check_model_path(where, value)
     model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     if processing_class is not None and model_path and Path(model_path).is_dir():
         check_same_tokenizer(processing_class, model_path, of="model")
@@ -165,6 +172,15 @@ def check_parallelism(args, parallelism) -> None:
         )
 
 
+def check_model_path(where: str, value) -> None:
+    """Refuse a model named by a local path that does not exist, which transformers reports as a malformed Hub id."""
+    if isinstance(value, str) and looks_like_path(value) and not Path(value).expanduser().exists():
+        raise ValueError(
+            f"{where}={value!r}: no such folder (relative paths are read from {os.getcwd()}). Give the folder "
+            "`save_pretrained` wrote (with its config.json), or a Hub model id such as 'org/name'."
+        )
+
+
 def check_adapter_targets(model: "torch.nn.Module") -> None:
     """Refuse a PEFT adapter whose `target_modules` list names a module the model does not have: PEFT stops only when
     no name matches, so a typo in one of them (`[q_proj, v_prj]`) would train the others alone."""
@@ -208,8 +224,8 @@ def check_launch(args) -> None:
 
 
 def check_recipe_keys(path: str) -> None:
-    """Refuse a YAML recipe that sets a key twice: YAML keeps the last value silently, so the first one, which the
-    reader may be looking at, would not be what runs."""
+    """Refuse a YAML recipe that sets a key twice (YAML keeps the last value silently, so the first one, which the
+    reader may be looking at, would not be what runs) or that is not valid YAML (a tab, say), naming the line."""
     import yaml
 
     class DuplicateKeyLoader(yaml.SafeLoader):
@@ -226,4 +242,12 @@ def check_recipe_keys(path: str) -> None:
             return super().construct_mapping(node, deep=deep)
 
     with open(path, encoding="utf-8") as recipe:
-        yaml.load(recipe, Loader=DuplicateKeyLoader)  # noqa: S506 (a SafeLoader)
+        try:
+            yaml.load(recipe, Loader=DuplicateKeyLoader)  # noqa: S506 (a SafeLoader)
+        except (yaml.scanner.ScannerError, yaml.parser.ParserError) as error:
+            mark = error.problem_mark
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+            tab = " YAML indents with spaces, never tabs: replace the tab." if "\\t" in str(error.problem) else ""
+            raise ValueError(
+                f"The recipe {path} is not valid YAML at {where}: {error.problem}.{tab} Each line is `key: value`."
+            ) from error

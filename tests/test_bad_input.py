@@ -113,6 +113,14 @@ def reference_with_another_tokenizer(c):
     c.lora_trainer(ref_model=str(path))
 
 
+def latin1_jsonl(c):
+    from minorsft_trl.data import MinorSFTScriptArguments, load_datasets
+
+    path = c.tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "caf\u00e9 =", "completion": " ok"}\n'.encode("latin-1"))
+    load_datasets(MinorSFTScriptArguments(dataset_name=str(path)), evaluate=False)
+
+
 def output_dir_under_a_file(c):
     blocker = c.tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -310,6 +318,18 @@ CASES = [
     ("cli", "unknown loss type", lambda c: parse_args(["--config", str(c.recipe()), "--loss_type", "minorsft"]),
      SystemExit, r"invalid choice: 'minorsft'"),
     # The second newcomer walk
+    ("python", "a model path that does not exist", lambda c: c.trainer(model="./models/missing"), ValueError,
+     r"model='./models/missing': no such folder \(relative paths are read from .*\)\. Give the folder"),
+    ("yaml", "a model path that does not exist", lambda c: c.run_recipe(model_name_or_path="./models/missing"),
+     ValueError, r"model_name_or_path='./models/missing': no such folder"),
+    ("cli", "a reference path that does not exist",
+     lambda c: c.run_recipe("--ref_model_name_or_path", "../models/missing-ref"), ValueError,
+     r"ref_model_name_or_path='../models/missing-ref': no such folder"),
+    ("python", "a Latin-1 .jsonl file", latin1_jsonl, ValueError,
+     r"dataset_name '.*latin1.jsonl' is not UTF-8 text \(byte b'\\xe9' at position \d+ .*\): save it as UTF-8, "
+     r"e.g. `iconv -f latin1 -t utf-8 latin1.jsonl"),
+    ("yaml", "a tab in the recipe", lambda c: c.raw_recipe("learning_rate: 1.0e-4\n\tbeta: 0.1\n"), ValueError,
+     r"raw.yaml is not valid YAML at line 2, column 1: found character '\\t'.*YAML indents with spaces"),
     ("python", "a tokenizer of another family, same vocabulary size",
      lambda c: c.trainer(model=c.model_dir, processing_class=make_tokenizer(reverse=True), peft_config=lora_config()),
      ValueError, r"`processing_class` maps tokens to other ids than the tokenizer saved with the model .*: \d+ tokens "

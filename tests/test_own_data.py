@@ -12,10 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
+from tiny import cpu_args
 from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 from trl.scripts.utils import DatasetConfig
 
-from minorsft_trl import MinorSFTConfig, bigbench, data
+from minorsft_trl import MinorSFTConfig, MinorSFTTrainer, bigbench, data
 from minorsft_trl.data import MinorSFTScriptArguments, carve_test_split, load_datasets
 
 EXTENSIONS = ["jsonl", "json", "csv", "parquet"]
@@ -411,3 +412,24 @@ def test_each_mistake_is_a_clear_error(tmp_path, monkeypatch, case):
     args, mixture, evaluate, message = cases[case]
     with pytest.raises(ValueError, match=message):
         load_datasets(args, mixture, evaluate=evaluate)
+
+
+def test_a_csv_whose_answers_look_like_numbers_trains_on_them_as_text(tmp_path, tokenizer, tiny_model_dir):
+    """pandas reads `" 74"` as the number 74, which SFTTrainer cannot append its end-of-sequence token to."""
+    data = write(tmp_path / "numbers.csv", [{"prompt": f"{i} + {i} =", "completion": f" {2 * i}"} for i in range(8)])
+    train, _ = load_datasets(script_args(data), evaluate=False)
+    assert train[0] == {"prompt": "0 + 0 =", "completion": " 0"}
+    trainer = MinorSFTTrainer(
+        tiny_model_dir, args=cpu_args(tmp_path / "out", max_steps=1), train_dataset=train, processing_class=tokenizer
+    )
+    trainer.train()
+
+
+def test_a_mixture_of_a_csv_and_a_jsonl_file_joins_their_text_columns(tmp_path):
+    csv_file = write(
+        tmp_path / "a.csv", [{"prompt": "1 + 1 =", "completion": " 2"}, {"prompt": "x", "completion": "7"}]
+    )
+    jsonl_file = write(tmp_path / "b.jsonl", rows(2))
+    mixture = DatasetMixtureConfig(datasets=[DatasetConfig(path=str(csv_file)), DatasetConfig(path=str(jsonl_file))])
+    train, _ = load_datasets(script_args(), mixture, evaluate=False)
+    assert train["completion"][:2] == [" 2", "7"] and len(train) == 4

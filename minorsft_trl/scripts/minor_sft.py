@@ -36,7 +36,7 @@ from minorsft_trl.data import MinorSFTScriptArguments, load_datasets
 from minorsft_trl.embedded import resolve_model
 from minorsft_trl.packaged import resolve_config_argument, resolve_recipe_file
 from minorsft_trl.plotting import plot_training_curves
-from minorsft_trl.validation import check_recipe_keys
+from minorsft_trl.validation import check_model_path, check_recipe_keys
 
 logger = transformers.utils.logging.get_logger("minorsft_trl.scripts.minor_sft")
 
@@ -50,6 +50,8 @@ def main(
     if training_args.chat_template_path is not None:  # `recipes/chat_templates/...` from outside the repository
         training_args.chat_template_path = resolve_recipe_file(training_args.chat_template_path)
     # Offline resources (embedded model, BIG-bench) are converted once per machine, by the first process
+    check_model_path("model_name_or_path", model_args.model_name_or_path)
+    check_model_path("ref_model_name_or_path", training_args.ref_model_name_or_path)
     with PartialState().local_main_process_first():
         model_path = resolve_model(model_args.model_name_or_path)
         if training_args.ref_model_name_or_path is not None:
