@@ -95,6 +95,42 @@ def test_qwen2_training_template_masks_assistant_turns_only():
     assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi")
 
 
+# SmolLM2-135M-Instruct's own chat template, as its tokenizer (the embedded model) ships it
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou "
+    "are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
+    "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2="},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3="},
+     {"role": "assistant", "content": "6"}],
+    [{"role": "user", "content": "only a question"}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=["one turn", "system and two turns", "a prompt"])
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_smollm2_training_template_renders_as_smollm2_and_masks_assistant_turns_only(
+    conversation, add_generation_prompt
+):
+    """The SmolLM2 recipes set it, so that `assistant_only_loss: true` works (TRL refuses a template without
+    `{% generation %}`) and everything else tokenises as the model's own template does."""
+    tokenizer = make_tokenizer()
+    template = (REPO / "recipes" / "chat_templates" / "smollm2_training.jinja").read_text()
+    render = dict(tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert tokenizer.apply_chat_template(conversation, chat_template=template, **render) == (
+        tokenizer.apply_chat_template(conversation, chat_template=SMOLLM2_TEMPLATE, **render)
+    )
+    out = tokenizer.apply_chat_template(
+        conversation, chat_template=template, return_assistant_tokens_mask=True, return_dict=True
+    )
+    assistant = tokenizer.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m])
+    assert assistant == "".join(m["content"] + "<|im_end|>" for m in conversation if m["role"] == "assistant")
+
+
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
 def test_accelerate_config_loads(config):
     cluster = load_config_from_file(str(config))
