@@ -1,5 +1,6 @@
 """`MinorSFTConfig`: TRL's `SFTConfig` plus the fields of the reference-aware losses."""
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -234,6 +235,7 @@ class MinorSFTConfig(SFTConfig):
                 "NEFTune with loss_type='nll' (or 'dft'), or drop neftune_noise_alpha."
             )
         self._check_drift_settings()
+        self._check_trackers_installed()
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
             raise ValueError(f"precompute_ref_batch_size must be >= 1, got {self.precompute_ref_batch_size}.")
 
@@ -252,6 +254,17 @@ class MinorSFTConfig(SFTConfig):
             raise ValueError(
                 f"learning_rate must be a finite number >= 0, got {self.learning_rate!r}. The paper's best for Minor "
                 "SFT is 2e-5."
+            )
+
+    def _check_trackers_installed(self) -> None:
+        """`report_to: tensorboard` without TensorBoard installed fails in transformers with a hint to install
+        `tensorboardX`, after the model is loaded."""
+        if "tensorboard" in (self.report_to or []) and not any(
+            importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")
+        ):
+            raise ValueError(
+                "report_to includes 'tensorboard', which is not installed: `pip install 'minorsft_trl[tensorboard]'` "
+                "(or `pip install tensorboard`), or report to none."
             )
 
     def _check_drift_settings(self) -> None:

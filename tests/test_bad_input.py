@@ -113,6 +113,16 @@ def reference_with_another_tokenizer(c):
     c.lora_trainer(ref_model=str(path))
 
 
+def tensorboard_not_installed(c):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    c.monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.startswith("tensorboard") else find_spec(name, *a)
+    )
+    c.args(report_to=["tensorboard"])
+
+
 def latin1_jsonl(c):
     from minorsft_trl.data import MinorSFTScriptArguments, load_datasets
 
@@ -318,6 +328,8 @@ CASES = [
     ("cli", "unknown loss type", lambda c: parse_args(["--config", str(c.recipe()), "--loss_type", "minorsft"]),
      SystemExit, r"invalid choice: 'minorsft'"),
     # The second newcomer walk
+    ("python", "report_to tensorboard without TensorBoard installed", tensorboard_not_installed, ValueError,
+     r"report_to includes 'tensorboard', which is not installed: `pip install 'minorsft_trl\[tensorboard\]'`"),
     ("python", "a model path that does not exist", lambda c: c.trainer(model="./models/missing"), ValueError,
      r"model='./models/missing': no such folder \(relative paths are read from .*\)\. Give the folder"),
     ("yaml", "a model path that does not exist", lambda c: c.run_recipe(model_name_or_path="./models/missing"),
