@@ -52,6 +52,8 @@ class TrainCommand(Command):
         parser = minor_sft.make_parser(prog=f"{PROG} {self.name}")
         try:
             all_args = packaged.resolve_config_argument(context.argv_after(self.name))
+            if "--config" in all_args[:-1]:
+                minor_sft.check_recipe_keys(all_args[all_args.index("--config") + 1])
             # As `trl sft`: recipe keys for the script, the rest of the command line for `accelerate launch`
             *configs, config_remaining, cli_remaining = parser.parse_args_and_config(
                 all_args, return_remaining_strings=True, separate_remaining_strings=True
@@ -59,6 +61,8 @@ class TrainCommand(Command):
             if config_remaining:
                 raise ValueError(f"Unknown arguments from config file: {config_remaining}. Please remove them.")
             minor_sft.check_types(*configs)
+            # What would fail in every launched process, after seconds of start-up, checked here in one line
+            minor_sft.check_before_loading(*configs)
             launch_args = resolve_accelerate_config(cli_remaining)
         except ValueError as error:
             return fail(f"{PROG} {self.name}", str(error))

@@ -421,6 +421,16 @@ def _not_utf8(path: Path, where: str, error: UnicodeDecodeError, offset: int = 0
     )
 
 
+def check_data_paths(script_args: MinorSFTScriptArguments, dataset_args: DatasetMixtureConfig | None) -> None:
+    """Refuse a local data path that does not exist, from the arguments alone (before anything loads or launches)."""
+    named = [("dataset_name", script_args.dataset_name)] if script_args.dataset_name else []
+    mixture = dataset_args.datasets if dataset_args is not None and dataset_args.datasets else []
+    named += [(f"datasets[{index}].path", config.path) for index, config in enumerate(mixture)]
+    for where, name in named:
+        if not name.startswith(bigbench.SCHEME) and looks_like_path(name) and not Path(name).expanduser().exists():
+            raise ValueError(_missing_path(name, where))
+
+
 def _missing_path(name: str, where: str) -> str:
     return (
         f"{where} {name!r}: no such file or folder (relative paths are read from {os.getcwd()}). Give the path to "

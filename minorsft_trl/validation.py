@@ -20,7 +20,7 @@ def is_peft_model_or_path(model: "str | torch.nn.Module") -> bool:
     return not isinstance(model, str) and is_peft_model(model)
 
 
-def _check_output_dir(output_dir: Path) -> None:
+def check_output_dir(output_dir: Path) -> None:
     """Refuse an output directory that cannot be written, without creating it: a run would otherwise train until its
     first save and lose the compute."""
     existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
@@ -83,7 +83,7 @@ def check_inputs(
     if ref_model is not None and ref_model is model:
         # Checked on the objects as given: `get_peft_model` would inject the adapters into this very model
         raise ValueError("`ref_model` is the model being trained. Leave `ref_model` unset to get a frozen reference.")
-    _check_output_dir(Path(args.output_dir))
+    check_output_dir(Path(args.output_dir))
     _check_drift_has_an_eval_split(args, eval_dataset)
     for where, value in (
         ("model", model),

@@ -102,6 +102,28 @@ def test_copy_a_packaged_recipe_and_train_from_it_outside_the_repository(venv, t
     assert (out / "adapter_model.safetensors").stat().st_size > 0 and (out / "training_curves.png").is_file()
 
 
+def test_the_readmes_own_data_command_trains_on_all_of_the_users_data(venv, tmp_path):
+    """README, "Train on your own data", from the installed wheel outside the repository: the packaged recipe's
+    `max_train_examples: 400` belongs to its BIG-bench demo and must not cut the user's 450 examples."""
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / "my_task.jsonl", "w") as file:
+        for i in range(450):
+            file.write(json.dumps({"prompt": f"{i} + {i} =", "completion": f" {2 * i}"}) + "\n")
+    out = tmp_path / "out"
+    result = venv.run(
+        venv.command, "train", "--config", RECIPE, "--dataset_name", "data/my_task.jsonl", "--test_split_size", "0.1",
+        "--eval_strategy", "steps", "--eval_steps", "50",
+        # A short run: one step, 8 of the held-out examples
+        "--max_steps", "1", "--max_eval_examples", "8", "--per_device_train_batch_size", "2", "--max_length", "64",
+        "--save_strategy", "no", "--output_dir", out, cwd=tmp_path,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert "held out 45 of its 450 'train' examples as the eval split" in log and "training on the other 405" in log
+    assert "The recipe's max_train_examples=400 limits its own data" in log and "of the 405 training" not in log
+    assert "max_eval_examples=8: using the first 8 of the 45 eval examples" in log
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+
+
 def test_train_a_packaged_recipe_by_name_with_a_packaged_accelerate_config(venv, tmp_path, tiny_data):
     out = tmp_path / "out"
     venv.run(venv.command, "train", "--config", RECIPE, "--accelerate_config", "single_gpu", "--cpu",
@@ -125,6 +147,15 @@ def test_accelerate_configs_by_name_the_packaged_ones_first_then_trl_s():
         (["train", "--config", "{typo}"], "Unknown arguments from config file: ['--learnig_rate', '0.0001']"),
         (["train", "--config", "Qwen9/minor_sft/config_lora"], "neither a file nor a packaged recipe"),
         (["train", "--config", RECIPE, "--accelerate_config", "ddq"], "This package's configs: ddp, fsdp"),
+        (
+            ["train", "--config", RECIPE, "--dataset_name", "data/missing.jsonl"],
+            "dataset_name 'data/missing.jsonl': no such file or folder",
+        ),
+        (
+            ["train", "--config", RECIPE, "--model_name_or_path", "./models/missing"],
+            "model_name_or_path='./models/missing': no such folder",
+        ),
+        (["train", "--config", "{tab}"], "is not valid YAML at line"),
         (["recipes", "copy", "Qwen9/minor_sft/config_lora"], "neither a file nor a packaged recipe"),
         (["recipes", "copy", RECIPE, "{typo}"], "exists: pass --force"),
     ],
@@ -135,5 +166,8 @@ def test_bad_arguments_are_refused_before_anything_is_launched(argv, message, tm
     monkeypatch.setattr(accelerate.commands.launch, "launch_command", lambda args: pytest.fail("launched"))
     typo = tmp_path / "typo.yaml"
     typo.write_text((REPO / "recipes" / f"{RECIPE}.yaml").read_text() + "learnig_rate: 1.0e-04\n")
-    assert cli.main([arg.format(typo=typo) for arg in argv]) == 2
-    assert message in capsys.readouterr().err
+    tab = tmp_path / "tab.yaml"
+    tab.write_text((REPO / "recipes" / f"{RECIPE}.yaml").read_text() + "\tbeta: 0.1\n")
+    assert cli.main([arg.format(typo=typo, tab=tab) for arg in argv]) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1, error

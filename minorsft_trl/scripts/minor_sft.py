@@ -32,11 +32,11 @@ from transformers import AutoTokenizer
 from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
-from minorsft_trl.data import MinorSFTScriptArguments, load_datasets
+from minorsft_trl.data import MinorSFTScriptArguments, check_data_paths, load_datasets
 from minorsft_trl.embedded import resolve_model
 from minorsft_trl.packaged import resolve_config_argument, resolve_recipe_file
 from minorsft_trl.plotting import plot_training_curves
-from minorsft_trl.validation import check_model_path, check_recipe_keys
+from minorsft_trl.validation import check_model_path, check_output_dir, check_recipe_keys
 
 logger = transformers.utils.logging.get_logger("minorsft_trl.scripts.minor_sft")
 
@@ -50,8 +50,7 @@ def main(
     if training_args.chat_template_path is not None:  # `recipes/chat_templates/...` from outside the repository
         training_args.chat_template_path = resolve_recipe_file(training_args.chat_template_path)
     # Offline resources (embedded model, BIG-bench) are converted once per machine, by the first process
-    check_model_path("model_name_or_path", model_args.model_name_or_path)
-    check_model_path("ref_model_name_or_path", training_args.ref_model_name_or_path)
+    check_before_loading(script_args, training_args, model_args, dataset_args)
     with PartialState().local_main_process_first():
         model_path = resolve_model(model_args.model_name_or_path)
         if training_args.ref_model_name_or_path is not None:
@@ -97,6 +96,21 @@ def main(
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     trainer.end()
     return trainer
+
+
+def check_before_loading(
+    script_args: MinorSFTScriptArguments,
+    training_args: MinorSFTConfig,
+    model_args: ModelConfig,
+    dataset_args: DatasetMixtureConfig | None = None,
+) -> None:
+    """What the arguments alone can tell is wrong, checked before anything loads (and by `minorsft-trl train` before
+    it launches any process): local model, reference and data paths that do not exist, an output directory that
+    cannot be written."""
+    check_model_path("model_name_or_path", model_args.model_name_or_path)
+    check_model_path("ref_model_name_or_path", training_args.ref_model_name_or_path)
+    check_data_paths(script_args, dataset_args)
+    check_output_dir(Path(training_args.output_dir))
 
 
 _SIMPLE_TYPES = (bool, int, float, str)
