@@ -84,7 +84,8 @@ class TrainCommand(Command):
 
 def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
     """TRL's `resolve_accelerate_config_argument` (`--accelerate_config <path or name>` made `--config_file <path>`),
-    with this package's configs (`ddp`, `fsdp`, `single_gpu`, `zero2`, `zero3`) looked up before TRL's own."""
+    with this package's configs (`ddp`, `fsdp`, `single_gpu`, `zero2`, `zero3`) looked up before TRL's own; without
+    any accelerate config, `accelerate launch`'s own defaults said explicitly (see `with_launch_defaults`)."""
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
     if "--accelerate_config" in launch_args[:-1]:  # with a value (else TRL says it is missing)
@@ -95,11 +96,29 @@ def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
             *launch_args[index + 1 :],
         ]
     try:
-        return resolve_accelerate_config_argument(launch_args)
+        return with_launch_defaults(resolve_accelerate_config_argument(launch_args))
     except ValueError as error:
         raise ValueError(
             f"{error} This package's configs: {', '.join(packaged.accelerate_config_names())}."
         ) from error
+
+
+def with_launch_defaults(launch_args: list[str]) -> list[str]:
+    """Without an accelerate config (neither `--config_file` nor accelerate's default config file), `accelerate
+    launch` fills `--num_machines 1 --mixed_precision no --dynamo_backend no` (and, on a machine without GPUs, one
+    process) and prints a block of warnings saying so in every run: pass the same values, so it has nothing to say.
+    A value given on the command line is kept; the training arguments still decide bf16 and fp16."""
+    from accelerate.commands.config import default_config_file
+
+    if "--config_file" in launch_args or Path(default_config_file).is_file():
+        return launch_args
+    import torch
+
+    defaults = {"--num_machines": "1", "--mixed_precision": "no", "--dynamo_backend": "no"}
+    if not torch.cuda.is_available():
+        defaults["--num_processes"] = "1"
+    given = {arg.split("=")[0] for arg in launch_args}
+    return [*launch_args, *(item for flag, value in defaults.items() if flag not in given for item in (flag, value))]
 
 
 def fail(prog: str, message: str) -> int:

@@ -4,6 +4,7 @@ import importlib.util
 import math
 from dataclasses import dataclass, field
 
+import torch
 import transformers
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig
@@ -197,6 +198,9 @@ class MinorSFTConfig(SFTConfig):
         if self.bf16 is None and not (self.fp16 or self.use_cpu or is_torch_bf16_gpu_available()):
             self.bf16 = is_torch_xla_available()
         self._check_sizes()
+        # Pinned memory speeds copies to an accelerator; without one, torch warns at every dataloader it pins nothing
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.accelerator.is_available()):
+            self.dataloader_pin_memory = False
         super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(

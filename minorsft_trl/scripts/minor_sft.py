@@ -17,6 +17,10 @@ packages (see `minorsft_trl.embedded` and `minorsft_trl.bigbench`); anything els
 `datasets.load_dataset` as usual.
 """
 
+# isort: off
+import minorsft_trl  # noqa: F401  (first: its logging settings must precede the imports of PEFT and bitsandbytes)
+
+# isort: on
 import argparse
 import dataclasses
 import os
