@@ -135,6 +135,16 @@ def test_train_a_packaged_recipe_by_name_with_a_packaged_accelerate_config(venv,
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
 
 
+def test_listing_the_recipes_loads_neither_torch_nor_transformers():
+    """`minorsft-trl recipes` took 5 s, importing the trainer to list file names."""
+    code = (
+        "import sys; from minorsft_trl import cli; cli.main(['recipes']); "
+        "print({'torch', 'transformers'} & sys.modules.keys())"
+    )
+    listing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert listing.strip().endswith("set()") and "config_lora" in listing
+
+
 def test_accelerate_configs_by_name_the_packaged_ones_first_then_trl_s():
     ddp = cli.resolve_accelerate_config(["--accelerate_config", "ddp", "--num_processes", "2"])
     assert ddp == ["--config_file", str(packaged.accelerate_configs_dir() / "ddp.yaml"), "--num_processes", "2"]

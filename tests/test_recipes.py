@@ -1,5 +1,6 @@
 """Every recipe parses strictly with the generic script's parser; every accelerate config loads."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -75,6 +76,13 @@ def test_unknown_or_misspelled_yaml_key_is_an_error(tmp_path):
     recipe.write_text((RECIPES[0]).read_text() + "\nlearnig_rate: 1.0e-04\n")
     with pytest.raises(ValueError, match="Unknown arguments from config file.*learnig_rate"):
         parse("--config", recipe)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_a_recipes_header_says_how_to_run_it_from_an_install(recipe):
+    """A copied recipe is run with the console command, by its packaged name (no clone needed)."""
+    name = recipe.relative_to(REPO / "recipes").with_suffix("").as_posix()
+    assert re.search(rf"^#   minorsft-trl train --config {re.escape(name)}( |$)", recipe.read_text(), re.M)
 
 
 def test_command_line_overrides_the_recipe():
