@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from accelerate.utils import is_peft_model
@@ -22,6 +23,9 @@ from transformers import AutoTokenizer
 from trl.trainer.utils import disable_dropout_in_model
 
 REF_ADAPTER = "ref"
+
+# The files a saved tokenizer has one of
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @contextmanager
@@ -217,7 +221,8 @@ def check_same_tokenizer(tokenizer, path: str, of: str = "reference") -> None:
     tokens to other ids than `tokenizer`: equal vocabulary sizes do not make the ids mean the same. Nothing to compare
     without both tokenizers."""
     vocab = getattr(tokenizer, "get_vocab", None)
-    if vocab is None:
+    # A local folder without tokenizer files has none to compare (transformers would make an empty one up)
+    if vocab is None or Path(path).is_dir() and not any(Path(path, name).is_file() for name in TOKENIZER_FILES):
         return
     try:
         saved = AutoTokenizer.from_pretrained(path)
