@@ -721,8 +721,8 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             for key, reduce in ((f"{weight_name}_min", min), (f"{weight_name}_max", max)):
                 if metrics.get(key):
                     metrics[key] = [reduce(metrics[key])]
-        largest = metrics.get(f"{weight_name}_max")
-        if mode == "train" and reference_loss.brakes and largest and largest[0] < STALLED_WEIGHT:
+        largest = metrics.get(f"{weight_name}_max") if weight_name else None
+        if mode == "train" and largest and reference_loss.brakes and largest[0] < STALLED_WEIGHT:
             log_ratio = sum(metrics["log_ratio"]) / len(metrics["log_ratio"])
             logger.warning(
                 f"Every {self.args.loss_type} weight (`{weight_name}`) of the last logging window is below "

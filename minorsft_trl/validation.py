@@ -193,14 +193,12 @@ def check_adapter_targets(model: "torch.nn.Module") -> None:
     if not missing:
         return
     adapters = set(model.peft_config)
-    linear = sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and not adapters & set(name.split(".")) and "." in name
-        }
-        - {"base_layer"}
-    )
+    linear = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, torch.nn.Linear) and not adapters & set(parts):
+            linear.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])  # a wrapped layer: its own name
+    linear = sorted(linear)
     raise ValueError(
         f"{config.peft_type.value} target_modules {missing} match no module of the model, so the adapter would train "
         f"only {sorted(set(targets) - set(missing))}. The model's linear layers are named {linear}: fix the names "

@@ -6,7 +6,7 @@ from dataclasses import fields
 import pytest
 import torch
 from datasets import IterableDataset
-from peft import IA3Config, LoHaConfig, PromptTuningConfig
+from peft import IA3Config, LoHaConfig, LoraConfig, PromptTuningConfig
 from test_gradients import answer_logps, lora_config, one_step_gradients, step_args, whole_dataset_batch
 from test_reference import fused_logps, pristine
 from tiny import conversational_dataset, cpu_args, make_model, prompt_completion_dataset
@@ -200,7 +200,9 @@ def test_moe_load_balancing_loss_is_added_to_the_minor_sft_loss(tmp_path, tokeni
             args=cpu_args(tmp_path, router_aux_loss_coef=coef),
             train_dataset=prompt_completion_dataset(),
             processing_class=tokenizer,
-            peft_config=lora_config(),
+            # Mixtral's experts are fused parameters, not `down_proj` layers (the target check refuses a name
+            # that matches nothing)
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         )
         batch = whole_dataset_batch(trainer)
         with torch.no_grad():
