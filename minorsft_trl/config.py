@@ -52,13 +52,16 @@ class MinorSFTConfig(SFTConfig):
         log_deviation (`bool`, *optional*, defaults to `False`):
             With `loss_type="nll"` or `"dft"`, run the reference forward anyway to log `deviation` and `log_ratio`, so
             plain SFT compares with Minor SFT on the same scale. Costs one no-grad forward per step.
-        precompute_ref_log_probs (`bool`, *optional*, defaults to `False`):
+        precompute_ref_log_probs (`bool` or `"auto"`, *optional*, defaults to `"auto"`):
             Compute the reference's summed answer log-prob of every train and eval example once, before training,
             and cache it on disk, keyed by what changes the numbers: the reference (weights, configuration,
             attention implementation, adapter configuration), the batches as the collator builds them, and the
             autocast precision the forward runs under. A cache hit is used once a live pass over a sample agrees.
             Training then runs no reference forward and frees a separate reference model. A second run with another
-            learning rate or beta reuses the cache.
+            learning rate or beta reuses the cache. `"auto"` turns it on wherever it can serve (the loss reads one
+            number per example from the reference, the datasets are not streamed, the model is not partitioned at
+            load by ZeRO-3, the cache directory is writable) and says which in one log line; `True` asks for it
+            (an error where it cannot serve), `False` runs the reference at every step.
         precompute_ref_batch_size (`int`, *optional*):
             Batch size of the precompute pass; defaults to `per_device_train_batch_size` (eval data:
             `per_device_eval_batch_size`).
@@ -135,11 +138,12 @@ class MinorSFTConfig(SFTConfig):
             "help": "With loss_type 'nll' or 'dft', run the reference forward to log `deviation` and `log_ratio`."
         },
     )
-    precompute_ref_log_probs: bool = field(
-        default=False,
+    precompute_ref_log_probs: bool | str = field(
+        default="auto",
         metadata={
             "help": "Compute the reference log-probs of the train and eval data once, before training, and cache them "
-            "on disk: training then runs no reference forward and needs no reference weights."
+            "on disk: training then runs no reference forward and needs no reference weights. 'auto' (the default): "
+            "wherever it can serve; true / false: always / never."
         },
     )
     precompute_ref_batch_size: int | None = field(
@@ -217,8 +221,13 @@ class MinorSFTConfig(SFTConfig):
                 "mean), so the first steps are that much larger than plain SFT's, and once the policy moves the "
                 "weights sigmoid(-beta r) fall to 0. The paper's best is beta=0.04."
             )
+        self.precompute_ref_log_probs = precompute_choice(self.precompute_ref_log_probs)
         reference_loss = self.reference_loss
-        if self.precompute_ref_log_probs and reference_loss and not reference_loss.reference.can_be_precomputed:
+        if (
+            self.precompute_ref_log_probs is True
+            and reference_loss
+            and not reference_loss.reference.can_be_precomputed
+        ):
             precomputable = [name for name, loss in REFERENCE_LOSSES.items() if loss.reference.can_be_precomputed]
             raise ValueError(
                 f"precompute_ref_log_probs=True with loss_type={self.loss_type!r}: this loss needs "
@@ -226,7 +235,7 @@ class MinorSFTConfig(SFTConfig):
                 "precompute_ref_log_probs=False (the reference then runs a forward each step), or use a loss that "
                 f"needs only per-example log-probs ({', '.join(precomputable)})."
             )
-        if self.precompute_ref_log_probs and not self.uses_reference:
+        if self.precompute_ref_log_probs is True and not self.uses_reference:
             raise ValueError(
                 f"precompute_ref_log_probs=True with loss_type={self.loss_type!r} and log_deviation=False: there is "
                 "no reference to precompute. Drop precompute_ref_log_probs, or set log_deviation=True."
@@ -324,6 +333,19 @@ class MinorSFTConfig(SFTConfig):
     def uses_reference(self) -> bool:
         """Whether training runs a reference: for the loss itself, or only to log the deviation."""
         return self.reference_loss is not None or self.log_deviation
+
+
+def precompute_choice(value) -> bool | str:
+    """`precompute_ref_log_probs` as `True`, `False` or `"auto"`, from a bool or its spelling on a command line."""
+    if isinstance(value, bool):
+        return value
+    choice = {"true": True, "false": False, "auto": "auto"}.get(str(value).strip().lower())
+    if choice is None:
+        raise ValueError(
+            f"precompute_ref_log_probs must be true, false or 'auto', got {value!r}. 'auto' (the default) precomputes "
+            "wherever it can serve."
+        )
+    return choice
 
 
 def _check_number(name: str, value, positive: bool, hint: str) -> None:

@@ -11,6 +11,7 @@ writes the cache; the others follow its lead (`_follow_main`) and receive the va
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 import transformers
 from accelerate.utils import broadcast_object_list
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .cache import cache_root, cached_directory
 from .examples import ExampleIndex
@@ -216,6 +218,49 @@ class PrecomputedReferenceMixin:
 def _sample_rows(dataset: Dataset, batch_size: int) -> list[int]:
     """The rows whose cached values are checked against a live pass: one batch, spread over the dataset."""
     return sorted({round(i) for i in np.linspace(0, len(dataset) - 1, num=min(batch_size, len(dataset)))})
+
+
+def resolve_precompute(args, train_dataset, eval_dataset) -> bool:
+    """`precompute_ref_log_probs="auto"` made `True` wherever a precompute can serve, else `False`, and the choice
+    said in one log line with its reason; `True` and `False` are returned as given."""
+    if args.precompute_ref_log_probs != "auto":
+        return args.precompute_ref_log_probs
+    reason = _why_not_precomputed(args, train_dataset, eval_dataset)
+    if reason is None:
+        cache_dir = args.ref_cache_dir or cache_root() / "ref_logps"
+        logger.warning(
+            "precompute_ref_log_probs='auto': on. The reference's log-probs of the train and eval examples are "
+            f"computed once before training (cached in {cache_dir}), and training runs no reference forward; set it "
+            "to false to run the reference at every step instead."
+        )
+        return True
+    (logger.info if not args.uses_reference else logger.warning)(f"precompute_ref_log_probs='auto': off, {reason}.")
+    return False
+
+
+def _why_not_precomputed(args, train_dataset, eval_dataset) -> str | None:
+    """Why a precompute cannot serve this run, or `None` if it can."""
+    reference_loss = args.reference_loss
+    if not args.uses_reference:
+        return f"loss_type={args.loss_type!r} reads nothing from the reference during training"
+    if reference_loss is not None and not reference_loss.reference.can_be_precomputed:
+        return (
+            f"loss_type={args.loss_type!r} needs {reference_loss.reference.value}, which cannot be cached per "
+            "example: the reference runs at every step"
+        )
+    evaluated = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+    if any(isinstance(dataset, IterableDataset) for dataset in (train_dataset, *evaluated)):
+        return "a dataset is streamed (an IterableDataset), which cannot be gone through before training"
+    if is_deepspeed_zero3_enabled():
+        return "DeepSpeed ZeRO-3 partitions the model at load, before a precompute pass could run it"
+    cache_dir = Path(args.ref_cache_dir or cache_root() / "ref_logps")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir):
+            pass
+    except OSError as error:
+        return f"the cache directory {str(cache_dir)!r} is not writable ({error.strerror or error})"
+    return None
 
 
 def from_main_process(value):

@@ -47,7 +47,7 @@ from .fingerprint import (
 )
 from .loss_types import LossInputs, MeanOver, ReferenceNeed
 from .losses import deviation
-from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process
+from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process, resolve_precompute
 from .reference import (
     StartingBaseParameters,
     active_dropouts,
@@ -186,6 +186,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         ref_model: "str | PreTrainedModel | None" = None,
     ):
         args = _as_minor_sft_config(args, model)
+        args.precompute_ref_log_probs = resolve_precompute(args, train_dataset, eval_dataset)
         check_inputs(
             args,
             model=model,

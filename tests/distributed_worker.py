@@ -63,7 +63,9 @@ SAVE_OPTIMIZER = Trainer._save_optimizer_and_scheduler
 def main(model_dir: str, out_dir: str, mode: str = "on the fly") -> None:
     overrides = {}
     if mode in ("precompute", "fsdp reference"):
-        overrides = dict(precompute_ref_log_probs=True, ref_cache_dir=str(Path(out_dir) / "cache"))
+        # "precompute" through the default, "auto", which chooses it under several processes too
+        choice = "auto" if mode == "precompute" else True
+        overrides = dict(precompute_ref_log_probs=choice, ref_cache_dir=str(Path(out_dir) / "cache"))
     if mode == "fsdp reference":
         trainer_module.prepare_fsdp = shard_on_a_cpu_mesh
         MinorSFTTrainer.create_accelerator_and_postprocess = with_fsdp_enabled

@@ -327,6 +327,11 @@ CASES = [
      r"invalid float value: 'fast'"),
     ("cli", "unknown loss type", lambda c: parse_args(["--config", str(c.recipe()), "--loss_type", "minorsft"]),
      SystemExit, r"invalid choice: 'minorsft'"),
+    ("python", "an unknown precompute choice", lambda c: c.args(precompute_ref_log_probs="yes"), ValueError,
+     r"precompute_ref_log_probs must be true, false or 'auto', got 'yes'"),
+    ("cli", "an unknown precompute choice",
+     lambda c: parse_args(["--config", str(c.recipe()), "--precompute_ref_log_probs", "always"]), SystemExit,
+     r"argument --precompute_ref_log_probs.*: precompute_ref_log_probs must be true, false or 'auto', got 'always'"),
     # The second newcomer walk
     ("python", "report_to tensorboard without TensorBoard installed", tensorboard_not_installed, ValueError,
      r"report_to includes 'tensorboard', which is not installed: `pip install 'minorsft_trl\[tensorboard\]'`"),

@@ -4,6 +4,7 @@ blindly."""
 import numpy as np
 import pytest
 import torch
+from datasets import IterableDataset
 from peft import LoraConfig
 from test_gradients import BETA, lora_config, one_step_gradients, step_args
 from tiny import conversational_dataset, cpu_args, make_model, prompt_completion_dataset
@@ -184,3 +185,44 @@ def test_a_setting_that_leaves_the_tokenised_data_unchanged_reuses_the_cache(
     build(tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=True, max_length=64)
     build(tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=True, max_length=256)
     assert count_reference_passes == ["train"]
+
+
+# ---------------------------------------------------------------- the default, "auto"
+
+
+def auto_trainer(tmp_path, tokenizer, loss_type="minor_sft", dataset=None, **kwargs):
+    return MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(tmp_path / "out", loss_type=loss_type, precompute_ref_log_probs="auto",
+                      ref_cache_dir=str(tmp_path / "cache"), max_steps=1),
+        train_dataset=dataset if dataset is not None else prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "streamed", "on", "said"),
+    [
+        ("minor_sft", False, True, "precompute_ref_log_probs='auto': on."),
+        ("iw_sft", False, True, "precompute_ref_log_probs='auto': on."),
+        ("asft", False, False, "off, loss_type='asft' needs the next-token distribution"),
+        ("sft_kl", False, False, "off, loss_type='sft_kl' needs"),
+        ("minor_sft", True, False, "off, a dataset is streamed (an IterableDataset)"),
+    ],
+    ids=["minor_sft", "iw_sft", "asft", "sft_kl", "streamed"],
+)
+def test_auto_precomputes_wherever_it_can_serve_and_says_which(
+    tmp_path, tokenizer, count_reference_passes, warnings_of_minorsft, loss_type, streamed, on, said
+):
+    dataset = prompt_completion_dataset()
+    if streamed:
+        rows = dataset.to_list()
+        dataset = IterableDataset.from_generator(lambda: iter(rows))
+    trainer = auto_trainer(tmp_path, tokenizer, loss_type, dataset)
+    assert trainer.args.precompute_ref_log_probs is on
+    assert count_reference_passes == (["train"] if on else [])
+    assert sum("precompute_ref_log_probs='auto'" in m for m in warnings_of_minorsft) == 1
+    assert any(said in m for m in warnings_of_minorsft), warnings_of_minorsft
+    trainer.train()  # never an error

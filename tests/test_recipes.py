@@ -61,7 +61,7 @@ def test_every_loss_of_the_family_has_a_recipe_with_its_papers_settings(model):
     args = {name: parse("--config", recipes[name])[1] for name in ("minor_sft", "asft", "sft_kl", "iw_sft")}
     for name in ("asft", "sft_kl"):
         assert (args[name].kl_coef, args[name].lr_scheduler_type) == (0.05, "cosine")  # ASFT's lambda
-        assert not args[name].precompute_ref_log_probs
+        assert args[name].precompute_ref_log_probs in (False, "auto")  # "auto" chooses off for the KL losses
     assert (args["iw_sft"].iw_weight_max, args["iw_sft"].lr_scheduler_type) == (16.0, "cosine")
     if model == "Qwen2-7B-Instruct":
         assert args["asft"].learning_rate == args["sft_kl"].learning_rate == 2e-5

@@ -94,6 +94,8 @@ def cpu_args(output_dir, **overrides):
         gradient_checkpointing=False,
         per_device_train_batch_size=8,
         max_length=64,
+        # The reference on the fly unless a test asks otherwise (the default "auto" precomputes into the user's cache)
+        precompute_ref_log_probs=False,
     )
     return MinorSFTConfig(**{**defaults, **overrides})
 
@@ -129,6 +131,7 @@ def write_recipe(directory, model_dir: str, **overrides):
         "save_strategy": "no",
         "report_to": "none",
         "seed": 0,
+        "precompute_ref_log_probs": False,
         "output_dir": str(directory / "out"),
         **overrides,
     }
