@@ -45,6 +45,7 @@ from .fingerprint import (
     peft_reference_name,
     trained_adapter_settings,
 )
+from .fused_head import labelled_positions_only
 from .loss_types import LossInputs, MeanOver, ReferenceNeed
 from .losses import deviation
 from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process, resolve_precompute
@@ -425,7 +426,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                 "The reference model was released after its log-probs were precomputed for the datasets given at "
                 "init, and this batch has none. Pass every evaluation dataset to the trainer's `eval_dataset`."
             )
-        with self._running_reference() as model:
+        with self._running_reference() as model, labelled_positions_only():
             if not hidden_states:
                 return _fused_token_logps(model, inputs)
             with captured_hidden_states(model) as captured:
@@ -500,7 +501,11 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = self._loss(model, inputs, return_outputs, num_items_in_batch)
+        # Where the reference is read, only the answer positions are scored, policy and reference alike (see
+        # `fused_head`); plain SFT trains with TRL's forward exactly
+        reads_reference = self.args.uses_reference or (not self.model.training and self._measures_drift)
+        with labelled_positions_only() if reads_reference else nullcontext():
+            result = self._loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         if self.model.training and not torch.isfinite(loss.detach()).all():
             self._stop_on_non_finite_loss(loss)
