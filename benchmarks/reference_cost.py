@@ -13,6 +13,7 @@ On the embedded SmolLM2-135M-Instruct and BIG-bench si_conversion, with the same
 - `minor_sft adapter-disabled`: the reference is the policy with its adapters disabled (one extra no-grad forward);
 - `minor_sft separate copy`: a second, frozen copy of the base model as the reference;
 - `minor_sft precomputed`: reference log-probs computed once before training (timed apart), none during training;
+- `minor_sft default`: what a run gets without setting `precompute_ref_log_probs` ("auto": precomputed here);
 - `asft`, `sft_kl`: the KL anchor, adapters disabled: a reference forward whose hidden states go with the policy's
   through both LM heads in tiles (`minorsft_trl.vocabulary_kl`), nothing cached;
 - `iw_sft`: importance weights from the adapter-disabled reference (the cost of `minor_sft`'s forward, another weight).
@@ -60,6 +61,7 @@ MODES = {
     "minor_sft adapter-disabled": {"loss_type": "minor_sft"},
     "minor_sft separate copy": {"loss_type": "minor_sft", "separate_reference": True},
     "minor_sft precomputed": {"loss_type": "minor_sft", "precompute_ref_log_probs": True},
+    "minor_sft default": {"loss_type": "minor_sft", "precompute_ref_log_probs": "auto"},
     "asft adapter-disabled": {"loss_type": "asft"},
     "sft_kl adapter-disabled": {"loss_type": "sft_kl"},
     "iw_sft adapter-disabled": {"loss_type": "iw_sft"},
