@@ -1,5 +1,6 @@
 """`MinorSFTConfig`: TRL's `SFTConfig` plus the fields of the reference-aware losses."""
 
+import argparse
 import importlib.util
 import math
 from dataclasses import dataclass, field
@@ -138,7 +139,7 @@ class MinorSFTConfig(SFTConfig):
             "help": "With loss_type 'nll' or 'dft', run the reference forward to log `deviation` and `log_ratio`."
         },
     )
-    precompute_ref_log_probs: bool | str = field(
+    precompute_ref_log_probs: "BoolOrAuto" = field(
         default="auto",
         metadata={
             "help": "Compute the reference log-probs of the train and eval data once, before training, and cache them "
@@ -333,6 +334,18 @@ class MinorSFTConfig(SFTConfig):
     def uses_reference(self) -> bool:
         """Whether training runs a reference: for the loss itself, or only to log the deviation."""
         return self.reference_loss is not None or self.log_deviation
+
+
+class BoolOrAuto:
+    """The type of `precompute_ref_log_probs`: `True`, `False` or `"auto"`. As the field's annotation it is also what
+    a `TrlParser` built on `MinorSFTConfig` (ours, or one a user writes as TRL's `sft.py` does) parses the command
+    line and the YAML strings with: transformers' parser would read `bool | str` as a bool and refuse "auto"."""
+
+    def __new__(cls, value) -> bool | str:
+        try:
+            return precompute_choice(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def precompute_choice(value) -> bool | str:

@@ -36,7 +36,6 @@ from transformers import AutoTokenizer
 from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
-from minorsft_trl.config import precompute_choice
 from minorsft_trl.data import MinorSFTScriptArguments, check_data_paths, load_datasets
 from minorsft_trl.embedded import resolve_model
 from minorsft_trl.packaged import resolve_config_argument, resolve_recipe_file
@@ -184,21 +183,8 @@ def drop_caps_of_other_data(args: list[str], script_args: MinorSFTScriptArgument
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None) -> TrlParser:
     dataclass_types = (MinorSFTScriptArguments, MinorSFTConfig, ModelConfig, DatasetMixtureConfig)
     if subparsers is not None:
-        parser = subparsers.add_parser("minor_sft", help="Train with Minor SFT", dataclass_types=dataclass_types)
-    else:
-        parser = TrlParser(dataclass_types, prog=prog)
-    # `bool | str`: transformers' parser reads it as a bool and would refuse "auto"
-    for action in parser._actions:
-        if action.dest == "precompute_ref_log_probs":
-            action.type = _precompute_argument
-    return parser
-
-
-def _precompute_argument(value: str) -> bool | str:
-    try:
-        return precompute_choice(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
+        return subparsers.add_parser("minor_sft", help="Train with Minor SFT", dataclass_types=dataclass_types)
+    return TrlParser(dataclass_types, prog=prog)
 
 
 if __name__ == "__main__":
