@@ -173,7 +173,12 @@ def test_trl_losses_are_unchanged(tmp_path, tokenizer, loss_type, log_deviation)
     _, sft_losses = run(SFTTrainer, sft_args)
     minor, minor_losses = run(MinorSFTTrainer, cpu_args(tmp_path / "minor", log_deviation=log_deviation, **common))
 
-    assert minor_losses == sft_losses
+    if log_deviation:
+        # A run that reads its reference scores only the answer positions (`minorsft_trl.fused_head`): the same
+        # per-token values by another path, equal here to the last bit, to float rounding on any CPU
+        assert minor_losses == pytest.approx(sft_losses, rel=1e-6)
+    else:
+        assert minor_losses == sft_losses  # TRL's forward, exactly
     logged = minor.state.log_history[0].keys()
     assert ({"deviation", "log_ratio"} <= logged) == log_deviation
     assert "minor_weight" not in logged

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl.trainer.utils import add_fused_lm_head
 
 from minorsft_trl import MinorSFTTrainer
+from minorsft_trl.fused_head import labelled_positions_only
 
 
 def four_bit_config():
@@ -32,7 +33,9 @@ def train_args(tmp_path, **overrides):
 
 
 def fused_logps(model, batch):
-    with torch.no_grad():
+    """Per-token log-probs through TRL's fused LM head on the path the trainer's reference passes take (the answer
+    positions only, `minorsft_trl.fused_head`), so that a comparison with them can be exact on any CPU."""
+    with torch.no_grad(), labelled_positions_only():
         return model(**batch, use_cache=False, fused_lm_head=True).log_probs
 
 
