@@ -1,5 +1,6 @@
 """`MinorSFTTrainer`: TRL's `SFTTrainer` with a reference-aware, per-example loss."""
 
+import functools
 import os
 import textwrap
 import time
@@ -268,7 +269,6 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                     "reference": module_fingerprint(reference, canonical_name, sample=1024),
                     "settings": {name: getattr(args, name) for name in args.loss_settings},
                     "adapter": trained_adapter_settings(self.accelerator.unwrap_model(self.model)),
-                    "data": dataset_fingerprint(self.train_dataset),
                 }
             )
             reference_identity = None
@@ -777,7 +777,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             checkpoint = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            write_run_identity(checkpoint, self._run_identity)
+            write_run_identity(checkpoint, self._checkpoint_identity)
             mark_complete(checkpoint)
             rotate_checkpoints(
                 output_dir=run_dir,
@@ -785,6 +785,13 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
             )
+
+    @functools.cached_property
+    def _checkpoint_identity(self) -> dict:
+        """What a checkpoint of this run belongs to: the run identity taken at init, and a content hash of the
+        tokenised training data, hashed only once a checkpoint is written or resumed (0.8 s per 100k examples of 512
+        tokens: not for runs that save none)."""
+        return {**self._run_identity, "data": dataset_fingerprint(self.train_dataset)}
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """`Trainer.train`, resuming only from complete checkpoints: `resume_from_checkpoint=True` (or `"true"`,
@@ -806,7 +813,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                 f"removed since). The last complete one is {last_complete_checkpoint(self.args.output_dir)!r}."
             )
         if isinstance(resume_from_checkpoint, str):
-            check_run_identity(resume_from_checkpoint, self._run_identity)
+            check_run_identity(resume_from_checkpoint, self._checkpoint_identity)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         budget = self._drift_budget
         if budget is not None and budget.exceeded is not None and budget.within_budget_checkpoint is not None:
