@@ -77,8 +77,10 @@ class PackedRowsApart:
     as `packing=True` collates them: their examples kept apart by `position_ids`."""
 
     collator: DataCollatorForLanguageModeling
+    padding_free: DataCollatorForLanguageModeling = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.padding_free = dataclasses.replace(self.collator, padding_free=True)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if "seq_lengths" in examples[0]:
-            return dataclasses.replace(self.collator, padding_free=True)(examples)
-        return self.collator(examples)
+        return (self.padding_free if "seq_lengths" in examples[0] else self.collator)(examples)

@@ -11,7 +11,6 @@ writes the cache; the others follow its lead (`_follow_main`) and receive the va
 
 import hashlib
 import json
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from .cache import cache_root, cached_directory
 from .examples import ExampleIndex
 from .fingerprint import batches_fingerprint
 from .reference_check import deviation_tolerance
+from .validation import unwritable
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -254,13 +254,8 @@ def _why_not_precomputed(args, train_dataset, eval_dataset) -> str | None:
     if is_deepspeed_zero3_enabled():
         return "DeepSpeed ZeRO-3 partitions the model at load, before a precompute pass could run it"
     cache_dir = Path(args.ref_cache_dir or cache_root() / "ref_logps")
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache_dir):
-            pass
-    except OSError as error:
-        return f"the cache directory {str(cache_dir)!r} is not writable ({error.strerror or error})"
-    return None
+    reason = unwritable(cache_dir)
+    return None if reason is None else f"the cache directory {str(cache_dir)!r} is not writable ({reason})"
 
 
 def from_main_process(value):

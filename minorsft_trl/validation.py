@@ -36,16 +36,25 @@ def check_output_dir(output_dir: Path) -> None:
         ) from error
 
 
-def _check_writable(directory: Path) -> None:
+def unwritable(directory: Path) -> str | None:
+    """Why `directory` cannot be created or written to, or `None` if it can."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory):
             pass
     except OSError as error:
+        return str(error.strerror or error)
+    return None
+
+
+def check_writable(directory: Path) -> None:
+    """Refuse a reference cache directory that cannot be created or written."""
+    reason = unwritable(directory)
+    if reason is not None:
         raise ValueError(
-            f"The reference cache directory {str(directory)!r} is not writable ({error.strerror or error}). Set "
-            "`ref_cache_dir` (or the MINORSFT_TRL_CACHE environment variable) to a writable directory."
-        ) from error
+            f"The reference cache directory {str(directory)!r} is not writable ({reason}). Set `ref_cache_dir` (or "
+            "the MINORSFT_TRL_CACHE environment variable) to a writable directory."
+        )
 
 
 def _check_drift_has_an_eval_split(args, eval_dataset) -> None:
@@ -110,7 +119,7 @@ def check_inputs(
             "`processing_class.chat_template`."
         )
     if args.precompute_ref_log_probs:
-        _check_writable(Path(args.ref_cache_dir or cache_root() / "ref_logps"))
+        check_writable(Path(args.ref_cache_dir or cache_root() / "ref_logps"))
     quantized = (
         quantization_config is not None
         or getattr(model, "is_loaded_in_4bit", False)

@@ -226,3 +226,19 @@ def test_auto_precomputes_wherever_it_can_serve_and_says_which(
     assert sum("precompute_ref_log_probs='auto'" in m for m in warnings_of_minorsft) == 1
     assert any(said in m for m in warnings_of_minorsft), warnings_of_minorsft
     trainer.train()  # never an error
+
+
+def test_auto_with_an_unwritable_cache_runs_the_reference_on_the_fly_and_says_why(
+    tmp_path, tokenizer, warnings_of_minorsft
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(tmp_path / "out", precompute_ref_log_probs="auto", ref_cache_dir=str(blocker / "cache")),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    assert trainer.args.precompute_ref_log_probs is False
+    assert any("'auto': off, the cache directory" in m and "is not writable" in m for m in warnings_of_minorsft)
