@@ -216,32 +216,41 @@ def check_same_vocabulary(policy: nn.Module, reference: nn.Module, explicit: boo
         )
 
 
-def check_same_tokenizer(tokenizer, path: str, of: str = "reference") -> None:
-    """Raise if the model at `path` (the `"reference"`, or the `"model"` being trained) ships a tokenizer that maps
-    tokens to other ids than `tokenizer`: equal vocabulary sizes do not make the ids mean the same. Nothing to compare
-    without both tokenizers."""
+def tokens_mapped_differently(tokenizer, path: str, added_tokens_count: bool) -> list[str]:
+    """The tokens that `tokenizer` and the tokenizer saved with the model at `path` map to different ids, sorted;
+    with `added_tokens_count=False`, tokens only `tokenizer` has (added for resized embeddings) are not counted.
+    Empty when there is nothing to compare (no saved tokenizer: transformers would make an empty one up)."""
     vocab = getattr(tokenizer, "get_vocab", None)
-    # A local folder without tokenizer files has none to compare (transformers would make an empty one up)
     if vocab is None or Path(path).is_dir() and not any(Path(path, name).is_file() for name in TOKENIZER_FILES):
-        return
+        return []
     try:
         saved = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
-        return
+        return []
     ours, theirs = vocab(), saved.get_vocab()
-    # Tokens added to the policy's tokenizer (new ids, embeddings resized) are not a difference of the model's
-    compared = ours.keys() | theirs.keys() if of == "reference" else theirs.keys()
-    differing = sorted(token for token in compared if ours.get(token) != theirs.get(token))
-    if not differing:
-        return
-    if of == "reference":
+    compared = ours.keys() | theirs.keys() if added_tokens_count else theirs.keys()
+    return sorted(token for token in compared if ours.get(token) != theirs.get(token))
+
+
+def check_same_tokenizer(tokenizer, ref_path: str) -> None:
+    """Raise if the reference at `ref_path` ships a tokenizer that maps tokens to other ids than the policy's: equal
+    vocabulary sizes do not make the log-probabilities comparable."""
+    differing = tokens_mapped_differently(tokenizer, ref_path, added_tokens_count=True)
+    if differing:
         raise ValueError(
-            f"The reference {path!r} has another tokenizer than the policy: {len(differing)} tokens differ (e.g. "
+            f"The reference {ref_path!r} has another tokenizer than the policy: {len(differing)} tokens differ (e.g. "
             f"{differing[:3]}), so its log-probabilities score other tokens. Use a reference trained with the "
             "policy's tokenizer (the model the policy was initialised from)."
         )
-    raise ValueError(
-        f"`processing_class` maps tokens to other ids than the tokenizer saved with the model {path!r}: "
-        f"{len(differing)} tokens differ (e.g. {differing[:3]}), so the model would read every example as other "
-        "tokens. Pass the model's own tokenizer (`AutoTokenizer.from_pretrained(model_path)`)."
-    )
+
+
+def check_model_tokenizer(tokenizer, model_path: str) -> None:
+    """Raise if `processing_class` maps the tokens of the tokenizer saved with the model at `model_path` to other ids
+    (another tokenizer family of the same vocabulary size); tokens it adds are not a difference."""
+    differing = tokens_mapped_differently(tokenizer, model_path, added_tokens_count=False)
+    if differing:
+        raise ValueError(
+            f"`processing_class` maps tokens to other ids than the tokenizer saved with the model {model_path!r}: "
+            f"{len(differing)} tokens differ (e.g. {differing[:3]}), so the model would read every example as other "
+            "tokens. Pass the model's own tokenizer (`AutoTokenizer.from_pretrained(model_path)`)."
+        )

@@ -13,7 +13,7 @@ from .cache import cache_root
 from .config import REFERENCE_LOSS_TYPES
 from .data import looks_like_path
 from .dataset_checks import check_dataset
-from .reference import check_same_tokenizer
+from .reference import check_model_tokenizer
 
 
 def is_peft_model_or_path(model: "str | torch.nn.Module") -> bool:
@@ -102,7 +102,7 @@ def check_inputs(
         check_model_path(where, value)
     model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     if processing_class is not None and model_path and Path(model_path).is_dir():
-        check_same_tokenizer(processing_class, model_path, of="model")
+        check_model_tokenizer(processing_class, model_path)
     if formatting_func is None:
         check_dataset(train_dataset, "train_dataset", args.dataset_text_field)
         check_dataset(eval_dataset, "eval_dataset", args.dataset_text_field)
