@@ -12,9 +12,10 @@ finishes: an interrupted grid resumes where it stopped, and a grid can be run in
 """
 
 import argparse
+import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -46,10 +47,15 @@ class Block:
     methods: tuple[str, ...]
     learning_rates: tuple[float, ...]
     step_control: float | bool = False  # the Minor SFT learning rate whose mean step the control takes
+    variant: str = ""  # what sets the block apart from another of the same task and fine-tuning, in its name
+    settings: dict = field(default_factory=dict)  # recipe keys of every run of the block (e.g. max_grad_norm)
+    method_settings: dict = field(default_factory=dict)  # the block's own METHOD_SETTINGS entries
+    seeds: tuple[int, ...] = ()  # the preset's seeds if empty
 
     @property
     def name(self) -> str:
-        return f"{self.task.removeprefix(bigbench.SCHEME).replace('/', '-')}-{self.finetuning}"
+        name = f"{self.task.removeprefix(bigbench.SCHEME).replace('/', '-')}-{self.finetuning}"
+        return f"{name}-{self.variant}" if self.variant else name
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class Preset:
     drift_texts: int
 
 
+LONG_RATES = (1e-4, 5e-4, 2.5e-3)
 PRESETS = {
     # 57 runs: 2 learning rates per method (the matched-accuracy interpolation needs two), 200 training questions, full
     # fine-tuning for SFT and Minor SFT at one learning rate, the second task for SFT and Minor SFT only, the step-size
@@ -92,6 +99,43 @@ PRESETS = {
         drift_prompts=16,
         drift_texts=16,
     ),
+    # The paper's regime (issue 23): every training question of the task (2800, 350 steps at batch 8), one epoch,
+    # LoRA; 3 learning rates a factor 5 apart per method for its best one, swept on one seed; clipping at TRL's
+    # default and off; a larger beta; then 3 seeds at the learning rates the sweep picked. Blocks of one recipe
+    # share their runs through the cache (SFT of block 0 is SFT of block 2)
+    "long": Preset(
+        blocks=(
+            Block(SI_CONVERSION, "lora", ("sft", "minor_sft", "sft_kl"), LONG_RATES),
+            Block(
+                SI_CONVERSION,
+                "lora",
+                ("sft", "minor_sft"),
+                LONG_RATES,
+                variant="no-clipping",
+                settings={"max_grad_norm": 0.0},
+            ),
+            Block(
+                SI_CONVERSION,
+                "lora",
+                ("sft", "minor_sft"),
+                LONG_RATES,
+                variant="beta-0.1",
+                method_settings={"minor_sft": {"beta": 0.1}},
+            ),
+        ),
+        seeds=(0,),
+        train_size=2800,
+        test_size=200,
+        drift_prompts=32,
+        drift_texts=32,
+    ),
+}
+
+
+OUTPUT_DIRS = {
+    "default": "benchmarks/results/compare_methods",
+    "quick": "benchmarks/results/compare_methods_quick",
+    "long": "benchmarks/results/compare_long_horizon",
 }
 
 
@@ -123,6 +167,7 @@ def recipe(block: Block, preset: Preset, texts: Path) -> dict:
     }
     if block.finetuning == "lora":
         values.update(lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_target_modules="all-linear")
+    values.update(block.settings)
     # The trainer's drift measures: forward KL on the base model's samples for held-out prompts, NLL change on text
     values.update(
         drift_num_prompts=preset.drift_prompts,
@@ -137,19 +182,24 @@ def held_out_texts(path: Path, count: int, seed: int = 42) -> Path:
     """`count` BIG-bench `gem/xsum` news articles (no task's training data) as a `text` column, for the NLL change."""
     texts = bigbench.task_texts("gem/xsum")
     random.Random(seed).shuffle(texts)
-    Dataset.from_dict({"text": texts[:count]}).to_json(path)
+    # Written aside and moved in whole: a second process of the same grid may be reading the file
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    Dataset.from_dict({"text": texts[:count]}).to_json(partial)
+    os.replace(partial, path)
     return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the quick grid (a first look)")
+    parser.add_argument("--preset", choices=PRESETS, default="default", help="the grid (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="the quick grid (a first look): --preset quick")
     parser.add_argument("--blocks", type=int, nargs="+", help="run only these blocks of the grid (by index)")
-    parser.add_argument("--output_dir", help="(default: benchmarks/results/compare_methods[_quick])")
+    parser.add_argument("--output_dir", help=f"(default: {', '.join(OUTPUT_DIRS.values())}, by preset)")
     cli = parser.parse_args()
-    preset = PRESETS["quick" if cli.quick else "default"]
+    name = "quick" if cli.quick else cli.preset
+    preset = PRESETS[name]
     indices = cli.blocks if cli.blocks is not None else list(range(len(preset.blocks)))
-    output_dir = Path(cli.output_dir or f"benchmarks/results/compare_methods{'_quick' if cli.quick else ''}")
+    output_dir = Path(cli.output_dir or OUTPUT_DIRS[name])
 
     output_dir.mkdir(parents=True, exist_ok=True)
     texts = held_out_texts(output_dir / "drift_texts.jsonl", preset.drift_texts)
@@ -160,13 +210,16 @@ def main() -> None:
         block_dir.mkdir(parents=True, exist_ok=True)
         recipe_path = block_dir / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe(block, preset, texts), sort_keys=False))
-        settings = {m: METHOD_SETTINGS[m] for m in block.methods if m in METHOD_SETTINGS}
-        grid = make_grid(block.methods, block.learning_rates, preset.seeds, block.step_control, settings)
+        known = {**METHOD_SETTINGS, **block.method_settings}
+        settings = {m: known[m] for m in block.methods if m in known}
+        seeds = block.seeds or preset.seeds
+        grid = make_grid(block.methods, block.learning_rates, seeds, block.step_control, settings)
         comparison = Comparison(str(recipe_path), [], grid, block_dir)
         started = time.perf_counter()
         results = comparison.run(log=lambda line, name=block.name: print(f"{name}: {line}", flush=True))
         text = report.write(results, comparison, time.perf_counter() - started)
         title = f"## {block.task.removeprefix(bigbench.SCHEME)}, {FINETUNING[block.finetuning]}"
+        title += f", {block.variant.replace('-', ' ')}" if block.variant else ""
         sections.append(title + "\n\n" + text.removeprefix("# Method comparison\n\n"))
     summary = "# Method comparison: BIG-bench on the embedded SmolLM2-135M-Instruct\n\n" + "\n".join(sections)
     (output_dir / "results.md").write_text(summary)

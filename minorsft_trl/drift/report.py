@@ -21,6 +21,7 @@ MEASURES = {  # key: (title, higher is better)
     "nll_change": ("NLL change on held-out text", False),
     "train_deviation": ("train deviation", False),
     "clipped_fraction": ("steps clipped", False),
+    "grad_norm_over_1": ("steps with grad norm > 1", False),
 }
 DRIFTS = ("forward_kl", "heldout_deviation", "nll_change")
 ONE_SEED = "one seed: no intervals (every number is that seed's value; give --seeds 0 1 2 for 95% intervals)."
