@@ -92,6 +92,48 @@ def test_matched_gain_and_pareto_when_higher_accuracy_is_better():
     assert set(summary["pareto_front"]) == {("sft", 1e-3), ("minor_sft", 1e-4), ("minor_sft", 1e-3)}
 
 
+def test_each_method_at_its_best_learning_rate_against_sft_at_its_own():
+    # SFT peaks at 5e-4 (interior); Minor SFT keeps rising to 2.5e-3, the grid's edge: starred, a better rate may lie
+    # beyond. Accuracy by seed: SFT at 5e-4 90/92/94, Minor SFT at 2.5e-3 91/92/96 -> differences 1, 0, 2
+    grid = make_grid(("sft", "minor_sft"), (1e-4, 5e-4, 2.5e-3), (0, 1, 2), step_control=False)
+    runs = (
+        synthetic_runs("sft", 1e-4, [3.0] * 3, [0.1] * 3, accuracy=[0.80, 0.81, 0.82])
+        + synthetic_runs("sft", 5e-4, [2.0] * 3, [0.5, 0.6, 0.7], accuracy=[0.90, 0.92, 0.94])
+        + synthetic_runs("sft", 2.5e-3, [2.5] * 3, [1.5] * 3, accuracy=[0.85, 0.86, 0.87])
+        + synthetic_runs("minor_sft", 1e-4, [3.0] * 3, [0.1] * 3, accuracy=[0.70, 0.70, 0.70])
+        + synthetic_runs("minor_sft", 5e-4, [2.0] * 3, [0.4] * 3, accuracy=[0.88, 0.88, 0.88])
+        + synthetic_runs("minor_sft", 2.5e-3, [2.0] * 3, [1.0, 1.2, 1.4], accuracy=[0.91, 0.92, 0.96])
+    )
+    summary = report.summarise(runs, grid)
+    best = {row["method"]: row for row in summary["best"]}
+    assert (best["sft"]["learning_rate"], best["sft"]["interior"]) == (5e-4, True)
+    assert (best["minor_sft"]["learning_rate"], best["minor_sft"]["interior"]) == (2.5e-3, False)
+    assert best["sft"]["accuracy"]["mean"] == pytest.approx(92.0)
+    assert "against_sft" not in best["sft"]
+    difference = best["minor_sft"]["against_sft"]
+    assert difference["accuracy"]["mean"] == pytest.approx(1.0)  # (1 + 0 + 2) / 3
+    assert difference["accuracy"]["n"] == 3 and difference["accuracy"]["low"] < 1.0 < difference["accuracy"]["high"]
+    assert difference["forward_kl"]["mean"] == pytest.approx(0.6)  # 1.0-0.5, 1.2-0.6, 1.4-0.7: 0.5, 0.6, 0.7
+    text = report.markdown({"runs": runs}, summary, grid)
+    assert "| Minor SFT * | 0.0025 |" in text and "Each at its best minus SFT at its best (lr 0.0005)" in text
+
+
+def test_the_log_history_says_how_often_clipping_bound_and_how_often_the_default_would_have():
+    history = [
+        {"loss": 1.0, "grad_norm": 0.5, "step": 1, "minor_weight": 0.9},
+        {"loss": 0.9, "grad_norm": 1.5, "step": 2, "minor_weight": 0.7},
+        {"loss": 0.8, "grad_norm": 3.0, "step": 3, "minor_weight": 0.5},
+        {"loss": 0.7, "grad_norm": 0.9, "step": 4, "minor_weight": 0.3},
+        {"eval_loss": 0.7, "step": 4},
+    ]
+    clipped_at_2 = compare.read_log_history(history, max_grad_norm=2.0)
+    assert (clipped_at_2["clipped_fraction"], clipped_at_2["grad_norm_over_1"]) == (0.25, 0.5)
+    assert clipped_at_2["mean_minor_weight"] == pytest.approx(0.6)
+    assert [point["grad_norm"] for point in clipped_at_2["curve"]] == [0.5, 1.5, 3.0, 0.9]
+    unclipped = compare.read_log_history(history, max_grad_norm=0.0)
+    assert (unclipped["clipped_fraction"], unclipped["grad_norm_over_1"]) == (0.0, 0.5)
+
+
 # ------------------------------------------------------------------ bad input
 
 

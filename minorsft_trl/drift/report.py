@@ -61,7 +61,15 @@ def summarise(runs: list[dict], grid: Grid) -> dict:
     gain = gain_measure(runs)
     higher_is_better = MEASURES[gain][1]
     groups = groups_of(runs)
-    summary = {"gain": gain, "measures": measures, "configurations": [], "paired": [], "matched": [], "control": []}
+    summary = {
+        "gain": gain,
+        "measures": measures,
+        "configurations": [],
+        "paired": [],
+        "matched": [],
+        "best": [],
+        "control": [],
+    }
     for (method, lr), group in groups.items():
         entry = {"method": method, "learning_rate": lr, "trained_lr": sum(r["trained_lr"] for r in group) / len(group)}
         entry.update({m: t_interval(list(per_seed(group, m).values())).to_dict() for m in measures})
@@ -83,6 +91,7 @@ def summarise(runs: list[dict], grid: Grid) -> dict:
     if len(grid.learning_rates) > 1:
         drifts = [d for d in DRIFTS if d in measures]
         summary["matched"] = matched_gain(groups, grid, gain, drifts)
+        summary["best"] = at_best_learning_rate(groups, grid, gain, measures)
     for lr in grid.step_control:
         control, minor = groups.get((STEP_CONTROL, lr)), groups.get(("minor_sft", lr))
         if control and minor:
@@ -132,6 +141,35 @@ def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list
     return rows
 
 
+def at_best_learning_rate(groups: dict, grid: Grid, gain: str, measures: list[str]) -> list[dict]:
+    """Each method at the learning rate of its best seed-mean gain, as the paper compares methods, with every
+    measure there and its difference, seed by seed, from SFT at SFT's best learning rate. `interior` says whether
+    the best rate has a rate of the grid on either side: at an edge, a better one may lie beyond the grid."""
+    sign = 1 if MEASURES[gain][1] else -1
+    best = {}
+    for method in grid.methods:
+        means = {
+            lr: t_interval(list(per_seed(groups[(method, lr)], gain).values())).mean
+            for lr in grid.learning_rates
+            if (method, lr) in groups
+        }
+        finite = [lr for lr, mean in means.items() if _finite(mean)]
+        if finite:
+            best[method] = (max(finite, key=lambda lr: sign * means[lr]), sorted(means))
+    rows = []
+    for method, (lr, rates) in best.items():
+        group = groups[(method, lr)]
+        row = {"method": method, "learning_rate": lr, "interior": rates[0] < lr < rates[-1]}
+        row.update({m: t_interval(list(per_seed(group, m).values())).to_dict() for m in measures})
+        if method != "sft" and "sft" in best:
+            baseline = groups[("sft", best["sft"][0])]
+            row["against_sft"] = {
+                m: paired_difference(per_seed(group, m), per_seed(baseline, m)).to_dict() for m in measures
+            }
+        rows.append(row)
+    return rows
+
+
 def _finite(value) -> bool:
     return value is not None and math.isfinite(value)
 
@@ -147,6 +185,11 @@ def interval_text(interval: dict, measure: str = "") -> str:
 def label(method: str, trained_lr: float | None = None) -> str:
     text = LABELS[method]
     return f"{text} (lr {trained_lr:.3g})" if method == STEP_CONTROL and trained_lr is not None else text
+
+
+def best_label(row: dict) -> tuple[str, float, dict]:
+    """A row of the best-learning-rate table: the method, starred when its best rate is at the grid's edge."""
+    return (LABELS[row["method"]] + ("" if row["interior"] else " *"), row["learning_rate"], row)
 
 
 def measures_table(rows: list[tuple[str, float, dict]], measures: list[str]) -> list[str]:
@@ -227,6 +270,18 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
             "",
         ]
         lines += measures_table([(LABELS[p["method"]], p["learning_rate"], p) for p in summary["paired"]], measures)
+    if summary["best"]:
+        lines += ["", "Each method at its best learning rate (best seed-mean gain; * = at the edge of the grid):", ""]
+        lines += measures_table([best_label(b) for b in summary["best"]], measures)
+        against = [b for b in summary["best"] if "against_sft" in b]
+        if against:
+            sft = next(b for b in summary["best"] if b["method"] == "sft")
+            lines += [
+                "",
+                f"Each at its best minus SFT at its best (lr {sft['learning_rate']:g}), seed by seed:",
+                "",
+            ]
+            lines += measures_table([(*best_label(b)[:2], b["against_sft"]) for b in against], measures)
     if summary["matched"]:
         target = summary["matched"][0]["target"]
         if target is None:
