@@ -189,6 +189,21 @@ def held_out_texts(path: Path, count: int, seed: int = 42) -> Path:
     return path
 
 
+def across_blocks(best_rows: list[tuple[Block, dict]]) -> str:
+    """Every block's methods at their best learning rates in one table, a method labelled with what its block sets
+    for it (the same runs, shared by blocks through the cache, appear once)."""
+    rows, seen = [], set()
+    for block, row in best_rows:
+        own = block.settings or row["method"] in block.method_settings
+        name = report.best_label(row)[0] + (f" ({block.variant.replace('-', ' ')})" if own and block.variant else "")
+        if name not in seen:
+            seen.add(name)
+            rows.append((name, row["learning_rate"], row))
+    measures = [m for m in report.MEASURES if all(m in row for _, _, row in rows)]
+    table = "\n".join(report.measures_table(rows, measures))
+    return f"## Every block, each method at its best learning rate (* = at the edge of the grid)\n\n{table}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="default", help="the grid (default: %(default)s)")
@@ -203,7 +218,7 @@ def main() -> None:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     texts = held_out_texts(output_dir / "drift_texts.jsonl", preset.drift_texts)
-    sections = []
+    sections, best_rows = [], []
     for index in indices:
         block = preset.blocks[index]
         block_dir = output_dir / block.name
@@ -221,6 +236,9 @@ def main() -> None:
         title = f"## {block.task.removeprefix(bigbench.SCHEME)}, {FINETUNING[block.finetuning]}"
         title += f", {block.variant.replace('-', ' ')}" if block.variant else ""
         sections.append(title + "\n\n" + text.removeprefix("# Method comparison\n\n"))
+        best_rows += [(block, row) for row in report.summarise(results["runs"], grid)["best"]]
+    if len(indices) > 1:
+        sections.append(across_blocks(best_rows))
     summary = "# Method comparison: BIG-bench on the embedded SmolLM2-135M-Instruct\n\n" + "\n".join(sections)
     (output_dir / "results.md").write_text(summary)
     print(summary)
