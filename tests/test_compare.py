@@ -134,6 +134,18 @@ def test_the_log_history_says_how_often_clipping_bound_and_how_often_the_default
     assert (unclipped["clipped_fraction"], unclipped["grad_norm_over_1"]) == (0.0, 0.5)
 
 
+def test_the_training_curves_of_the_runs_are_drawn_when_they_were_logged(tmp_path):
+    grid = make_grid(("sft", "minor_sft"), (1e-3,), (0,))
+    runs = synthetic_runs("sft", 1e-3, [2.0], [0.3]) + synthetic_runs("minor_sft", 1e-3, [2.5], [0.1])
+    report.write_outputs({"runs": runs}, grid, tmp_path / "no_curves")
+    assert not (tmp_path / "no_curves" / "training_curves.png").exists()
+    for run in runs:
+        run["curve"] = [{"step": step, "loss": 1 / step, "grad_norm": 2.0 / step} for step in (1, 2, 3)]
+    runs[1]["curve"][0]["minor_weight"] = 0.9
+    report.write_outputs({"runs": runs}, grid, tmp_path / "curves", max_grad_norm=1.0)
+    assert (tmp_path / "curves" / "training_curves.png").stat().st_size > 0
+
+
 # ------------------------------------------------------------------ bad input
 
 

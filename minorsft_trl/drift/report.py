@@ -358,6 +358,50 @@ def plot(summary: dict, path: Path, title: str = "") -> Path | None:
     return path
 
 
+CURVES = {"loss": "train loss", "grad_norm": "gradient norm (before clipping)", "minor_weight": "mean minor weight"}
+
+
+def plot_curves(runs: list[dict], path: Path, max_grad_norm: float | None = None) -> Path | None:
+    """The training curves of every configuration over the steps, a line per (method, learning rate) from its first
+    seed: the loss, the gradient norm (with the clipping bound) and Minor SFT's mean weight, the panels the runs
+    logged. Shows where over a long run the brake acts and how often clipping binds. None without matplotlib or
+    curves."""
+    panels = [key for key in CURVES if any(key in point for r in runs for point in r.get("curve") or [])]
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    if not panels:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    first = {}
+    for run in runs:
+        first.setdefault((run["method"], run["learning_rate"]), run)
+    widths = {lr: 0.8 + 0.6 * rank for rank, lr in enumerate(sorted({lr for _, lr in first}))}
+    for axis, key in zip(axes[0], panels, strict=True):
+        for (method, lr), run in first.items():
+            points = [point for point in run.get("curve") or [] if key in point]
+            if points:
+                axis.plot(
+                    [point["step"] for point in points], [point[key] for point in points], linewidth=widths[lr],
+                    color=COLOURS.get(method), alpha=0.8, label=f"{label(method, run['trained_lr'])} lr {lr:g}",
+                )  # fmt: skip
+        if key == "grad_norm":
+            axis.set_yscale("log")
+            if max_grad_norm:
+                axis.axhline(max_grad_norm, color="red", linestyle="--", linewidth=0.8, label="clipping bound")
+        axis.set(xlabel="step", title=CURVES[key])
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_name(summary: dict) -> str:
     return "accuracy_vs_drift.png" if summary["gain"] == "accuracy" else "gain_vs_drift.png"
 
@@ -374,7 +418,14 @@ def _json_safe(value):
 
 
 def write_outputs(
-    results: dict, grid: Grid, output_dir: Path, recipe: str = "", overrides=(), wall_seconds=None, title: str = ""
+    results: dict,
+    grid: Grid,
+    output_dir: Path,
+    recipe: str = "",
+    overrides=(),
+    wall_seconds=None,
+    title: str = "",
+    max_grad_norm: float | None = None,
 ) -> str:
     """`results.md`, `results.json` and the plot in `output_dir`; returns the markdown."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -393,11 +444,18 @@ def write_outputs(
     }
     (output_dir / "results.json").write_text(json.dumps(_json_safe(payload), indent=1))
     plot(summary, output_dir / plot_name(summary), title)
+    plot_curves(results["runs"], output_dir / "training_curves.png", max_grad_norm)
     return text
 
 
 def write(results: dict, comparison, wall_seconds: float) -> str:
     """The outputs of a `Comparison` run."""
     return write_outputs(
-        results, comparison.grid, comparison.output_dir, comparison.config, comparison.overrides, wall_seconds
+        results,
+        comparison.grid,
+        comparison.output_dir,
+        comparison.config,
+        comparison.overrides,
+        wall_seconds,
+        max_grad_norm=comparison.base[1].max_grad_norm,
     )
