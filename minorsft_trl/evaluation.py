@@ -14,6 +14,7 @@ from trl.trainer.utils import pad
 class Accuracy:
     correct: int
     total: int
+    outcomes: tuple[bool, ...] = ()  # per question, in the dataset's order: whether it was answered right
 
     @property
     def value(self) -> float:
@@ -80,8 +81,8 @@ def multiple_choice_accuracy(model, tokenizer, dataset, batch_size: int = 32, de
     """Accuracy on a dataset with `prompt`, `choices` and `answer` columns (see `minorsft_trl.bigbench`)."""
     scores = choice_log_likelihoods(model, tokenizer, dataset["prompt"], dataset["choices"], batch_size, desc)
     answers = dataset["answer"]
-    correct = sum(max(range(len(s)), key=s.__getitem__) == a for s, a in zip(scores, answers, strict=True))
-    return Accuracy(correct=correct, total=len(scores))
+    outcomes = tuple(max(range(len(s)), key=s.__getitem__) == a for s, a in zip(scores, answers, strict=True))
+    return Accuracy(correct=sum(outcomes), total=len(scores), outcomes=outcomes)
 
 
 def _normalise_answer(text: str) -> str:
@@ -100,7 +101,7 @@ def exact_match_accuracy(
     model.eval()
     tokenizer.padding_side = "left"  # generation continues every prompt from its last token
     device = next(model.parameters()).device
-    correct = 0
+    outcomes = []
     try:
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc):
             rows = dataset[start : start + batch_size]
@@ -109,14 +110,14 @@ def exact_match_accuracy(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
             answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += sum(
+            outcomes += [
                 _normalise_answer(answer) in {_normalise_answer(t) for t in targets}
                 for answer, targets in zip(answers, rows["targets"], strict=True)
-            )
+            ]
     finally:
         model.train(was_training)
         tokenizer.padding_side = padding_side
-    return Accuracy(correct=correct, total=len(dataset))
+    return Accuracy(correct=sum(outcomes), total=len(dataset), outcomes=tuple(outcomes))
 
 
 def task_accuracy(model, tokenizer, dataset, desc: str = "Scoring") -> Accuracy:

@@ -9,7 +9,7 @@ import yaml
 from tiny import prompt_completion_dataset, write_recipe
 
 from minorsft_trl import cli
-from minorsft_trl.drift import compare, report
+from minorsft_trl.drift import compare, report, stats
 from minorsft_trl.drift.compare import make_grid
 
 
@@ -40,6 +40,25 @@ def test_one_seed_says_so_and_prints_no_interval(tmp_path):
     paired = summary["paired"][0]
     assert (paired["answer_nll"]["mean"], paired["answer_nll"]["low"], paired["answer_nll"]["n"]) == (0.5, None, 1)
     assert (tmp_path / "gain_vs_drift.png").stat().st_size > 0
+
+
+def test_one_seed_of_a_task_has_accuracy_intervals_over_the_questions_paired_by_question():
+    grid = make_grid(("sft", "minor_sft"), (1e-3,), (0,), step_control=False)
+    runs = synthetic_runs("sft", 1e-3, [2.0], [0.3], accuracy=[0.25]) + synthetic_runs(
+        "minor_sft", 1e-3, [2.5], [0.1], accuracy=[0.75]
+    )
+    runs[0]["accuracy_outcomes"], runs[1]["accuracy_outcomes"] = [1, 0, 0, 0], [1, 1, 0, 1]
+    summary = report.summarise(runs, grid)
+    # Minor SFT - SFT by question: 0, 1, 0, 1 (points x 100): mean 50, sd 57.735, 4 questions, t(3) = 3.182
+    difference = summary["paired"][0]["accuracy"]
+    half = stats.t_quantile(3) * 57.73502691896258 / 2
+    assert (difference["mean"], difference["n"]) == (50.0, 4)
+    assert (difference["low"], difference["high"]) == pytest.approx((50 - half, 50 + half))
+    sft = summary["configurations"][0]["accuracy"]
+    assert (sft["mean"], sft["n"]) == (25.0, 4) and sft["low"] < 25 < sft["high"]
+    # The drift measures have no interval from one seed
+    assert math.isnan(summary["paired"][0]["forward_kl"]["low"])
+    assert "accuracy intervals are over the held-out questions" in report.markdown({"runs": runs}, summary, grid)
 
 
 def test_paired_differences_and_matched_gain_when_lower_answer_nll_is_better():

@@ -167,7 +167,7 @@ def test_multiple_choice_accuracy_counts_argmax_hits(tokenizer):
     best = [max(range(2), key=s.__getitem__) for s in scores]
     dataset = Dataset.from_dict({"prompt": prompts, "choices": choices, "answer": [best[0], 1 - best[1]]})
     accuracy = multiple_choice_accuracy(model, tokenizer, dataset)
-    assert (accuracy.correct, accuracy.total) == (1, 2)
+    assert (accuracy.correct, accuracy.total, accuracy.outcomes) == (1, 2, (True, False))
 
 
 def test_exact_match_compares_the_greedy_answer_with_every_target(tokenizer):
@@ -186,7 +186,7 @@ def test_exact_match_compares_the_greedy_answer_with_every_target(tokenizer):
     targets = [["nope", greedy[0].split("\n")[0].strip().upper() + "."], ["certainly not this"]]
     dataset = Dataset.from_dict({"prompt": prompts, "targets": targets})
     accuracy = exact_match_accuracy(model, tokenizer, dataset, batch_size=2)
-    assert (accuracy.correct, accuracy.total) == (1, 2)
+    assert (accuracy.correct, accuracy.total, accuracy.outcomes) == (1, 2, (True, False))
 
 
 def test_mean_token_nll_matches_a_direct_computation_and_ignores_padding(tokenizer):

@@ -429,7 +429,9 @@ def run_and_measure(configs, eval_dataset, accuracy_kind: str | None) -> dict:
     if accuracy_kind is not None:
         model = trainer.model
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # training is done
-        result["accuracy"] = task_accuracy(model, trainer.processing_class, eval_dataset).value
+        accuracy = task_accuracy(model, trainer.processing_class, eval_dataset)
+        result["accuracy"] = accuracy.value
+        result["accuracy_outcomes"] = [int(outcome) for outcome in accuracy.outcomes]  # for intervals over questions
     result["wall_seconds"] = time.perf_counter() - started
     del trainer
     gc.collect()
@@ -639,7 +641,7 @@ def main(argv: list[str], prog: str = "minorsft-trl compare") -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     if len(comparison.grid.seeds) == 1:
-        print(report.ONE_SEED, flush=True)
+        print(report.ONE_SEED_QUESTIONS if comparison.accuracy_kind else report.ONE_SEED, flush=True)
     results = comparison.run(log=lambda line: print(line, flush=True))
     text = report.write(results, comparison, time.perf_counter() - started)
     print(text)

@@ -25,6 +25,11 @@ MEASURES = {  # key: (title, higher is better)
 }
 DRIFTS = ("forward_kl", "heldout_deviation", "nll_change")
 ONE_SEED = "one seed: no intervals (every number is that seed's value; give --seeds 0 1 2 for 95% intervals)."
+ONE_SEED_QUESTIONS = (
+    "one seed: accuracy intervals are over the held-out questions (differences paired by question), which leave out "
+    "how much another seed would move a run; the other measures are that seed's values (give --seeds 0 1 2 for 95% "
+    "intervals over seeds)."
+)
 COLOURS = {
     "sft": "tab:grey", "minor_sft": "tab:blue", "sft_dpo": "tab:orange", "asft": "tab:green",
     "sft_kl": "tab:olive", "iw_sft": "tab:red", STEP_CONTROL: "black",
@@ -44,6 +49,30 @@ def present(runs: list[dict]) -> list[str]:
 def per_seed(runs: list[dict], measure: str) -> dict[int, float | None]:
     scale = 100 if measure == "accuracy" else 1
     return {r["seed"]: None if r.get(measure) is None else r[measure] * scale for r in runs}
+
+
+def question_outcomes(group: list[dict], measure: str) -> list[int] | None:
+    """The per-question outcomes of a configuration run on one seed (intervals over the held-out questions), else
+    None (intervals over seeds)."""
+    if measure == "accuracy" and len(group) == 1:
+        return group[0].get("accuracy_outcomes")
+    return None
+
+
+def interval(group: list[dict], measure: str) -> dict:
+    """A configuration's mean with its 95% interval: over seeds, or with one seed (accuracy) over the questions."""
+    outcomes = question_outcomes(group, measure)
+    if outcomes:
+        return t_interval([100.0 * outcome for outcome in outcomes]).to_dict()
+    return t_interval(list(per_seed(group, measure).values())).to_dict()
+
+
+def difference(group: list[dict], baseline: list[dict], measure: str) -> dict:
+    """`group - baseline`: paired by seed, or with one seed each (the same one; accuracy) paired by question."""
+    outcomes, base_outcomes = question_outcomes(group, measure), question_outcomes(baseline, measure)
+    if outcomes and base_outcomes and group[0]["seed"] == baseline[0]["seed"]:
+        return t_interval([100.0 * (a - b) for a, b in zip(outcomes, base_outcomes, strict=True)]).to_dict()
+    return paired_difference(per_seed(group, measure), per_seed(baseline, measure)).to_dict()
 
 
 def groups_of(runs: list[dict]) -> dict[tuple[str, float], list[dict]]:
@@ -72,7 +101,7 @@ def summarise(runs: list[dict], grid: Grid) -> dict:
     }
     for (method, lr), group in groups.items():
         entry = {"method": method, "learning_rate": lr, "trained_lr": sum(r["trained_lr"] for r in group) / len(group)}
-        entry.update({m: t_interval(list(per_seed(group, m).values())).to_dict() for m in measures})
+        entry.update({m: interval(group, m) for m in measures})
         if method == "minor_sft":
             entry["mean_minor_weight"] = t_interval([r.get("mean_minor_weight") for r in group]).to_dict()
         summary["configurations"].append(entry)
@@ -82,7 +111,7 @@ def summarise(runs: list[dict], grid: Grid) -> dict:
                 {
                     "method": method,
                     "learning_rate": lr,
-                    **{m: paired_difference(per_seed(group, m), per_seed(baseline, m)).to_dict() for m in measures},
+                    **{m: difference(group, baseline, m) for m in measures},
                 }
             )
     ranked = [c for c in summary["configurations"] if _finite(c[gain]["mean"]) and _finite(c["forward_kl"]["mean"])]
@@ -99,7 +128,7 @@ def summarise(runs: list[dict], grid: Grid) -> dict:
                 {
                     "learning_rate": lr,
                     "trained_lr": control[0]["trained_lr"],
-                    **{m: paired_difference(per_seed(minor, m), per_seed(control, m)).to_dict() for m in measures},
+                    **{m: difference(minor, control, m) for m in measures},
                 }
             )
     return summary
@@ -160,12 +189,10 @@ def at_best_learning_rate(groups: dict, grid: Grid, gain: str, measures: list[st
     for method, (lr, rates) in best.items():
         group = groups[(method, lr)]
         row = {"method": method, "learning_rate": lr, "interior": rates[0] < lr < rates[-1]}
-        row.update({m: t_interval(list(per_seed(group, m).values())).to_dict() for m in measures})
+        row.update({m: interval(group, m) for m in measures})
         if method != "sft" and "sft" in best:
             baseline = groups[("sft", best["sft"][0])]
-            row["against_sft"] = {
-                m: paired_difference(per_seed(group, m), per_seed(baseline, m)).to_dict() for m in measures
-            }
+            row["against_sft"] = {m: difference(group, baseline, m) for m in measures}
         rows.append(row)
     return rows
 
@@ -231,7 +258,9 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
             else ""
         ),
         "",
-        ONE_SEED if one_seed else "Every cell: mean over seeds [95% t interval].",
+        (ONE_SEED_QUESTIONS if any(r.get("accuracy_outcomes") for r in runs) else ONE_SEED)
+        if one_seed
+        else "Every cell: mean over seeds [95% t interval].",
         "",
         "Gain: "
         + (
