@@ -11,7 +11,14 @@ import math
 from pathlib import Path
 
 from minorsft_trl.drift.compare import LABELS, STEP_CONTROL, Grid
-from minorsft_trl.drift.stats import Interval, interpolate_at, paired_difference, pareto_front, t_interval
+from minorsft_trl.drift.stats import (
+    Interval,
+    interpolate_at,
+    paired_difference,
+    pareto_front,
+    t_interval,
+    wilson_interval,
+)
 
 MEASURES = {  # key: (title, higher is better)
     "accuracy": ("held-out accuracy (%)", True),
@@ -60,10 +67,12 @@ def question_outcomes(group: list[dict], measure: str) -> list[int] | None:
 
 
 def interval(group: list[dict], measure: str) -> dict:
-    """A configuration's mean with its 95% interval: over seeds, or with one seed (accuracy) over the questions."""
+    """A configuration's mean with its 95% interval: over seeds, or with one seed (accuracy) over the questions
+    (Wilson's)."""
     outcomes = question_outcomes(group, measure)
     if outcomes:
-        return t_interval([100.0 * outcome for outcome in outcomes]).to_dict()
+        share = wilson_interval(outcomes)
+        return Interval(100 * share.mean, 100 * share.low, 100 * share.high, share.n).to_dict()
     return t_interval(list(per_seed(group, measure).values())).to_dict()
 
 

@@ -52,6 +52,18 @@ def t_interval(values: list[float]) -> Interval:
     return Interval(mean, mean - half, mean + half, len(values))
 
 
+def wilson_interval(outcomes: list[int]) -> Interval:
+    """The share of 1s in `outcomes` with its 95% Wilson score interval, which stays inside [0, 1] where the t
+    interval of a share near 0 or 1 would not."""
+    n = len(outcomes)
+    if not n:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    share, z = sum(outcomes) / n, 1.959963984540054
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return Interval(share, centre - half, centre + half, n)
+
+
 def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> Interval:
     """`values - baseline` seed by seed (the seeds both have), with its 95% t interval: the seed's shared data order
     and initialisation cancel out of the difference."""
