@@ -3,6 +3,7 @@ and the reference-regularised family, over seeds, learning rates, two task kinds
 
     python benchmarks/compare_methods.py --quick   # a first look: 1 task, 4 methods + control, 2 seeds
     python benchmarks/compare_methods.py           # the default grid, 57 runs on the embedded SmolLM2-135M-Instruct
+    python benchmarks/compare_methods.py --preset long   # the paper's regime: 350 steps, best learning rates, clipping
 
 A preset is a list of blocks; a block is one task and one kind of fine-tuning (a recipe, written to
 `<output_dir>/<block>/recipe.yaml`) with methods x learning rates x seeds, run by `minorsft_trl.drift.compare` exactly
