@@ -137,6 +137,12 @@ def test_each_method_at_its_best_learning_rate_against_sft_at_its_own():
     assert difference["forward_kl"]["mean"] == pytest.approx(0.6)  # 1.0-0.5, 1.2-0.6, 1.4-0.7: 0.5, 0.6, 0.7
     text = report.markdown({"runs": runs}, summary, grid)
     assert "| Minor SFT * | 0.0025 |" in text and "Each at its best minus SFT at its best (lr 0.0005)" in text
+    # Of equal gains, the smaller learning rate: listed last in the grid, it is still SFT's best
+    tied = [
+        dict(run, accuracy=0.92) if run["method"] == "sft" and run["learning_rate"] > 1e-4 else run for run in runs
+    ]
+    grid = make_grid(("sft", "minor_sft"), (2.5e-3, 1e-4, 5e-4), (0, 1, 2), step_control=False)
+    assert report.summarise(tied, grid)["best"][0]["learning_rate"] == 5e-4
 
 
 def test_the_log_history_says_how_often_clipping_bound_and_how_often_the_default_would_have():

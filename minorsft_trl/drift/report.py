@@ -180,9 +180,10 @@ def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list
 
 
 def at_best_learning_rate(groups: dict, grid: Grid, gain: str, measures: list[str]) -> list[dict]:
-    """Each method at the learning rate of its best seed-mean gain, as the paper compares methods, with every
-    measure there and its difference, seed by seed, from SFT at SFT's best learning rate. `interior` says whether
-    the best rate has a rate of the grid on either side: at an edge, a better one may lie beyond the grid."""
+    """Each method at the learning rate of its best seed-mean gain (of equal ones, the smallest), as the paper
+    compares methods, with every measure there and its difference, seed by seed, from SFT at SFT's best learning
+    rate. `interior` says whether the best rate has a rate of the grid on either side: at an edge, a better one may
+    lie beyond the grid."""
     sign = 1 if MEASURES[gain][1] else -1
     best = {}
     for method in grid.methods:
@@ -193,7 +194,8 @@ def at_best_learning_rate(groups: dict, grid: Grid, gain: str, measures: list[st
         }
         finite = [lr for lr, mean in means.items() if _finite(mean)]
         if finite:
-            best[method] = (max(finite, key=lambda lr: sign * means[lr]), sorted(means))
+            # A tie goes to the smaller rate: the same gain for less of a step (on a plateau, where drift is least)
+            best[method] = (max(finite, key=lambda lr: (sign * means[lr], -lr)), sorted(means))
     rows = []
     for method, (lr, rates) in best.items():
         group = groups[(method, lr)]
