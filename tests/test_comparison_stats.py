@@ -40,12 +40,20 @@ def test_paired_difference_uses_the_seeds_both_have():
 
 
 def test_interpolation_is_linear_between_points_and_refuses_to_extrapolate():
-    points = [(0.8, 0.2), (0.6, 0.1), (0.9, 0.5)]
+    points = [(0.6, 0.1), (0.8, 0.2), (0.9, 0.5)]  # (accuracy, drift) at rising learning rates
     assert interpolate_at(points, 0.7) == pytest.approx(0.15)
     assert interpolate_at(points, 0.85) == pytest.approx(0.35)
     assert interpolate_at(points, 0.9) == pytest.approx(0.5)
     assert interpolate_at(points, 0.95) is None and interpolate_at(points, 0.5) is None
-    assert interpolate_at([(0.7, 0.3)], 0.7) == 0.3
+    assert interpolate_at([(0.7, 0.3)], 0.7) == 0.3 and interpolate_at([(0.7, 0.3)], 0.6) is None
+
+
+def test_on_a_plateau_the_drift_is_that_of_the_smallest_learning_rate_reaching_the_target():
+    # Accuracy 93.5 -> 98.5 -> 98.5 (a plateau) while drift climbs 1.4 -> 2.5 -> 4.3: 96 is reached half way up the
+    # first segment (1.95), not on a mean of the plateau's two drifts (1.4 + (3.4 - 1.4) / 2 = 2.4)
+    assert interpolate_at([(93.5, 1.4), (98.5, 2.5), (98.5, 4.3)], 96.0) == pytest.approx(1.95)
+    # Noise: accuracy dips at the largest rate; 98.2 is first reached between the first two rates
+    assert interpolate_at([(93.5, 1.4), (98.5, 2.5), (98.0, 4.3)], 98.2) == pytest.approx(1.4 + 1.1 * 4.7 / 5)
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():

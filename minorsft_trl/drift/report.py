@@ -145,9 +145,10 @@ def summarise(runs: list[dict], grid: Grid) -> dict:
 
 def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list[dict]:
     """Each method's drift at one gain every method reached: the middle of the overlap of their (seed-mean) gain
-    ranges over learning rates, interpolated seed by seed between the method's learning rates. The overlap and the
-    interpolation do not depend on which direction of the gain is better. A seed whose learning rates do not bracket
-    the target has no value there: each row counts the seeds it rests on (`seeds_reaching`, out of `seeds`)."""
+    ranges over learning rates, interpolated seed by seed between the method's learning rates, where the smallest
+    rate that reaches it does. The overlap and the interpolation do not depend on which direction of the gain is
+    better. A seed whose learning rates do not bracket the target has no value there: each row counts the seeds it
+    rests on (`seeds_reaching`, out of `seeds`)."""
     methods = [m for m in grid.methods if all((m, lr) in groups for lr in grid.learning_rates)]
     if not methods:
         return []
@@ -168,7 +169,7 @@ def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list
             for seed in seeds:
                 seed_points = [
                     (per_seed([r], gain)[seed], r[drift])
-                    for lr in grid.learning_rates
+                    for lr in sorted(grid.learning_rates)
                     for r in groups[(method, lr)]
                     if r["seed"] == seed and r.get(gain) is not None and r.get(drift) is not None
                 ]

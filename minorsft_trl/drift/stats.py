@@ -72,19 +72,16 @@ def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> I
 
 
 def interpolate_at(points: list[tuple[float, float]], x: float) -> float | None:
-    """The piecewise-linear `y` at `x` through `(x, y)` points (sorted by `x`, ties averaged); `None` outside their
-    range: a method is never credited with a drift at an accuracy it did not reach."""
-    by_x: dict[float, list[float]] = {}
-    for px, py in points:
-        by_x.setdefault(px, []).append(py)
-    xs = sorted(by_x)
-    ys = [statistics.fmean(by_x[px]) for px in xs]
-    if not xs or x < xs[0] or x > xs[-1]:
-        return None
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False):
-        if x0 <= x <= x1:
+    """The `y` where the piecewise-linear path through the `(x, y)` points, taken in their order (a method's
+    learning rates, smallest first), first reaches `x`; `None` if it never does: a method is never credited with a
+    drift at an accuracy it did not reach. On a plateau (equal accuracy at a larger learning rate, with more drift)
+    this is the drift of the smallest step that reaches `x`, the one a user raising the learning rate would stop at."""
+    if len(points) == 1:
+        return points[0][1] if points[0][0] == x else None
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if min(x0, x1) <= x <= max(x0, x1):
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return ys[0]  # a single point, at exactly x
+    return None
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
