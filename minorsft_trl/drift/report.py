@@ -436,7 +436,7 @@ def plot_curves(runs: list[dict], path: Path, max_grad_norm: float | None = None
                 axis.axhline(max_grad_norm, color="red", linestyle="--", linewidth=0.8, label="clipping bound")
         axis.set(xlabel="step", title=CURVES[key])
         axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6)
+    axes[0][0].legend(fontsize=6)  # the loss panel draws every configuration
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
