@@ -484,6 +484,10 @@ def write_outputs(
         "wall_seconds_of_this_call": wall_seconds,
     }
     (output_dir / "results.json").write_text(json.dumps(_json_safe(payload), indent=1))
+    if not title and len(grid.seeds) == 1:
+        questions = any(r.get("accuracy_outcomes") for r in results["runs"])
+        intervals = "accuracy with its 95% interval over the held-out questions" if questions else "no intervals"
+        title = f"one seed: {intervals}; a method's points are its learning rates"
     plot(summary, output_dir / plot_name(summary), title)
     plot_curves(results["runs"], output_dir / "training_curves.png", max_grad_norm)
     return text
