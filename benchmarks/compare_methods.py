@@ -51,7 +51,6 @@ class Block:
     variant: str = ""  # what sets the block apart from another of the same task and fine-tuning, in its name
     settings: dict = field(default_factory=dict)  # recipe keys of every run of the block (e.g. max_grad_norm)
     method_settings: dict = field(default_factory=dict)  # the block's own METHOD_SETTINGS entries
-    seeds: tuple[int, ...] = ()  # the preset's seeds if empty
 
     @property
     def name(self) -> str:
@@ -231,8 +230,7 @@ def main() -> None:
         recipe_path.write_text(yaml.safe_dump(recipe(block, preset, texts), sort_keys=False))
         known = {**METHOD_SETTINGS, **block.method_settings}
         settings = {m: known[m] for m in block.methods if m in known}
-        seeds = block.seeds or preset.seeds
-        grid = make_grid(block.methods, block.learning_rates, seeds, block.step_control, settings)
+        grid = make_grid(block.methods, block.learning_rates, preset.seeds, block.step_control, settings)
         comparison = Comparison(str(recipe_path), [], grid, block_dir)
         started = time.perf_counter()
         results = comparison.run(log=lambda line, name=block.name: print(f"{name}: {line}", flush=True))
