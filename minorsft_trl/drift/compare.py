@@ -376,15 +376,16 @@ def read_measures(metrics: dict) -> dict:
     }
 
 
-# TRL's default `max_grad_norm`: how often a run's gradient norm exceeds it says whether the default would bind
-DEFAULT_MAX_GRAD_NORM = 1.0
 CURVE_KEYS = ("step", "loss", "deviation", "grad_norm", "learning_rate", "minor_weight", "minor_weight_min")
 
 
 def read_log_history(log_history: list[dict], max_grad_norm: float | None) -> dict:
     """Mean `minor_weight`, the last train `deviation`, the fraction of logged steps whose `grad_norm` exceeded the
     clipping bound (where clipping undoes a brake's average scaling: DESIGN.md section 5; 0 with clipping off) and
-    the fraction above TRL's default bound of 1 whatever the run's (how often the default would have clipped)."""
+    the fraction above TRL's default bound whatever the run's (how often the default would have clipped)."""
+    from minorsft_trl.config import MinorSFTConfig
+
+    default_bound = MinorSFTConfig.__dataclass_fields__["max_grad_norm"].default
     train = [log for log in log_history if "loss" in log]
     weights = [log["minor_weight"] for log in train if "minor_weight" in log]
     deviations = [log["deviation"] for log in train if "deviation" in log]
@@ -392,7 +393,7 @@ def read_log_history(log_history: list[dict], max_grad_norm: float | None) -> di
     clipped = over_default = None
     if norms:
         clipped = sum(n > max_grad_norm for n in norms) / len(norms) if max_grad_norm and max_grad_norm > 0 else 0.0
-        over_default = sum(n > DEFAULT_MAX_GRAD_NORM for n in norms) / len(norms)
+        over_default = sum(n > default_bound for n in norms) / len(norms)
     return {
         "mean_minor_weight": sum(weights) / len(weights) if weights else None,
         "train_deviation": deviations[-1] if deviations else None,
