@@ -12,9 +12,15 @@ from trl.trainer.utils import pad
 
 @dataclass(frozen=True)
 class Accuracy:
-    correct: int
-    total: int
-    outcomes: tuple[bool, ...] = ()  # per question, in the dataset's order: whether it was answered right
+    outcomes: tuple[bool, ...]  # per question, in the dataset's order: whether it was answered right
+
+    @property
+    def correct(self) -> int:
+        return sum(self.outcomes)
+
+    @property
+    def total(self) -> int:
+        return len(self.outcomes)
 
     @property
     def value(self) -> float:
@@ -82,7 +88,7 @@ def multiple_choice_accuracy(model, tokenizer, dataset, batch_size: int = 32, de
     scores = choice_log_likelihoods(model, tokenizer, dataset["prompt"], dataset["choices"], batch_size, desc)
     answers = dataset["answer"]
     outcomes = tuple(max(range(len(s)), key=s.__getitem__) == a for s, a in zip(scores, answers, strict=True))
-    return Accuracy(correct=sum(outcomes), total=len(scores), outcomes=outcomes)
+    return Accuracy(outcomes)
 
 
 def _normalise_answer(text: str) -> str:
@@ -117,7 +123,7 @@ def exact_match_accuracy(
     finally:
         model.train(was_training)
         tokenizer.padding_side = padding_side
-    return Accuracy(correct=sum(outcomes), total=len(dataset), outcomes=tuple(outcomes))
+    return Accuracy(tuple(outcomes))
 
 
 def task_accuracy(model, tokenizer, dataset, desc: str = "Scoring") -> Accuracy:
