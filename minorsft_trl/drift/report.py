@@ -129,7 +129,7 @@ def summarise(runs: list[dict], grid: Grid) -> dict:
     if len(grid.learning_rates) > 1:
         drifts = [d for d in DRIFTS if d in measures]
         summary["matched"] = matched_gain(groups, grid, gain, drifts)
-        summary["best"] = at_best_learning_rate(groups, grid, gain, measures)
+        summary["best"] = at_best_learning_rate(summary["configurations"], groups, gain, measures)
     for lr in grid.step_control:
         control, minor = groups.get((STEP_CONTROL, lr)), groups.get(("minor_sft", lr))
         if control and minor:
@@ -180,33 +180,26 @@ def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list
     return rows
 
 
-def at_best_learning_rate(groups: dict, grid: Grid, gain: str, measures: list[str]) -> list[dict]:
-    """Each method at the learning rate of its best seed-mean gain (of equal ones, the smallest), as the paper
-    compares methods, with every measure there and its difference, seed by seed, from SFT at SFT's best learning
-    rate. `interior` says whether the best rate has a rate of the grid on either side: at an edge, a better one may
-    lie beyond the grid."""
+def at_best_learning_rate(configurations: list[dict], groups: dict, gain: str, measures: list[str]) -> list[dict]:
+    """Each method's configuration at the learning rate of its best seed-mean gain (of equal ones, the smallest), as
+    the paper compares methods, with its difference, seed by seed, from SFT at SFT's best learning rate. `interior`
+    says whether the best rate has a rate of the method on either side: at an edge, a better one may lie beyond."""
     sign = 1 if MEASURES[gain][1] else -1
     best = {}
-    for method in grid.methods:
-        means = {
-            lr: t_interval(list(per_seed(groups[(method, lr)], gain).values())).mean
-            for lr in grid.learning_rates
-            if (method, lr) in groups
-        }
-        finite = [lr for lr, mean in means.items() if _finite(mean)]
+    for method in dict.fromkeys(c["method"] for c in configurations if c["method"] != STEP_CONTROL):
+        own = [c for c in configurations if c["method"] == method]
+        finite = [c for c in own if _finite(c[gain]["mean"])]
         if finite:
             # A tie goes to the smaller rate: the same gain for less of a step (on a plateau, where drift is least)
-            best[method] = (max(finite, key=lambda lr: (sign * means[lr], -lr)), sorted(means))
-    rows = []
-    for method, (lr, rates) in best.items():
-        group = groups[(method, lr)]
-        row = {"method": method, "learning_rate": lr, "interior": rates[0] < lr < rates[-1]}
-        row.update({m: interval(group, m) for m in measures})
+            top = max(finite, key=lambda c: (sign * c[gain]["mean"], -c["learning_rate"]))
+            rates = [c["learning_rate"] for c in own]
+            best[method] = {**top, "interior": min(rates) < top["learning_rate"] < max(rates)}
+    for method, row in best.items():
         if method != "sft" and "sft" in best:
-            baseline = groups[("sft", best["sft"][0])]
+            baseline = groups[("sft", best["sft"]["learning_rate"])]
+            group = groups[(method, row["learning_rate"])]
             row["against_sft"] = {m: difference(group, baseline, m) for m in measures}
-        rows.append(row)
-    return rows
+    return list(best.values())
 
 
 def _finite(value) -> bool:
