@@ -58,6 +58,11 @@ def per_seed(runs: list[dict], measure: str) -> dict[int, float | None]:
     return {r["seed"]: None if r.get(measure) is None else r[measure] * scale for r in runs}
 
 
+def intervals_over_questions(runs: list[dict]) -> bool:
+    """Whether the runs scored a task question by question: then one seed still gives accuracy intervals."""
+    return any(r.get("accuracy_outcomes") for r in runs)
+
+
 def question_outcomes(group: list[dict], measure: str) -> list[int] | None:
     """The per-question outcomes of a configuration run on one seed (intervals over the held-out questions), else
     None (intervals over seeds)."""
@@ -263,7 +268,7 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
             else ""
         ),
         "",
-        (ONE_SEED_QUESTIONS if any(r.get("accuracy_outcomes") for r in runs) else ONE_SEED)
+        (ONE_SEED_QUESTIONS if intervals_over_questions(runs) else ONE_SEED)
         if one_seed
         else "Every cell: mean over seeds [95% t interval].",
         "",
@@ -478,7 +483,7 @@ def write_outputs(
     }
     (output_dir / "results.json").write_text(json.dumps(_json_safe(payload), indent=1))
     if not title and len(grid.seeds) == 1:
-        questions = any(r.get("accuracy_outcomes") for r in results["runs"])
+        questions = intervals_over_questions(results["runs"])
         intervals = "accuracy with its 95% interval over the held-out questions" if questions else "no intervals"
         title = f"one seed: {intervals}; a method's points are its learning rates"
     plot(summary, output_dir / plot_name(summary), title)
