@@ -22,7 +22,6 @@ import transformers
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
-from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .cache import cache_root, cached_directory
 from .examples import ExampleIndex
@@ -251,8 +250,6 @@ def _why_not_precomputed(args, train_dataset, eval_dataset) -> str | None:
     evaluated = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
     if any(isinstance(dataset, IterableDataset) for dataset in (train_dataset, *evaluated)):
         return "a dataset is streamed (an IterableDataset), which cannot be gone through before training"
-    if is_deepspeed_zero3_enabled():
-        return "DeepSpeed ZeRO-3 partitions the model at load, before a precompute pass could run it"
     cache_dir = Path(args.ref_cache_dir or cache_root() / "ref_logps")
     reason = unwritable(cache_dir)
     return None if reason is None else f"the cache directory {str(cache_dir)!r} is not writable ({reason})"

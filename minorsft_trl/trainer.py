@@ -38,6 +38,7 @@ from .config import TRL_LOSS_TYPES, MinorSFTConfig
 from .drift.budget import DriftBudgetCallback
 from .drift.card import drift_section
 from .drift.live import DriftCallback, DriftMixin
+from .engines import parameter_bytes, runnable_before_training
 from .examples import ExampleIndex, PackedRowsApart
 from .fingerprint import (
     dataset_fingerprint,
@@ -70,6 +71,7 @@ from .vocabulary_kl import (
     captured_hidden_states,
     check_plain_logits,
     lm_head_weights,
+    reference_head,
     token_kl,
 )
 
@@ -279,15 +281,25 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                     self.drift_seconds += time.perf_counter() - started
             if self.ref_model is not None:
                 self.ref_model = self._prepare_reference(self.ref_model)
-            if measures_drift:  # before a separate reference is released by the precompute
-                self._prepare_drift_measures(reference_identity)
-                self.add_callback(DriftCallback(self))
+                held, whole = parameter_bytes(self.accelerator.unwrap_model(self.ref_model))
+                logger.info(
+                    f"The separate reference holds {held / 2**20:.1f} MiB of weights in this process, of "
+                    f"{whole / 2**20:.1f} MiB whole."
+                )
+            # The reference passes before training: with the policy as the reference, under ZeRO-3, through an engine
+            before_training = (
+                runnable_before_training(self.model, self.accelerator) if self.ref_model is None else nullcontext()
+            )
+            with before_training:
+                if measures_drift:  # before a separate reference is released by the precompute
+                    self._prepare_drift_measures(reference_identity)
+                    self.add_callback(DriftCallback(self))
+                if args.precompute_ref_log_probs:
+                    self._attach_precomputed_reference(reference_identity)
             self._drift_budget = None
             if args.max_forward_kl is not None:
                 self._drift_budget = DriftBudgetCallback(args.max_forward_kl)
                 self.add_callback(self._drift_budget)
-            if args.precompute_ref_log_probs:
-                self._attach_precomputed_reference(reference_identity)
 
     # ------------------------------------------------------------------ reference
 
@@ -431,7 +443,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                 return _fused_token_logps(model, inputs)
             with captured_hidden_states(model) as captured:
                 token_logps = _fused_token_logps(model, inputs)
-            return token_logps, captured[-1], lm_head_weights(model)
+            return token_logps, captured[-1], reference_head(model)
 
     @contextmanager
     def _running_reference(self) -> Iterator[torch.nn.Module]:

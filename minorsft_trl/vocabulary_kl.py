@@ -81,6 +81,19 @@ def lm_head_weights(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor 
     return weight, bias
 
 
+def as_constant(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """`tensor` without gradient. A parameter partitioned by DeepSpeed ZeRO-3 (a frozen one: the reference's) stays the
+    parameter, which TRL's kernel gathers for each use: detached, it would be its local shard, an empty tensor."""
+    return tensor if tensor is None or hasattr(tensor, "ds_id") else tensor.detach()
+
+
+def reference_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`lm_head_weights` of the reference as constants, taken inside the reference's context: base parameters swapped
+    to their starting values for the reference pass (`StartingBaseParameters`) keep them once it ends."""
+    weight, bias = lm_head_weights(model)
+    return as_constant(weight), as_constant(bias)
+
+
 def token_kl(
     policy_hidden: torch.Tensor,
     policy_head: tuple[torch.Tensor, torch.Tensor | None],
@@ -93,13 +106,13 @@ def token_kl(
         policy_hidden: `(T, hidden)` policy hidden states at the answer positions, with gradient.
         policy_head: the policy's LM head `(weight, bias)` (`lm_head_weights`), which gets the gradient if trainable.
         ref_hidden: `(T, hidden')` reference hidden states at the same positions, without gradient.
-        ref_head: the reference's LM head `(weight, bias)`.
+        ref_head: the reference's LM head `(weight, bias)`, used as a constant (see `reference_head`).
 
     Returns:
         `(T,)` KL values (>= 0 up to rounding), differentiable through `policy_hidden` and the policy's LM head.
     """
     policy_weight, policy_bias = policy_head
-    ref_weight, ref_bias = (None if t is None else t.detach() for t in ref_head)
+    ref_weight, ref_bias = (as_constant(tensor) for tensor in ref_head)
     ref_hidden = ref_hidden.detach()
     chunks = [
         ChunkedDivergenceFunction.apply(

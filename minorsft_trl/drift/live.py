@@ -145,13 +145,6 @@ class DriftMixin:
             "full-vocabulary `eval_forward_kl` needs the reference model kept: precompute_ref_log_probs=False, or a "
             "loss with a reference (one more no-grad forward per step)."
         )
-        if is_deepspeed_zero3_enabled():
-            raise ValueError(
-                "The drift measures need the reference's samples before training, from a reference this run does not "
-                "keep (released after the precompute, or the policy itself in full fine-tuning with loss_type='nll'), "
-                "and DeepSpeed ZeRO-3 has partitioned the model at load: it cannot run before training starts. Set "
-                "eval_drift=False, or keep a reference (precompute_ref_log_probs=False, or a PEFT model)."
-            )
         self._ensure_drift_probe()
 
     @_timed

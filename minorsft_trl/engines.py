@@ -1,0 +1,54 @@
+"""What the distributed engines (DeepSpeed ZeRO, FSDP) need of the reference passes that run before training."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.distributed.tensor import DTensor
+from transformers.integrations import is_deepspeed_zero3_enabled
+from trl.models.utils import prepare_deepspeed
+
+
+def is_zero3_partitioned(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are partitioned by DeepSpeed ZeRO-3 (each process holds a shard of each)."""
+    return is_deepspeed_zero3_enabled() and any(hasattr(param, "ds_id") for param in model.parameters())
+
+
+def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """The bytes of `model`'s parameters held by this process between forwards, and of the whole model: a parameter
+    partitioned by ZeRO-3 holds its shard (and its whole value too if it is small enough to persist); one sharded by
+    FSDP2 its local shard; any other parameter its whole value."""
+    held = whole = 0
+    for param in model.parameters():
+        size = param.element_size()
+        if hasattr(param, "ds_id"):
+            whole += param.ds_numel * size
+            held += (param.ds_tensor.numel() + (param.ds_numel if param.ds_persist else 0)) * size
+        elif isinstance(param, DTensor):
+            whole += param.numel() * size
+            held += param.to_local().numel() * size
+        else:
+            whole += param.numel() * size
+            held += param.numel() * size
+    return held, whole
+
+
+@contextmanager
+def runnable_before_training(model: torch.nn.Module, accelerator) -> Iterator[None]:
+    """Within the block, `model` can run forwards although training has not wrapped it yet.
+
+    Under ZeRO-3 the policy is partitioned as it loads (`zero3_init_flag`), and only a DeepSpeed engine gathers the
+    shards for each module's forward; the training engine exists once `train` starts. A reference pass before that
+    (the precompute, the drift measures' samples) runs the policy through a DeepSpeed inference engine, as TRL's
+    `DPOTrainer` does, and the engine's hooks are removed after the block, leaving the model to the training engine.
+    Every process must run the same forwards in the block. Elsewhere nothing changes."""
+    if not is_zero3_partitioned(model):
+        yield
+        return
+    training = model.training
+    engine = prepare_deepspeed(model, accelerator)
+    try:
+        yield
+    finally:
+        engine.destroy()
+        model.train(training)
