@@ -96,11 +96,29 @@ def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
             *launch_args[index + 1 :],
         ]
     try:
-        return with_launch_defaults(resolve_accelerate_config_argument(launch_args))
+        launch_args = resolve_accelerate_config_argument(launch_args)
     except ValueError as error:
         raise ValueError(
             f"{error} This package's configs: {', '.join(packaged.accelerate_config_names())}."
         ) from error
+    check_cpu_flag(launch_args)
+    return with_launch_defaults(launch_args)
+
+
+def check_cpu_flag(launch_args: list[str]) -> None:
+    """Refuse `--cpu` with a DeepSpeed or FSDP config: `accelerate launch --cpu` starts one process without the
+    engine, whatever the config and `--num_processes` say, and the run trains as if they were not there."""
+    if "--cpu" not in launch_args or "--config_file" not in launch_args[:-1]:
+        return
+    config_file = launch_args[launch_args.index("--config_file") + 1]
+    distributed_type = (yaml.safe_load(Path(config_file).read_text()) or {}).get("distributed_type")
+    if distributed_type in ("DEEPSPEED", "FSDP"):
+        raise ValueError(
+            f"--cpu with {config_file} (distributed_type: {distributed_type}): accelerate would start one process "
+            f"without {distributed_type}, ignoring the config and --num_processes. Drop --cpu: the recipe's "
+            "`use_cpu: true` (or `--use_cpu true`) runs the processes on the CPU, with `--num_processes 2 "
+            "--mixed_precision no` (see the README's 'Several processes')."
+        )
 
 
 def with_launch_defaults(launch_args: list[str]) -> list[str]:

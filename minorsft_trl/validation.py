@@ -5,7 +5,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import DistributedType, is_peft_model
 from datasets import IterableDataset
 from trl.data_utils import is_conversational
 
@@ -216,18 +216,42 @@ def check_adapter_targets(model: "torch.nn.Module") -> None:
 
 
 def check_launch(args) -> None:
-    """Refuse a launch whose processes are not one training: `accelerate launch --num_processes 2` of a multi-GPU
-    config on a machine without GPUs and without `use_cpu` starts processes that each train alone (world size 1),
-    each on all the data, all writing one output directory."""
+    """Refuse a launch that would not run as launched: processes that are not one training (`accelerate launch
+    --num_processes 2` of a multi-GPU config on a machine without GPUs, without `use_cpu`: each trains alone, on all
+    the data, all writing one output directory), an FSDP config that accelerate runs as plain data parallelism (it
+    enables FSDP on accelerators only), and a DeepSpeed launch whose mixed precision the training arguments do not
+    say (DeepSpeed stops at the first step)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and args.world_size == 1:
+    distributed_type = args.distributed_state.distributed_type
+    if launched > 1 and (args.world_size == 1 or distributed_type == DistributedType.NO):
         raise ValueError(
             f"This process is one of {launched} launched processes (WORLD_SIZE={launched}), but it trains alone "
-            f"(world size 1, distributed type {args.distributed_state.distributed_type}): each process would train on "
-            "all the data and write the same output directory. On a machine without GPUs set `use_cpu: true` in "
-            "the recipe (or `--use_cpu true`) so the processes train together over gloo; elsewhere check that every "
+            f"(world size {args.world_size}, distributed type {distributed_type.value}): each process would train on "
+            "all the data and write the same output directory. On a machine without GPUs set `use_cpu: true` in the "
+            "recipe (or `--use_cpu true`) so the processes train together over gloo; elsewhere check that every "
             "process sees its device."
         )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and distributed_type != DistributedType.FSDP:
+        raise ValueError(
+            f"The accelerate config asks for FSDP, but accelerate runs FSDP on GPUs (and other accelerators) only: "
+            f"here it would run distributed type {distributed_type.value}, every process holding the whole model, "
+            "without a word. On a machine without GPUs launch with `--config_file accelerate_configs/ddp.yaml` for "
+            "data parallelism, or `accelerate_configs/zero3.yaml` to shard the model (DeepSpeed runs on a CPU; see "
+            "the README's 'Several processes')."
+        )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        launched_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        requested = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+        if launched_precision != requested:
+            recipe_fix = (
+                f"`{launched_precision}: true`" if launched_precision != "no" else "`bf16: false` and `fp16: false`"
+            )
+            raise ValueError(
+                f"DeepSpeed trains in the accelerate config's mixed_precision={launched_precision!r}, and the "
+                f"training arguments say bf16={args.bf16}, fp16={args.fp16}: DeepSpeed would stop at the first step "
+                f"on the mismatch. Pass `--mixed_precision {requested}` to `accelerate launch` (or set "
+                f"`mixed_precision: {requested}` in the config), or set {recipe_fix} in the recipe."
+            )
 
 
 def check_recipe_keys(path: str) -> None:

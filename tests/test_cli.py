@@ -156,6 +156,16 @@ def test_accelerate_configs_by_name_the_packaged_ones_first_then_trl_s():
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("config, engine", [("zero3", "DEEPSPEED"), ("fsdp", "FSDP")])
+def test_cpu_with_an_engine_config_is_refused_before_launching(config, engine):
+    """`accelerate launch --cpu` starts one process without the engine, whatever the config says."""
+    with pytest.raises(ValueError, match=rf"--cpu with \S+/{config}.yaml \(distributed_type: {engine}\): accelerate "
+                       rf"would start one process without {engine}.*Drop --cpu"):  # fmt: skip
+        cli.resolve_accelerate_config(["--accelerate_config", config, "--cpu", "--num_processes", "2"])
+    ddp = cli.resolve_accelerate_config(["--accelerate_config", "ddp", "--cpu"])
+    assert ddp[-1] == "--cpu"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
