@@ -1,0 +1,193 @@
+"""Run under `accelerate launch` by tests/test_engines.py: trains the tiny model once per cell of the engine matrix, in
+one launch (the start-up, ~5 s of imports per process, is paid once), and writes what each cell saw.
+
+    accelerate launch --config_file accelerate_configs/zero3.yaml --num_processes 2 --mixed_precision no \
+        tests/engine_worker.py <model_dir> <out_dir> <cells.json> [<fsdp_version>]
+
+With `<fsdp_version>` (2), the launch's data-parallel accelerator is switched to FSDP over the processes' CPU device
+mesh (see `with_fsdp_on_the_cpu`).
+
+A cell (JSON): `name`; `reference`: `adapters` (LoRA, the policy with its adapters disabled), `copy` (full fine-tuning,
+the frozen copy of the policy) or `explicit` (LoRA, the model's own path as `ref_model_name_or_path`); `loss_type`;
+`precompute` (bool); `per_device_train_batch_size`; optionally `gradient_accumulation_steps`, `resume` (one step with
+a checkpoint, then a second trainer resumes from it) and `broken_reference` (the reference's final norm moved by 0.5
+before it is prepared: the reference check must stop the run). Every cell trains 2 SGD steps over the 8 examples
+without clipping, so the weights after them are a function of the gradients alone.
+
+Written by the main process: `<out_dir>/<name>.json` (the engine, the logged losses, `deviation` and `kl`, each
+process's precompute forwards and the bytes of its separate reference (held between forwards, whole, and of its
+ZeRO-3 partitions), or the error that stopped the cell) and
+`<out_dir>/<name>.pt` (the trainable weights before and after training, whole).
+"""
+
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from peft import LoraConfig
+from tiny import cpu_args, prompt_completion_dataset
+from torch.distributed.tensor import DTensor
+from transformers import AutoTokenizer
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from minorsft_trl import MinorSFTTrainer
+from minorsft_trl.engines import parameter_bytes
+
+SEEN = {"forwards": 0, "reference_bytes": None}  # by this process, while the trainer of the current cell is built
+BROKEN_REFERENCE = {"on": False}
+REFERENCE_LOGPS = MinorSFTTrainer._reference_logps
+LOAD_REFERENCE = MinorSFTTrainer._load_reference
+PREPARE_REFERENCE = MinorSFTTrainer._prepare_reference
+
+
+def counting_reference_logps(self, *args):
+    SEEN["forwards"] += 1
+    return REFERENCE_LOGPS(self, *args)
+
+
+def load_reference_maybe_broken(self, *args):
+    ref_model, check = LOAD_REFERENCE(self, *args)
+    if BROKEN_REFERENCE["on"]:
+        norm = ref_model.model.norm.weight
+        # Partitioned by ZeRO-3 at load: gathered, changed on every process alike, partitioned again
+        gathered = whole_parameters([norm], modifier_rank=0) if hasattr(norm, "ds_id") else nullcontext()
+        with gathered, torch.no_grad():
+            norm.add_(0.5)
+    return ref_model, check
+
+
+def measuring_prepare_reference(self, ref_model):
+    prepared = PREPARE_REFERENCE(self, ref_model)
+    module = self.accelerator.unwrap_model(prepared)
+    shards = sum(p.ds_tensor.numel() * p.element_size() for p in module.parameters() if hasattr(p, "ds_id"))
+    SEEN["reference_bytes"] = (*parameter_bytes(module), shards)
+    return prepared
+
+
+MinorSFTTrainer._reference_logps = counting_reference_logps
+MinorSFTTrainer._load_reference = load_reference_maybe_broken
+MinorSFTTrainer._prepare_reference = measuring_prepare_reference
+
+
+def whole_parameters(params, modifier_rank=None):
+    """ZeRO-3's gather of partitioned parameters (a collective: every process enters it)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def with_fsdp_on_the_cpu(version: int) -> None:
+    """`MinorSFTTrainer` whose accelerator runs FSDP over the processes' CPU device mesh: accelerate enables FSDP on
+    accelerators only, and on a CPU machine runs an FSDP config as plain data parallelism. Everything after the switch
+    (`prepare` sharding the policy with `fully_shard`, TRL's `prepare_fsdp` the reference, the sharded checkpoints) is
+    accelerate's, TRL's and this package's own code."""
+    create_accelerator = MinorSFTTrainer.create_accelerator_and_postprocess
+
+    def create_accelerator_with_fsdp(trainer):
+        create_accelerator(trainer)
+        state = trainer.accelerator.state
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=version,
+            auto_wrap_policy="transformer_based_wrap",
+            state_dict_type="SHARDED_STATE_DICT",
+            reshard_after_forward=True,
+            cpu_ram_efficient_loading=False,
+        )
+        # As accelerate switches a multi-GPU state to FSDP: in the process state too, which every new state copies
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        trainer.is_fsdp_enabled = True
+
+    MinorSFTTrainer.create_accelerator_and_postprocess = create_accelerator_with_fsdp
+
+
+def build(model_dir: str, out_dir: Path, cell: dict, **overrides) -> MinorSFTTrainer:
+    settings = dict(
+        max_steps=2,
+        per_device_train_batch_size=cell["per_device_train_batch_size"],
+        gradient_accumulation_steps=cell.get("gradient_accumulation_steps", 1),
+        optim="sgd",
+        learning_rate=100.0 if cell["loss_type"] == "asft" else 0.5,  # DFT scales the step by the tiny probabilities
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        loss_type=cell["loss_type"],
+        beta=0.5,
+    )
+    if cell["loss_type"] in ("asft", "sft_kl"):
+        settings["kl_coef"] = 100.0
+    if cell["reference"] == "explicit":
+        settings["ref_model_name_or_path"] = model_dir
+    if cell["precompute"]:
+        settings.update(precompute_ref_log_probs=True, ref_cache_dir=str(out_dir / cell["name"] / "cache"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    return MinorSFTTrainer(
+        model_dir,
+        args=cpu_args(out_dir / cell["name"], **{**settings, **overrides}),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        peft_config=None if cell["reference"] == "copy" else lora,
+    )
+
+
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole (gathered from their ZeRO-3 partitions or FSDP2 shards: every process calls)."""
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    gathered = whole_parameters(list(trainable.values())) if is_deepspeed_zero3_enabled() else nullcontext()
+    with gathered:
+        return {
+            name: param.full_tensor() if isinstance(param, DTensor) else param.detach().clone()
+            for name, param in sorted(trainable.items())
+        }
+
+
+def run(model_dir: str, out_dir: Path, cell: dict) -> MinorSFTTrainer:
+    SEEN.update(forwards=0, reference_bytes=None)
+    BROKEN_REFERENCE["on"] = cell.get("broken_reference", False)
+    # Resumed: trained to step 1 with a checkpoint there, and a second trainer resumes from it to step 2
+    first = dict(max_steps=1, save_strategy="steps", save_steps=1) if cell.get("resume") else {}
+    trainer = build(model_dir, out_dir, cell, **first)
+    gather = trainer.accelerator.gather
+    report = {
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type).removeprefix("DistributedType."),
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+        "precompute_forwards": gather(torch.tensor([SEEN["forwards"]])).tolist(),
+        "reference_bytes": None
+        if SEEN["reference_bytes"] is None
+        else gather(torch.tensor([SEEN["reference_bytes"]])).tolist(),
+    }
+    weights = {"before": trainable_weights(trainer.model)}
+    try:
+        trainer.train()
+        if cell.get("resume"):
+            trainer = build(model_dir, out_dir, cell)
+            trainer.train(resume_from_checkpoint=str(out_dir / cell["name"] / "checkpoint-1"))
+    except RuntimeError as error:
+        report["error"] = str(error)
+    history = trainer.state.log_history
+    report.update(
+        engine=type(trainer.model_wrapped).__name__,
+        losses=[log["loss"] for log in history if "loss" in log],
+        deviation=[log["deviation"] for log in history if "deviation" in log],
+        kl=[log["kl"] for log in history if "kl" in log],
+    )
+    weights["after"] = trainable_weights(trainer.model)
+    if trainer.accelerator.is_main_process:
+        torch.save(weights, out_dir / f"{cell['name']}.pt")
+        (out_dir / f"{cell['name']}.json").write_text(json.dumps(report))
+    return trainer
+
+
+def main(model_dir: str, out_dir: str, cells: str, fsdp_version: str | None = None) -> None:
+    if fsdp_version is not None:
+        with_fsdp_on_the_cpu(int(fsdp_version))
+    for cell in json.loads(Path(cells).read_text()):
+        trainer = run(model_dir, Path(out_dir), cell)
+    trainer.end()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
