@@ -9,9 +9,10 @@ mesh (see `with_fsdp_on_the_cpu`).
 
 A cell (JSON): `name`; `reference`: `adapters` (LoRA, the policy with its adapters disabled), `copy` (full fine-tuning,
 the frozen copy of the policy) or `explicit` (LoRA, the model's own path as `ref_model_name_or_path`); `loss_type`;
-`precompute` (bool); `per_device_train_batch_size`; optionally `gradient_accumulation_steps`, `resume` (one step with
-a checkpoint, then a second trainer resumes from it) and `broken_reference` (the reference's final norm moved by 0.5
-before it is prepared: the reference check must stop the run). Every cell trains 2 SGD steps over the 8 examples
+`precompute` (bool); `per_device_train_batch_size`; optionally `model_dir` (another model), `lora_bias` (PEFT's
+`bias`), `gradient_accumulation_steps`, `resume` (one step with a checkpoint, then a second trainer resumes from it)
+and `broken_reference` (the reference's final norm moved by 0.5 before it is prepared: the reference check must stop
+the run). A cell the trainer refuses reports the reason (`refused`). Every cell trains 2 SGD steps over the 8 examples
 without clipping, so the weights after them are a function of the gradients alone.
 
 Written by the main process: `<out_dir>/<name>.json` (the engine, the logged losses, `deviation` and `kl`, each
@@ -122,7 +123,8 @@ def build(model_dir: str, out_dir: Path, cell: dict, **overrides) -> MinorSFTTra
         settings["ref_model_name_or_path"] = model_dir
     if cell["precompute"]:
         settings.update(precompute_ref_log_probs=True, ref_cache_dir=str(out_dir / cell["name"] / "cache"))
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias=cell.get("lora_bias", "none"))
+    model_dir = cell.get("model_dir", model_dir)
     return MinorSFTTrainer(
         model_dir,
         args=cpu_args(out_dir / cell["name"], **{**settings, **overrides}),
@@ -143,12 +145,18 @@ def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         }
 
 
-def run(model_dir: str, out_dir: Path, cell: dict) -> MinorSFTTrainer:
+def run(model_dir: str, out_dir: Path, cell: dict) -> MinorSFTTrainer | None:
+    """Train the cell and write its report; `None` if the trainer refused the cell (the reason is reported)."""
     SEEN.update(forwards=0, reference_bytes=None)
     BROKEN_REFERENCE["on"] = cell.get("broken_reference", False)
     # Resumed: trained to step 1 with a checkpoint there, and a second trainer resumes from it to step 2
     first = dict(max_steps=1, save_strategy="steps", save_steps=1) if cell.get("resume") else {}
-    trainer = build(model_dir, out_dir, cell, **first)
+    try:
+        trainer = build(model_dir, out_dir, cell, **first)
+    except ValueError as error:
+        if PartialState().is_main_process:
+            (out_dir / f"{cell['name']}.json").write_text(json.dumps({"refused": str(error)}))
+        return None
     gather = trainer.accelerator.gather
     report = {
         "world_size": trainer.accelerator.num_processes,
@@ -184,9 +192,8 @@ def run(model_dir: str, out_dir: Path, cell: dict) -> MinorSFTTrainer:
 def main(model_dir: str, out_dir: str, cells: str, fsdp_version: str | None = None) -> None:
     if fsdp_version is not None:
         with_fsdp_on_the_cpu(int(fsdp_version))
-    for cell in json.loads(Path(cells).read_text()):
-        trainer = run(model_dir, Path(out_dir), cell)
-    trainer.end()
+    trainers = [run(model_dir, Path(out_dir), cell) for cell in json.loads(Path(cells).read_text())]
+    next(trainer for trainer in reversed(trainers) if trainer is not None).end()
 
 
 if __name__ == "__main__":
