@@ -9,11 +9,6 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.models.utils import prepare_deepspeed
 
 
-def is_zero3_partitioned(model: torch.nn.Module) -> bool:
-    """Whether `model`'s parameters are partitioned by DeepSpeed ZeRO-3 (each process holds a shard of each)."""
-    return is_deepspeed_zero3_enabled() and any(hasattr(param, "ds_id") for param in model.parameters())
-
-
 def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """The bytes of `model`'s parameters held by this process between forwards, and of the whole model: a parameter
     partitioned by ZeRO-3 holds its shard (and its whole value too if it is small enough to persist); one sharded by
@@ -37,12 +32,13 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
 def runnable_before_training(model: torch.nn.Module, accelerator) -> Iterator[None]:
     """Within the block, `model` can run forwards although training has not wrapped it yet.
 
-    Under ZeRO-3 the policy is partitioned as it loads (`zero3_init_flag`), and only a DeepSpeed engine gathers the
-    shards for each module's forward; the training engine exists once `train` starts. A reference pass before that
+    Under ZeRO-3 the policy is partitioned as it loads (`zero3_init_flag`), or not at all until an engine partitions
+    it (a 4-bit model), and only a DeepSpeed engine gathers the shards for each module's forward (TRL's fused LM head
+    expects ZeRO-3 parameters); the training engine exists once `train` starts. A reference pass before that
     (the precompute, the drift measures' samples) runs the policy through a DeepSpeed inference engine, as TRL's
     `DPOTrainer` does, and the engine's hooks are removed after the block, leaving the model to the training engine.
     Every process must run the same forwards in the block. Elsewhere nothing changes."""
-    if not is_zero3_partitioned(model):
+    if not is_deepspeed_zero3_enabled():
         yield
         return
     training = model.training

@@ -9,11 +9,12 @@ mesh (see `with_fsdp_on_the_cpu`).
 
 A cell (JSON): `name`; `reference`: `adapters` (LoRA, the policy with its adapters disabled), `copy` (full fine-tuning,
 the frozen copy of the policy) or `explicit` (LoRA, the model's own path as `ref_model_name_or_path`); `loss_type`;
-`precompute` (bool); `per_device_train_batch_size`; optionally `model_dir` (another model), `lora_bias` (PEFT's
-`bias`), `gradient_accumulation_steps`, `resume` (one step with a checkpoint, then a second trainer resumes from it)
-and `broken_reference` (the reference's final norm moved by 0.5 before it is prepared: the reference check must stop
-the run). A cell the trainer refuses reports the reason (`refused`). Every cell trains 2 SGD steps over the 8 examples
-without clipping, so the weights after them are a function of the gradients alone.
+`precompute` (bool); `per_device_train_batch_size`; optionally `model_dir` (another model), `four_bit` (QLoRA: the
+model loaded in 4-bit NF4), `lora_bias` (PEFT's `bias`), `gradient_accumulation_steps`, `resume` (one step with a
+checkpoint, then a second trainer resumes from it) and `broken_reference` (the reference's final norm moved by 0.5
+before it is prepared: the reference check must stop the run). A cell the trainer refuses reports the reason
+(`refused`). Every cell trains 2 SGD steps over the 8 examples without clipping, so the weights after them are a
+function of the gradients alone.
 
 Written by the main process: `<out_dir>/<name>.json` (the engine, the logged losses, `deviation` and `kl`, each
 process's precompute forwards and the bytes of its separate reference (held between forwards, whole, and of its
@@ -32,7 +33,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import LoraConfig
 from tiny import cpu_args, prompt_completion_dataset
 from torch.distributed.tensor import DTensor
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, BitsAndBytesConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from minorsft_trl import MinorSFTTrainer
@@ -125,8 +126,10 @@ def build(model_dir: str, out_dir: Path, cell: dict, **overrides) -> MinorSFTTra
         settings.update(precompute_ref_log_probs=True, ref_cache_dir=str(out_dir / cell["name"] / "cache"))
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias=cell.get("lora_bias", "none"))
     model_dir = cell.get("model_dir", model_dir)
+    four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     return MinorSFTTrainer(
         model_dir,
+        quantization_config=four_bit if cell.get("four_bit") else None,
         args=cpu_args(out_dir / cell["name"], **{**settings, **overrides}),
         train_dataset=prompt_completion_dataset(),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
