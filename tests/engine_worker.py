@@ -10,11 +10,12 @@ mesh (see `with_fsdp_on_the_cpu`).
 A cell (JSON): `name`; `reference`: `adapters` (LoRA, the policy with its adapters disabled), `copy` (full fine-tuning,
 the frozen copy of the policy) or `explicit` (LoRA, the model's own path as `ref_model_name_or_path`); `loss_type`;
 `precompute` (bool); `per_device_train_batch_size`; optionally `model_dir` (another model), `four_bit` (QLoRA: the
-model loaded in 4-bit NF4), `lora_bias` (PEFT's `bias`), `gradient_accumulation_steps`, `resume` (one step with a
-checkpoint, then a second trainer resumes from it) and `broken_reference` (the reference's final norm moved by 0.5
-before it is prepared: the reference check must stop the run). A cell the trainer refuses reports the reason
-(`refused`). Every cell trains 2 SGD steps over the 8 examples without clipping, so the weights after them are a
-function of the gradients alone.
+model loaded in 4-bit NF4), `lora_bias` (PEFT's `bias`), `drift_prompts` and `drift_texts`
+(the drift measures at each step, on these files), `gradient_accumulation_steps`, `resume` (one step with a
+checkpoint, where process 1 writes a part of its own 1 s late, then a second trainer resumes from it) and
+`broken_reference` (the reference's final norm moved by 0.5 before it is prepared: the reference check must stop the
+run). A cell the trainer refuses reports the reason (`refused`). Every cell trains 2 SGD steps over the 8 examples
+without clipping, so the weights after them are a function of the gradients alone.
 
 Written by the main process: `<out_dir>/<name>.json` (the engine, the logged losses, `deviation` and `kl`, each
 process's precompute forwards and the bytes of its separate reference (held between forwards, whole, and of its
@@ -24,6 +25,7 @@ ZeRO-3 partitions), or the error that stopped the cell) and
 
 import json
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import LoraConfig
 from tiny import cpu_args, prompt_completion_dataset
 from torch.distributed.tensor import DTensor
-from transformers import AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoTokenizer, BitsAndBytesConfig, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from minorsft_trl import MinorSFTTrainer
@@ -41,6 +43,7 @@ from minorsft_trl.engines import parameter_bytes
 
 SEEN = {"forwards": 0, "reference_bytes": None}  # by this process, while the trainer of the current cell is built
 BROKEN_REFERENCE = {"on": False}
+SAVE_OPTIMIZER = Trainer._save_optimizer_and_scheduler
 REFERENCE_LOGPS = MinorSFTTrainer._reference_logps
 LOAD_REFERENCE = MinorSFTTrainer._load_reference
 PREPARE_REFERENCE = MinorSFTTrainer._prepare_reference
@@ -62,6 +65,14 @@ def load_reference_maybe_broken(self, *args):
     return ref_model, check
 
 
+def saving_a_late_part(self, output_dir):
+    """As each process writes its shard of a sharded checkpoint: process 1 writes a file of its own, 1 s late."""
+    SAVE_OPTIMIZER(self, output_dir)
+    if self.accelerator.process_index == 1:
+        time.sleep(1)
+        Path(output_dir, "late-part-rank1.bin").write_bytes(b"part")
+
+
 def measuring_prepare_reference(self, ref_model):
     prepared = PREPARE_REFERENCE(self, ref_model)
     module = self.accelerator.unwrap_model(prepared)
@@ -73,6 +84,7 @@ def measuring_prepare_reference(self, ref_model):
 MinorSFTTrainer._reference_logps = counting_reference_logps
 MinorSFTTrainer._load_reference = load_reference_maybe_broken
 MinorSFTTrainer._prepare_reference = measuring_prepare_reference
+Trainer._save_optimizer_and_scheduler = saving_a_late_part
 
 
 def whole_parameters(params, modifier_rank=None):
@@ -124,6 +136,15 @@ def build(model_dir: str, out_dir: Path, cell: dict, **overrides) -> MinorSFTTra
         settings["ref_model_name_or_path"] = model_dir
     if cell["precompute"]:
         settings.update(precompute_ref_log_probs=True, ref_cache_dir=str(out_dir / cell["name"] / "cache"))
+    if cell.get("drift_prompts"):
+        settings.update(
+            eval_strategy="steps",
+            eval_steps=1,
+            drift_prompts=cell["drift_prompts"],
+            drift_text_dataset=cell["drift_texts"],
+            drift_num_prompts=40,
+            ref_cache_dir=str(out_dir / cell["name"] / "cache"),
+        )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias=cell.get("lora_bias", "none"))
     model_dir = cell.get("model_dir", model_dir)
     four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
@@ -132,6 +153,7 @@ def build(model_dir: str, out_dir: Path, cell: dict, **overrides) -> MinorSFTTra
         quantization_config=four_bit if cell.get("four_bit") else None,
         args=cpu_args(out_dir / cell["name"], **{**settings, **overrides}),
         train_dataset=prompt_completion_dataset(),
+        eval_dataset=prompt_completion_dataset() if cell.get("drift_prompts") else None,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         peft_config=None if cell["reference"] == "copy" else lora,
     )
@@ -184,6 +206,13 @@ def run(model_dir: str, out_dir: Path, cell: dict) -> MinorSFTTrainer | None:
         losses=[log["loss"] for log in history if "loss" in log],
         deviation=[log["deviation"] for log in history if "deviation" in log],
         kl=[log["kl"] for log in history if "kl" in log],
+        # The drift measures at each evaluation (the sampled forward KL where the run keeps no reference)
+        drift=[
+            [log["step"], log.get("eval_forward_kl", log.get("eval_forward_kl_sampled"))]
+            + [log.get(key) for key in ("eval_nll_change", "eval_deviation")]
+            for log in history
+            if "eval_forward_kl" in log or "eval_forward_kl_sampled" in log
+        ],
     )
     weights["after"] = trainable_weights(trainer.model)
     if trainer.accelerator.is_main_process:

@@ -21,6 +21,7 @@ from minorsft_trl.checkpoints import MANIFEST
 pytestmark = pytest.mark.slow
 
 ENGINES = {  # name: (accelerate config, FSDP version switched on over the CPU mesh)
+    "ddp": ("ddp", None),
     "zero2": ("zero2", None),
     "zero3": ("zero3", None),
     "fsdp2": ("ddp", 2),
@@ -56,6 +57,9 @@ CELLS = [
     # Qwen2's q/k/v biases trained besides the adapter: kept at their starting values for every reference pass
     cell("adapters, trained biases", "adapters", model="qwen2", lora_bias="all"),
     cell("adapters, resumed", "adapters", resume=True),
+    # 40 prompts make drift batches of 16, 16 and 8 rows: one process scores two of them, the other one and a spare
+    cell("adapters, drift measures", "adapters", drift=True),
+    cell("full fine-tuning without a reference, drift measures", "copy", "nll", drift=True),
     cell("copy, broken reference", "copy", broken_reference=True),
     cell("copy, broken reference, precomputed", "copy", precompute=True, broken_reference=True),
 ]
@@ -87,6 +91,12 @@ def run_cells(out_dir: Path, model_dirs: dict[str, str], engine: str | None) -> 
             }
         )
     out_dir.mkdir(parents=True)
+    drift = dict(drift_prompts=str(out_dir / "prompts.jsonl"), drift_texts=str(out_dir / "texts.jsonl"))
+    Path(drift["drift_prompts"]).write_text("".join(json.dumps({"prompt": f"{i} + {i} ="}) + "\n" for i in range(40)))
+    Path(drift["drift_texts"]).write_text(
+        "".join(json.dumps({"text": f"the number {i} is {'odd' if i % 2 else 'even'}"}) + "\n" for i in range(11))
+    )
+    cells = [{**c, **(drift if c.get("drift") else {})} for c in cells]
     (out_dir / "cells.json").write_text(json.dumps(cells))
     arguments = [model_dirs["llama"], out_dir, out_dir / "cells.json", *([fsdp_version] if fsdp_version else [])]
     launch(REPO / "tests" / "engine_worker.py", *arguments, num_processes=processes, config=config)
@@ -123,23 +133,32 @@ def results(out_dir: Path, name: str) -> tuple[dict, dict]:
 @pytest.mark.parametrize("cell", [c for c in CELLS if not c.get("broken_reference")], ids=lambda c: c["name"])
 def test_each_engine_trains_as_one_process(engine, one_process, cell):
     name, out_dir = engine
-    if cell.get("lora_bias") and name != "zero2":
+    if cell.get("lora_bias") and name not in ("ddp", "zero2"):
         pytest.skip("refused under ZeRO-3 and FSDP, see the test below")
     report, weights = results(out_dir, cell["name"])
     expected_report, expected_weights = results(one_process, cell["name"])
     assert report["world_size"] == 2 and "error" not in report, report
-    if name.startswith("zero"):
+    if name == "ddp":  # real processes over gloo: without `use_cpu` each would train alone (refused, below)
+        assert report["distributed_type"] == "MULTI_CPU" and report["engine"] == "DistributedDataParallel"
+    elif name.startswith("zero"):
         assert report["distributed_type"] == "DEEPSPEED" and report["engine"] == "DeepSpeedEngine"
         assert report["zero_stage"] == int(name[-1])
     else:
         assert report["distributed_type"] == "FSDP" and report["engine"].startswith("FSDP")  # fully_shard's classes
     # The reference check ran and passed: the policy starts at its reference
-    assert report["deviation"][0] == pytest.approx(0.0, abs=1e-6) and len(report["deviation"]) == 2
-    assert abs(report["deviation"][1]) > 1e-4, "the second step must be away from the reference"
+    if cell["loss_type"] != "nll":
+        assert report["deviation"][0] == pytest.approx(0.0, abs=1e-6) and len(report["deviation"]) == 2
+        assert abs(report["deviation"][1]) > 1e-4, "the second step must be away from the reference"
     # The precompute: 4 batches, 2 reference forwards on each process
     assert report["precompute_forwards"] == ([2, 2] if cell["precompute"] else [0, 0])
     assert report["losses"] == pytest.approx(expected_report["losses"], rel=1e-4)
     assert report["deviation"] == pytest.approx(expected_report["deviation"], rel=1e-4, abs=1e-7)
+    if cell.get("drift"):  # at steps 0, 1, 2: 0 before training, then equal to one process's
+        assert [row[0] for row in report["drift"]] == [0, 1, 2] and report["drift"][-1][1] > 1e-6
+        assert report["drift"][0][1] == pytest.approx(0.0, abs=1e-7)
+        for row, expected_row in zip(report["drift"], expected_report["drift"], strict=True):
+            for value, expected in zip(row, expected_row, strict=True):  # `None`: not measured in this run
+                assert value == (expected if expected is None else pytest.approx(expected, rel=1e-4, abs=1e-7))
     if cell["loss_type"] in ("asft", "sft_kl"):
         assert report["kl"][1] * 100.0 > 1e-3, "the KL anchor must be at work"
         assert report["kl"] == pytest.approx(expected_report["kl"], rel=1e-3, abs=1e-9)
@@ -165,7 +184,7 @@ def test_trained_base_biases_are_refused_where_the_engine_shards_them(engine):
     parameter (ZeRO-3, FSDP) cannot be swapped, so the trainer refuses before training, saying what works instead."""
     name, out_dir = engine
     report = json.loads((out_dir / "adapters, trained biases.json").read_text())
-    if name == "zero2":
+    if name in ("ddp", "zero2"):
         assert "refused" not in report  # trained, and equal to one process (above)
     else:
         assert "under FSDP or ZeRO-3 they are sharded and cannot be swapped. Set `bias='none'`" in report["refused"]
@@ -173,6 +192,7 @@ def test_trained_base_biases_are_refused_where_the_engine_shards_them(engine):
 
 # A part of a checkpoint that each process writes itself, with `{}` for its rank
 PER_PROCESS_PART = {
+    "ddp": "rng_state_{}.pth",
     "zero2": "global_step1/zero_pp_rank_{}_mp_rank_00_optim_states.pt",
     "zero3": "global_step1/zero_pp_rank_{}_mp_rank_00_model_states.pt",
     "fsdp2": "pytorch_model_fsdp_0/__{}_0.distcp",
@@ -180,12 +200,13 @@ PER_PROCESS_PART = {
 
 
 def test_each_engine_writes_a_checkpoint_complete_with_every_processs_part(engine):
-    """The checkpoint the resumed cell continued from (to the one-process weights, above): marked complete, with the
-    engine's parts from both processes in its manifest."""
+    """The checkpoint the resumed cell continued from (to the one-process weights, above): marked complete only once
+    both processes wrote their parts, the engine's and one that process 1 writes late."""
     name, out_dir = engine
     manifest = json.loads((out_dir / "adapters, resumed" / "checkpoint-1" / MANIFEST).read_text())
     for rank in range(2):
         assert PER_PROCESS_PART[name].format(rank) in manifest, sorted(manifest)
+    assert "late-part-rank1.bin" in manifest, "marked complete before process 1 finished"
 
 
 @pytest.mark.parametrize("precomputed", [False, True], ids=["on the fly", "precomputed"])
@@ -202,7 +223,7 @@ def test_a_separate_reference_is_partitioned_under_zero3_and_sharded_under_fsdp2
     report, _ = results(out_dir, "copy, on the fly")
     (held, whole, shards), (held_other, whole_other, shards_other) = report["reference_bytes"]
     assert whole == whole_other
-    if name == "zero2":  # whole on every process (TRL's `prepare_deepspeed` runs a ZeRO-2 reference at stage 0)
+    if name in ("ddp", "zero2"):  # whole on every process (TRL's `prepare_deepspeed` runs ZeRO-2's at stage 0)
         assert held == held_other == whole and shards == 0
     elif name == "zero3":
         # Each process keeps its half of every parameter; DeepSpeed keeps parameters below its persistence threshold
