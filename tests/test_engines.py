@@ -1,10 +1,11 @@
-"""The engines users scale out on, on a CPU: DeepSpeed ZeRO-2 and ZeRO-3 (the shipped configs, launched with
+"""The engines users scale out on, on a CPU: DDP, DeepSpeed ZeRO-2 and ZeRO-3 (the shipped configs, launched with
 `--num_processes 2 --mixed_precision no` and `use_cpu: true`) and FSDP2 (over the CPU device mesh: accelerate runs FSDP
 on accelerators only), each against one process holding the same global batch.
 
 One launch per engine runs every cell of the matrix (`tests/engine_worker.py`): {the policy with its adapters
-disabled, the frozen copy of full fine-tuning, an explicit `ref_model`} x {on the fly, precomputed}, the KL losses,
-gradient accumulation, a checkpoint resumed, and a reference that is not the policy's starting point.
+disabled (LoRA, QLoRA), the frozen copy of full fine-tuning, an explicit `ref_model`} x {on the fly, precomputed}, the
+KL losses, gradient accumulation, a checkpoint resumed, trained base biases, the drift measures, and a reference that
+is not the policy's starting point.
 """
 
 import json
