@@ -111,6 +111,8 @@ def check_cpu_flag(launch_args: list[str]) -> None:
     if "--cpu" not in launch_args or "--config_file" not in launch_args[:-1]:
         return
     config_file = launch_args[launch_args.index("--config_file") + 1]
+    if not Path(config_file).is_file():
+        return  # accelerate says so
     distributed_type = (yaml.safe_load(Path(config_file).read_text()) or {}).get("distributed_type")
     if distributed_type in ("DEEPSPEED", "FSDP"):
         raise ValueError(

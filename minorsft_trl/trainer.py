@@ -287,8 +287,11 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                     f"{whole / 2**20:.1f} MiB whole."
                 )
             # The reference passes before training: with the policy as the reference, under ZeRO-3, through an engine
+            passes_before_training = measures_drift or args.precompute_ref_log_probs
             before_training = (
-                runnable_before_training(self.model, self.accelerator) if self.ref_model is None else nullcontext()
+                runnable_before_training(self.model, self.accelerator)
+                if self.ref_model is None and passes_before_training
+                else nullcontext()
             )
             with before_training:
                 if measures_drift:  # before a separate reference is released by the precompute

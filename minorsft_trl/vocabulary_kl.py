@@ -82,9 +82,16 @@ def lm_head_weights(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor 
 
 
 def as_constant(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """`tensor` without gradient. A parameter partitioned by DeepSpeed ZeRO-3 (a frozen one: the reference's) stays the
-    parameter, which TRL's kernel gathers for each use: detached, it would be its local shard, an empty tensor."""
-    return tensor if tensor is None or hasattr(tensor, "ds_id") else tensor.detach()
+    """`tensor` without gradient. A parameter partitioned by DeepSpeed ZeRO-3 stays the parameter, which TRL's kernel
+    gathers for each use (detached, it would be its local shard, an empty tensor): it must be frozen."""
+    if tensor is None or not hasattr(tensor, "ds_id"):
+        return None if tensor is None else tensor.detach()
+    if tensor.requires_grad:
+        raise RuntimeError(
+            f"The reference's LM head is a trainable ZeRO-3 parameter (shape {tuple(tensor.ds_shape)}): the KL anchor "
+            "would train it. The reference must be frozen; pass a separate `ref_model`."
+        )
+    return tensor
 
 
 def reference_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

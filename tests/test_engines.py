@@ -242,10 +242,13 @@ def test_a_separate_reference_is_partitioned_under_zero3_and_sharded_under_fsdp2
          r"type MULTI_CPU.*accelerate_configs/zero3.yaml"),
         ("ddp", ["--use_cpu", "false", "--ddp_backend", "gloo"], "no",
          r"one of 2 launched processes \(WORLD_SIZE=2\), but it trains alone \(world size 2, distributed type NO\)"),
+        ("zero3", ["--use_cpu", "false"], "no",
+         r"one of 2 launched processes \(WORLD_SIZE=2\), but it trains alone \(world size 1, distributed type "
+         r"DEEPSPEED\)"),
         ("zero3", [], None, r"DeepSpeed trains in the accelerate config's mixed_precision='bf16', and the training "
          r"arguments say bf16=False, fp16=False.*Pass `--mixed_precision no`"),
     ],
-    ids=["fsdp config on a cpu", "gloo without use_cpu", "zero3 config's bf16, recipe's float32"],
+    ids=["fsdp config on a cpu", "gloo without use_cpu", "zero3 without use_cpu", "zero3 bf16, recipe float32"],
 )  # fmt: skip
 def test_a_launch_that_would_not_run_as_launched_stops_before_the_output_folder(
     tmp_path, tiny_model_dir, config, options, mixed_precision, message
