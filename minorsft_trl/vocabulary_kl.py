@@ -81,24 +81,14 @@ def lm_head_weights(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor 
     return weight, bias
 
 
-def as_constant(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """`tensor` without gradient. A parameter partitioned by DeepSpeed ZeRO-3 stays the parameter, which TRL's kernel
-    gathers for each use (detached, it would be its local shard, an empty tensor): it must be frozen."""
-    if tensor is None or not hasattr(tensor, "ds_id"):
-        return None if tensor is None else tensor.detach()
-    if tensor.requires_grad:
-        raise RuntimeError(
-            f"The reference's LM head is a trainable ZeRO-3 parameter (shape {tuple(tensor.ds_shape)}): the KL anchor "
-            "would train it. The reference must be frozen; pass a separate `ref_model`."
-        )
-    return tensor
-
-
 def reference_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`lm_head_weights` of the reference as constants, taken inside the reference's context: base parameters swapped
-    to their starting values for the reference pass (`StartingBaseParameters`) keep them once it ends."""
-    weight, bias = lm_head_weights(model)
-    return as_constant(weight), as_constant(bias)
+    """`lm_head_weights` of the reference, taken inside the reference's context: detached there, so that base
+    parameters swapped to their starting values for the reference pass (`StartingBaseParameters`) keep them once it
+    ends. A parameter partitioned by DeepSpeed ZeRO-3 stays the parameter, which TRL's kernel gathers for each use
+    (detached, it would be its local shard, an empty tensor); ZeRO-3 refuses the swap."""
+    return tuple(
+        tensor if tensor is None or hasattr(tensor, "ds_id") else tensor.detach() for tensor in lm_head_weights(model)
+    )
 
 
 def token_kl(
@@ -113,13 +103,14 @@ def token_kl(
         policy_hidden: `(T, hidden)` policy hidden states at the answer positions, with gradient.
         policy_head: the policy's LM head `(weight, bias)` (`lm_head_weights`), which gets the gradient if trainable.
         ref_hidden: `(T, hidden')` reference hidden states at the same positions, without gradient.
-        ref_head: the reference's LM head `(weight, bias)`, used as a constant (see `reference_head`).
+        ref_head: the reference's LM head `(weight, bias)` (`reference_head`): TRL's kernel differentiates only the
+            policy's side.
 
     Returns:
         `(T,)` KL values (>= 0 up to rounding), differentiable through `policy_hidden` and the policy's LM head.
     """
     policy_weight, policy_bias = policy_head
-    ref_weight, ref_bias = (as_constant(tensor) for tensor in ref_head)
+    ref_weight, ref_bias = ref_head
     ref_hidden = ref_hidden.detach()
     chunks = [
         ChunkedDivergenceFunction.apply(

@@ -82,6 +82,25 @@ def test_adapter_disabled_reference_equals_a_pristine_base_after_training(
     assert trainer.ref_model is None
 
 
+def test_the_kl_anchors_reference_head_keeps_its_starting_bias_while_the_adapter_trains_it(tmp_path, tokenizer):
+    """`bias="all"` trains the LM head's own bias: the reference's head, read for the KL anchor inside the reference
+    pass (where the starting bias is swapped in), must still hold the starting bias when the kernel uses it after."""
+    model = make_model(tokenizer)
+    model.lm_head.bias = torch.nn.Parameter(0.1 * torch.randn(model.config.vocab_size))
+    starting_bias = model.lm_head.bias.detach().clone()
+    trainer = MinorSFTTrainer(
+        model,
+        args=train_args(tmp_path, loss_type="sft_kl", kl_coef=1.0),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=replace(lora_config(), bias="all"),
+    )
+    trainer.train()
+    _, _, (_, ref_bias) = trainer._reference_token_logps(whole_dataset_batch(trainer), hidden_states=True)
+    assert not torch.allclose(trainer.model.base_model.model.lm_head.bias, starting_bias), "the bias must train"
+    torch.testing.assert_close(ref_bias, starting_bias, rtol=0, atol=0)
+
+
 def test_qlora_reference_equals_a_pristine_4bit_base_after_training_and_evaluation(
     tmp_path, tokenizer, quantizable_model_dir, bnb_cpu_path
 ):
