@@ -110,14 +110,17 @@ def check_cpu_flag(launch_args: list[str]) -> None:
     engine, whatever the config and `--num_processes` say, and the run trains as if they were not there."""
     if "--cpu" not in launch_args or "--config_file" not in launch_args[:-1]:
         return
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
     config_file = launch_args[launch_args.index("--config_file") + 1]
     if not Path(config_file).is_file():
         return  # accelerate says so
-    distributed_type = (yaml.safe_load(Path(config_file).read_text()) or {}).get("distributed_type")
-    if distributed_type in ("DEEPSPEED", "FSDP"):
+    engine = load_config_from_file(config_file).distributed_type
+    if engine in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise ValueError(
-            f"--cpu with {config_file} (distributed_type: {distributed_type}): accelerate would start one process "
-            f"without {distributed_type}, ignoring the config and --num_processes. Drop --cpu: the recipe's "
+            f"--cpu with {config_file} (distributed_type: {engine.value}): accelerate would start one process "
+            f"without {engine.value}, ignoring the config and --num_processes. Drop --cpu: the recipe's "
             "`use_cpu: true` (or `--use_cpu true`) runs the processes on the CPU, with `--num_processes 2 "
             "--mixed_precision no` (see the README's 'Several processes')."
         )

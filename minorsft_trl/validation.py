@@ -5,7 +5,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, is_peft_model
+from accelerate.utils import DistributedType, is_peft_model, parse_flag_from_env
 from datasets import IterableDataset
 from trl.data_utils import is_conversational
 
@@ -231,7 +231,7 @@ def check_launch(args) -> None:
             "recipe (or `--use_cpu true`) so the processes train together over gloo; elsewhere check that every "
             "process sees its device."
         )
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and distributed_type != DistributedType.FSDP:
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and distributed_type != DistributedType.FSDP:
         raise ValueError(
             f"The accelerate config asks for FSDP, but accelerate runs FSDP on GPUs (and other accelerators) only: "
             f"here it would run distributed type {distributed_type.value}, every process holding the whole model, "
@@ -239,7 +239,7 @@ def check_launch(args) -> None:
             "data parallelism, or `accelerate_configs/zero3.yaml` to shard the model (DeepSpeed runs on a CPU; see "
             "the README's 'Several processes')."
         )
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         launched_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         requested = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
         if launched_precision != requested:
