@@ -50,26 +50,21 @@ def tiny_recipe(tmp_path, tiny_model_dir):
     return write_recipe(tmp_path, tiny_model_dir, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
 
 
-def two_processes_and_one(
-    tmp_path, tiny_recipe, per_process_batch_size: int, *arguments, config: str = "ddp"
-) -> tuple[dict, dict]:
-    """The generic script run twice on the tiny recipe: 2 processes of `per_process_batch_size` rows (launched with
-    `config`), and 1 process of twice as many; the trained weights of each (the adapter's, or the whole model's)."""
+def two_processes_and_one(tmp_path, tiny_recipe, per_process_batch_size: int, *arguments) -> tuple[dict, dict]:
+    """The generic script run twice on the tiny recipe: 2 processes of `per_process_batch_size` rows, and 1 process of
+    twice as many; the trained adapter weights of each."""
     script = REPO / "recipes" / "minor_sft.py"
     batch = ["--per_device_train_batch_size"]
     launch(
-        script, "--config", tiny_recipe, *arguments, *batch, per_process_batch_size, "--output_dir", tmp_path / "two",
-        config=config,
-    )  # fmt: skip
+        script, "--config", tiny_recipe, *arguments, *batch, per_process_batch_size, "--output_dir", tmp_path / "two"
+    )
     launch(
         script, "--config", tiny_recipe, *arguments, *batch, 2 * per_process_batch_size, "--output_dir",
         tmp_path / "one", num_processes=1, config="single_gpu",
     )  # fmt: skip
-    return tuple(
-        load_file(
-            next(path for path in (run / "adapter_model.safetensors", run / "model.safetensors") if path.exists())
-        )
-        for run in (tmp_path / "two", tmp_path / "one")
+    return (
+        load_file(tmp_path / "two" / "adapter_model.safetensors"),
+        load_file(tmp_path / "one" / "adapter_model.safetensors"),
     )
 
 

@@ -76,7 +76,8 @@ def run_cells(out_dir: Path, model_dirs: dict[str, str], engine: str | None) -> 
     processes = 2 if engine else 1
     # 8 examples, 2 steps: 2 per batch on each of 2 processes, 4 on one; halved with gradient accumulation
     cells = []
-    for c in CELLS:
+    # The broken references have nothing to compare with: stopped in every engine's run, not run in one process
+    for c in [c for c in CELLS if processes == 2 or not c.get("broken_reference")]:
         accumulation = c.get("gradient_accumulation_steps", 1)
         if c.get("four_bit") and processes == 1:
             # bitsandbytes' 4-bit CPU kernels round differently for other batch shapes (the second step's deviation
