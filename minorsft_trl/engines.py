@@ -1,9 +1,11 @@
-"""What the distributed engines (DeepSpeed ZeRO, FSDP) need of the reference passes that run before training."""
+"""What the distributed engines (DeepSpeed ZeRO, FSDP) need of the reference passes that run before training, and of
+a reference let go."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from accelerate.utils import is_deepspeed_available
 from torch.distributed.tensor import DTensor
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.models.utils import prepare_deepspeed
@@ -46,5 +48,27 @@ def runnable_before_training(model: torch.nn.Module, accelerator) -> Iterator[No
     try:
         yield
     finally:
-        engine.destroy()
+        destroy_if_engine(engine)
         model.train(training)
+
+
+def destroy_if_engine(module: torch.nn.Module | None) -> None:
+    """Destroy `module` if it is a DeepSpeed engine (the training engine, a separate reference's from TRL's
+    `prepare_deepspeed`, the one `runnable_before_training` builds), and let go of what DeepSpeed keeps of it after
+    its own `destroy`: its forward hooks on the model (closures over the engine) and, under ZeRO-3, the model on
+    DeepSpeed's global module stack. Otherwise every engine, its parameter coordinator and their buffers live to
+    interpreter exit, after the process group is destroyed."""
+    if not is_deepspeed_available():
+        return
+    from deepspeed import DeepSpeedEngine
+    from deepspeed.runtime.zero import parameter_offload
+
+    if not isinstance(module, DeepSpeedEngine):
+        return
+    module.destroy()
+    for hook in ("module_forward_pre_hook", "module_forward_post_hook"):
+        if getattr(module, hook, None) is not None:
+            getattr(module, hook).remove()
+            setattr(module, hook, None)
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [entry for entry in stack if entry is not module.module]

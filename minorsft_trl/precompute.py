@@ -24,6 +24,7 @@ from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from .cache import cache_root, cached_directory
+from .engines import destroy_if_engine
 from .examples import ExampleIndex
 from .fingerprint import batches_fingerprint
 from .reference_check import deviation_tolerance
@@ -95,6 +96,7 @@ class PrecomputedReferenceMixin:
                 self.eval_dataset = self._precomputed(self.eval_dataset, "eval", eval_batch_size, reference)
         self.data_collator = WithRefLogps(self.data_collator)
         if self.ref_model is not None:
+            destroy_if_engine(self.ref_model)
             self.ref_model = None
             self._reference_released = True
 

@@ -38,7 +38,7 @@ from .config import TRL_LOSS_TYPES, MinorSFTConfig
 from .drift.budget import DriftBudgetCallback
 from .drift.card import drift_section
 from .drift.live import DriftCallback, DriftMixin
-from .engines import parameter_bytes, runnable_before_training
+from .engines import destroy_if_engine, parameter_bytes, runnable_before_training
 from .examples import ExampleIndex, PackedRowsApart
 from .fingerprint import (
     dataset_fingerprint,
@@ -768,14 +768,23 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def end(self):
-        """`Trainer.end` (finish the trackers, destroy the process group) once every process is done and the DDP
-        wrapper is let go: its reducer holds the process group, and a group destroyed while a reducer still holds it
-        is torn down only when the reducer is freed at interpreter exit, where joining gloo's threads can hang a
-        process after a successful run (seen with torch 2.13)."""
+        """`Trainer.end` (finish the trackers, destroy the process group) once every process is done and the engines
+        are let go (`_release_engines`)."""
         self.accelerator.wait_for_everyone()
-        self.model_wrapped = self.model
-        self.accelerator.free_memory()
+        self._release_engines()
         super().end()
+
+    def _release_engines(self):
+        """Let go of what holds the process group: the DDP wrapper (its reducer) and the DeepSpeed engines of the
+        policy and of a separate reference (their hooks, their optimizer's pending collectives). Whatever still holds
+        the group when it is destroyed is freed only at interpreter exit, where gloo's threads can hang or abort a
+        process after a successful run (seen with torch 2.13). The trainer cannot train after this."""
+        self.model_wrapped = self.model
+        destroy_if_engine(self.ref_model)
+        if getattr(self.accelerator, "deepspeed_engine_wrapped", None) is not None:
+            destroy_if_engine(self.accelerator.deepspeed_engine_wrapped.engine)
+            self.accelerator.deepspeed_engine_wrapped = None  # destroyed: not again by `free_memory`
+        self.accelerator.free_memory()
 
     # ------------------------------------------------------------------ checkpoints
 

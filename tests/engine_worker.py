@@ -23,6 +23,7 @@ ZeRO-3 partitions), or the error that stopped the cell) and
 `<out_dir>/<name>.pt` (the trainable weights before and after training, whole).
 """
 
+import gc
 import json
 import sys
 import time
@@ -31,10 +32,11 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, is_deepspeed_available
 from peft import LoraConfig
 from tiny import cpu_args, prompt_completion_dataset
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoTokenizer, BitsAndBytesConfig, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -196,6 +198,7 @@ def run(model_dir: str, out_dir: Path, cell: dict) -> MinorSFTTrainer | None:
     try:
         trainer.train()
         if cell.get("resume"):
+            trainer._release_engines()
             trainer = build(model_dir, out_dir, cell)
             trainer.train(resume_from_checkpoint=str(out_dir / cell["name"] / "checkpoint-1"))
     except RuntimeError as error:
@@ -224,8 +227,35 @@ def run(model_dir: str, out_dir: Path, cell: dict) -> MinorSFTTrainer | None:
 def main(model_dir: str, out_dir: str, cells: str, fsdp_version: str | None = None) -> None:
     if fsdp_version is not None:
         with_fsdp_on_the_cpu(int(fsdp_version))
-    trainers = [run(model_dir, Path(out_dir), cell) for cell in json.loads(Path(cells).read_text())]
-    next(trainer for trainer in reversed(trainers) if trainer is not None).end()
+    last = None
+    for cell in json.loads(Path(cells).read_text()):
+        trainer = run(model_dir, Path(out_dir), cell)
+        if trainer is not None:
+            if last is not None:
+                # As `end` does, but the group stays for the next cell: nothing of a finished cell's engines may
+                # outlive the group (DeepSpeed's module stack keeps models it hooked alive to interpreter exit)
+                last._release_engines()
+            last = trainer
+    rank = last.accelerator.process_index
+    last.end()
+    del trainer, last
+    (Path(out_dir) / f"after-end-{rank}.json").write_text(json.dumps(what_outlives_end()))
+
+
+def what_outlives_end() -> dict[str, int]:
+    """What of the trainers' engines is still alive once `end` destroyed the process group (freed at interpreter
+    exit, where gloo's threads can abort the process): DDP wrappers, DeepSpeed engines still hooked into a model,
+    and models on DeepSpeed's global module stack (ZeRO-3 puts each engine's model there)."""
+    gc.collect()
+    alive = gc.get_objects()
+    report = {"ddp_wrappers": sum(isinstance(o, DistributedDataParallel) for o in alive)}
+    if is_deepspeed_available():
+        from deepspeed import DeepSpeedEngine
+        from deepspeed.runtime.zero import parameter_offload
+
+        hooked = [o for o in alive if isinstance(o, DeepSpeedEngine) and o.module_forward_pre_hook is not None]
+        report.update(hooked_engines=len(hooked), module_stack=len(parameter_offload.FWD_MODULE_STACK))
+    return report
 
 
 if __name__ == "__main__":

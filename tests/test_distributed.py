@@ -26,13 +26,22 @@ def launch(*args, num_processes: int = 2, config: str = "ddp", mixed_precision: 
         *(["--mixed_precision", mixed_precision] if mixed_precision else []),
         *map(str, args),
     ]  # fmt: skip
+    # A process that dies of a signal prints where each of its threads was (faulthandler)
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env["PYTHONFAULTHANDLER"] = "1"
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert (result.returncode != 0) == fails, result.stdout[-3000:] + result.stderr[-6000:]
+    assert (result.returncode != 0) == fails, result.stdout[-3000:] + result.stderr[-6000:] + _why(result.stderr)
     # Every launched process has exited: a process hung at exit can outlive a launcher that reported success
     lingering = [pid for pid in os.listdir("/proc") if pid.isdigit() and _runs(pid, args)]
     assert not lingering, f"processes still running after the launch: {lingering}"
     return result.stdout + result.stderr
+
+
+def _why(stderr: str) -> str:
+    """The lines of a failed launch that say why, last: the launcher's summary after them names only the signal."""
+    signs = ("Error", "error:", "Fatal Python error", "terminate called", "Thread 0x", "File ", "what():")
+    lines = [line for line in stderr.splitlines() if any(sign in line for sign in signs) and "Warning" not in line]
+    return "\n--- why ---\n" + "\n".join(lines[-60:])
 
 
 def _runs(pid: str, args) -> bool:
