@@ -1,6 +1,7 @@
 """What the distributed engines (DeepSpeed ZeRO, FSDP) need of the reference passes that run before training, and of
 a reference let go."""
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -62,6 +63,7 @@ def destroy_if_engine(module: torch.nn.Module | None) -> None:
         return
     from deepspeed import DeepSpeedEngine
     from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
     if not isinstance(module, DeepSpeedEngine):
         return
@@ -72,3 +74,8 @@ def destroy_if_engine(module: torch.nn.Module | None) -> None:
             setattr(module, hook, None)
     stack = parameter_offload.FWD_MODULE_STACK
     stack[:] = [entry for entry in stack if entry is not module.module]
+    # The ZeRO-3 parameter coordinator's `__params_to_release`, an `lru_cache` on the class, keys on the coordinator
+    # and so keeps it, the parameters it traced, their optimizer and engine (and its process groups)
+    params_to_release = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    cached = inspect.getclosurevars(params_to_release).nonlocals.get("func", params_to_release)
+    cached.cache_clear()

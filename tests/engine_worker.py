@@ -244,7 +244,7 @@ def main(model_dir: str, out_dir: str, cells: str, fsdp_version: str | None = No
 
 def what_outlives_end() -> dict[str, int]:
     """What of the trainers' engines is still alive once `end` destroyed the process group (freed at interpreter
-    exit, where gloo's threads can abort the process): DDP wrappers, DeepSpeed engines still hooked into a model,
+    exit, where gloo's threads can abort the process): DDP wrappers, DeepSpeed engines (they hold process groups),
     and models on DeepSpeed's global module stack (ZeRO-3 puts each engine's model there)."""
     gc.collect()
     alive = gc.get_objects()
@@ -253,8 +253,8 @@ def what_outlives_end() -> dict[str, int]:
         from deepspeed import DeepSpeedEngine
         from deepspeed.runtime.zero import parameter_offload
 
-        hooked = [o for o in alive if isinstance(o, DeepSpeedEngine) and o.module_forward_pre_hook is not None]
-        report.update(hooked_engines=len(hooked), module_stack=len(parameter_offload.FWD_MODULE_STACK))
+        engines = sum(isinstance(o, DeepSpeedEngine) for o in alive)
+        report.update(deepspeed_engines=engines, module_stack=len(parameter_offload.FWD_MODULE_STACK))
     return report
 
 

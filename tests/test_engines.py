@@ -247,7 +247,7 @@ def test_nothing_of_the_engines_outlives_end(engine):
     name, out_dir = engine
     for rank in range(2):
         left = json.loads((out_dir / f"after-end-{rank}.json").read_text())
-        assert left == {"ddp_wrappers": 0, "hooked_engines": 0, "module_stack": 0}, (name, rank, left)
+        assert left == {"ddp_wrappers": 0, "deepspeed_engines": 0, "module_stack": 0}, (name, rank, left)
 
 
 @pytest.mark.parametrize(
