@@ -56,9 +56,9 @@ def runnable_before_training(model: torch.nn.Module, accelerator) -> Iterator[No
 def destroy_if_engine(module: torch.nn.Module | None) -> None:
     """Destroy `module` if it is a DeepSpeed engine (the training engine, a separate reference's from TRL's
     `prepare_deepspeed`, the one `runnable_before_training` builds), and let go of what DeepSpeed keeps of it after
-    its own `destroy`: its forward hooks on the model (closures over the engine) and, under ZeRO-3, the model on
-    DeepSpeed's global module stack. Otherwise every engine, its parameter coordinator and their buffers live to
-    interpreter exit, after the process group is destroyed."""
+    its own `destroy` (0.19): its forward hooks on the model (closures over the engine) and, under ZeRO-3, the model
+    on DeepSpeed's global module stack and its parameter coordinator in a cache on the class. Otherwise every engine,
+    with its process groups and buffers, lives to interpreter exit, after the process group is destroyed."""
     if not is_deepspeed_available():
         return
     from deepspeed import DeepSpeedEngine

@@ -777,8 +777,8 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
     def _release_engines(self):
         """Let go of what holds the process group: the DDP wrapper (its reducer) and the DeepSpeed engines of the
         policy and of a separate reference (their hooks, their optimizer's pending collectives). Whatever still holds
-        the group when it is destroyed is freed only at interpreter exit, where gloo's threads can hang or abort a
-        process after a successful run (seen with torch 2.13). The trainer cannot train after this."""
+        the group when it is destroyed is freed only at interpreter exit, where joining gloo's threads hung a process
+        after a successful run (torch 2.13). The trainer cannot train after this."""
         self.model_wrapped = self.model
         destroy_if_engine(self.ref_model)
         if getattr(self.accelerator, "deepspeed_engine_wrapped", None) is not None:

@@ -232,8 +232,7 @@ def main(model_dir: str, out_dir: str, cells: str, fsdp_version: str | None = No
         trainer = run(model_dir, Path(out_dir), cell)
         if trainer is not None:
             if last is not None:
-                # As `end` does, but the group stays for the next cell: nothing of a finished cell's engines may
-                # outlive the group (DeepSpeed's module stack keeps models it hooked alive to interpreter exit)
+                # As `end` does, but the group stays for the next cell: a finished cell's engines must not outlive it
                 last._release_engines()
             last = trainer
     rank = last.accelerator.process_index

@@ -242,8 +242,8 @@ def test_a_separate_reference_is_partitioned_under_zero3_and_sharded_under_fsdp2
 
 def test_nothing_of_the_engines_outlives_end(engine):
     """`end` lets go of the engines before it destroys the process group, and the launch lets go of each cell's
-    trainer before the next: whatever still holds the group is freed only at interpreter exit (a process aborted
-    there after a successful run, once in CI)."""
+    trainer before the next: whatever still holds the group is freed only at interpreter exit (a launched process
+    died of SIGABRT once in CI, while earlier cells' engines were still alive)."""
     name, out_dir = engine
     for rank in range(2):
         left = json.loads((out_dir / f"after-end-{rank}.json").read_text())
