@@ -26,9 +26,8 @@ def launch(*args, num_processes: int = 2, config: str = "ddp", mixed_precision: 
         *(["--mixed_precision", mixed_precision] if mixed_precision else []),
         *map(str, args),
     ]  # fmt: skip
-    # A process that dies of a signal prints where each of its threads was (faulthandler)
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    env["PYTHONFAULTHANDLER"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a process killed by a signal prints each thread's stack
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert (result.returncode != 0) == fails, result.stdout[-3000:] + result.stderr[-6000:] + _why(result.stderr)
     # Every launched process has exited: a process hung at exit can outlive a launcher that reported success
