@@ -5,7 +5,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, is_peft_model, parse_flag_from_env
+from accelerate.utils import DistributedType, is_peft_model, parse_choice_from_env, parse_flag_from_env
 from datasets import IterableDataset
 from trl.data_utils import is_conversational
 
@@ -240,7 +240,7 @@ def check_launch(args) -> None:
             "the README's 'Several processes')."
         )
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        launched_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        launched_precision = parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no")
         requested = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
         if launched_precision != requested:
             recipe_fix = (
