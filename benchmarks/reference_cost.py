@@ -274,12 +274,14 @@ def build_random_model(spec: dict) -> dict:
 WORKER_TASKS = {"time": measure_step_times, "memory": measure_memory, "build": build_random_model}
 
 
-def run_worker(task: str, spec: dict, script: str = __file__) -> dict:
-    """`task` of `script` (this one by default) in a fresh process: its JSON result."""
+def run_worker(task: str, spec: dict, script: str = __file__, timeout: float | None = None) -> dict:
+    """`task` of `script` (this one by default) in a fresh process: its JSON result. Past `timeout` seconds the
+    process is killed and `subprocess.TimeoutExpired` raised."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     run = subprocess.run(
-        [sys.executable, script, "--worker", task, json.dumps(spec)], env=env, capture_output=True, text=True
-    )
+        [sys.executable, script, "--worker", task, json.dumps(spec)], env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
     if run.returncode != 0:
         raise RuntimeError(f"{task} {spec} failed:\n{run.stderr[-4000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
