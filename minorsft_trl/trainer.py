@@ -37,6 +37,7 @@ from .checkpoints import (
 from .config import TRL_LOSS_TYPES, MinorSFTConfig
 from .drift.budget import DriftBudgetCallback
 from .drift.card import drift_section
+from .drift.data import first_conversations
 from .drift.live import DriftCallback, DriftMixin
 from .engines import destroy_if_engine, parameter_bytes, runnable_before_training
 from .examples import ExampleIndex, PackedRowsApart
@@ -65,6 +66,7 @@ from .reference import (
     reference_mode,
 )
 from .reference_check import ReferenceCheck, deviation_tolerance
+from .sharegpt import sharegpt_to_messages
 from .validation import check_adapter_targets, check_inputs, check_parallelism, is_peft_model_or_path
 from .vocabulary_kl import (
     answer_hidden_states,
@@ -190,6 +192,9 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         ref_model: "str | PreTrainedModel | None" = None,
     ):
         args = _as_minor_sft_config(args, model)
+        train_dataset = sharegpt_to_messages(train_dataset, "train_dataset")
+        eval_dataset = sharegpt_to_messages(eval_dataset, "eval_dataset")
+        self._eval_conversations = first_conversations(eval_dataset, args.drift_num_prompts)
         args.precompute_ref_log_probs = resolve_precompute(args, train_dataset, eval_dataset)
         check_inputs(
             args,

@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from test_reference_integrity import pretrained_adapter
-from tiny import cpu_args, make_model, prompt_completion_dataset
+from tiny import COMPLETIONS, PROMPTS, conversational_dataset, cpu_args, make_model, prompt_completion_dataset
 
 import minorsft_trl.drift.live as live_module
 from minorsft_trl import MinorSFTTrainer
@@ -289,6 +290,74 @@ def test_named_prompts_are_rendered_by_the_chat_template(tmp_path, tokenizer):
     trainer._ensure_drift_probe()
     expected = tokenizer.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True)
     assert trainer._drift_probe.samples.prompt_ids == [tokenizer(expected, add_special_tokens=False)["input_ids"]]
+
+
+# ---------------------------------------------------------------- the prompts: each example's tokens before its answer
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def drift_prompts_of(tmp_path, tokenizer, train, evaluation, **overrides) -> list[list[int]]:
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=drift_args(tmp_path, drift_num_prompts=8, **overrides),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=copy.deepcopy(LORA),
+    )
+    return trainer._drift_plan[1]
+
+
+EVAL_FORMATS = {
+    "prompt-completion": (prompt_completion_dataset, {}),
+    "prompt-completion, trained on every token": (prompt_completion_dataset, {"completion_only_loss": False}),
+    "prompt-completion, packed": (prompt_completion_dataset, {"packing": True}),
+    "prompt-completion, padding-free": (prompt_completion_dataset, {"padding_free": True, "max_length": None}),
+    "conversations, assistant-only loss": (conversational_dataset, {"assistant_only_loss": True}),
+    "conversations, trained on every turn": (conversational_dataset, {}),
+    "conversations, packed": (conversational_dataset, {"assistant_only_loss": True, "packing": True}),
+}
+
+
+@pytest.mark.parametrize("data_format", EVAL_FORMATS)
+def test_the_drift_prompts_end_where_each_eval_example_answer_begins(tmp_path, tokenizer, data_format):
+    make_dataset, overrides = EVAL_FORMATS[data_format]
+    prompts = drift_prompts_of(tmp_path, tokenizer, make_dataset(), make_dataset(), **overrides)
+    if "conversations" in data_format:
+        expected = [chat_prompt_ids(tokenizer, prompt) for prompt in PROMPTS]
+    else:
+        expected = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+    # Packing reorders the examples (and holds several in a row): the same prompts, one per example
+    assert sorted(prompts) == sorted(expected)
+    if "packed" not in data_format:
+        assert prompts == expected
+
+
+def test_plain_text_has_no_answer_and_its_drift_prompts_are_the_first_half_of_each_example(tmp_path, tokenizer):
+    texts = Dataset.from_dict({"text": [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]})
+    prompts = drift_prompts_of(tmp_path, tokenizer, texts, texts)
+    ids = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in texts["text"]]
+    assert prompts == [row[: len(row) // 2] for row in ids]
+
+
+def test_sampling_ignores_the_model_generation_config(tokenizer):
+    prompts = [tokenizer("2+2=")["input_ids"], tokenizer("sky colour?")["input_ids"]]
+    kwargs = dict(seed=5, pad_id=tokenizer.pad_token_id, eos_id=None)
+    plain = sample_continuations(make_model(tokenizer).eval(), prompts, [0, 1], 16, **kwargs)
+    shipped = make_model(tokenizer).eval()
+    # What a model's generation_config.json may ship (Qwen2-7B-Instruct: repetition_penalty 1.05, top_k 20, ...),
+    # and a processor whose effect on a tiny random model is certain: the first tokens drawn suppressed
+    shipped.generation_config.update(
+        repetition_penalty=3.0, top_k=2, top_p=0.5, temperature=0.3, suppress_tokens=[row[0] for row in plain]
+    )
+    assert sample_continuations(shipped, prompts, [0, 1], 16, **kwargs) == plain
+    assert shipped.generation_config.repetition_penalty == 3.0  # given back as it was
 
 
 def test_a_peft_model_without_trainer_peft_config_measures_against_its_frozen_adapter(tmp_path, tokenizer):

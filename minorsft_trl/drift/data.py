@@ -1,40 +1,98 @@
 """The token ids the drift measures score: prompts for the reference to continue, and general text."""
 
+from collections.abc import Iterator
+
+import transformers
 from datasets import Dataset, IterableDataset
-from trl.data_utils import (
-    is_conversational,
-    is_conversational_from_value,
-    maybe_apply_chat_template,
-    maybe_convert_to_chatml,
-)
+from trl.data_utils import is_conversational, maybe_apply_chat_template
 
 from ..data import MinorSFTScriptArguments, load_named
+from ..sharegpt import sharegpt_to_messages
 
-# Columns of a prepared (tokenized) dataset that mark the tokens the loss counts, as SFTTrainer names them
-LOSS_MASKS = ("completion_mask", "assistant_masks")
+logger = transformers.utils.logging.get_logger(__name__)
+
+# Examples looked at for the eval split's prompts, per prompt asked for: rows whose answer starts at their first token
+# are skipped, but a split of nothing else is not read to its end
+_EXAMPLES_PER_PROMPT = 8
 
 
 def prompt_ids_from_prepared(
-    dataset: Dataset | IterableDataset, count: int, max_length: int | None
+    dataset: Dataset | IterableDataset,
+    count: int,
+    max_length: int | None,
+    conversation_prompts: list[list[int]] | None = None,
 ) -> list[list[int]]:
-    """The prompts of the first `count` rows of a dataset prepared by `SFTTrainer`: the tokens before the first one
-    the loss counts (the prompt of a prompt-completion example, the turns before the first assistant turn); for plain
-    text, where every token counts, the first half of the row."""
-    prompts = []
-    for row in dataset:
-        ids = list(row["input_ids"])
-        mask = next((row[name] for name in LOSS_MASKS if row.get(name) is not None), None)
-        start = next((i for i, counted in enumerate(mask) if counted), 0) if mask is not None else len(ids) // 2
-        if start > 0:
-            prompts.append(ids[:start])
-        if len(prompts) == count:
+    """The prompts of the first `count` examples of a dataset prepared by `SFTTrainer`: each example's tokens before
+    its answer, per example in packed rows (`seq_lengths`).
+
+    The answer starts at the first token the example's `completion_mask` marks (prompt-completion data trained on
+    every token keeps that column) or else at the first token its `labels` count (TRL 1.16 folds the completion and
+    assistant masks into `labels`). Where no example marks an answer after some prompt (every token trained on):
+    `conversation_prompts`, if the raw split holds conversations (`prompt_ids_from_conversations`); else the first
+    half of each example, for plain text, the one format without an answer to stop at."""
+    prompts, unmarked = [], []
+    for seen, example in enumerate(_prepared_examples(dataset)):
+        if len(prompts) == count or seen == count * _EXAMPLES_PER_PROMPT:
             break
+        start = _answer_start(example)
+        if start > 0:
+            prompts.append(example["input_ids"][:start])
+        elif len(unmarked) < count:
+            unmarked.append(example["input_ids"])
+    if not prompts and conversation_prompts:
+        prompts = conversation_prompts[:count]
+    elif not prompts:
+        logger.info(
+            "The eval split marks no answer (every token is trained on, as in plain text): the drift measures' "
+            "prompts are the first half of each of its first examples. Name prompts with `drift_prompts` to choose "
+            "them."
+        )
+        prompts = [ids[: len(ids) // 2] for ids in unmarked if len(ids) >= 2]
     if not prompts:
         raise ValueError(
-            "The drift measures found no prompt in the eval dataset (no row has tokens before its answer). Name "
+            "The drift measures found no prompt in the eval dataset (no example has tokens before its answer). Name "
             "prompts with `drift_prompts`, or set eval_drift=False."
         )
     return [p[-max_length:] if max_length else p for p in prompts]
+
+
+def _prepared_examples(dataset: Dataset | IterableDataset) -> Iterator[dict[str, list[int]]]:
+    """The examples of a prepared dataset, one at a time: a packed row (`seq_lengths`) split into its examples."""
+    for row in dataset:
+        lengths = row.get("seq_lengths") or [len(row["input_ids"])]
+        start = 0
+        for length in lengths:
+            yield {
+                column: list(row[column][start : start + length])
+                for column in ("input_ids", "labels", "completion_mask")
+                if row.get(column) is not None
+            }
+            start += length
+
+
+def _answer_start(example: dict[str, list[int]]) -> int:
+    """The position of an example's first answer token (0 where none is marked after a prompt)."""
+    if "completion_mask" in example:
+        return next((i for i, counted in enumerate(example["completion_mask"]) if counted), 0)
+    labels = example.get("labels", example["input_ids"])
+    return next((i for i, label in enumerate(labels) if label != -100), 0)
+
+
+def first_conversations(dataset, count: int) -> list[list[dict]] | None:
+    """The `messages` of the first `count` rows of a raw (not yet prepared) dataset, or `None` if it holds no
+    conversations."""
+    if isinstance(dataset, dict):
+        dataset = next(iter(dataset.values()), None)
+    if not isinstance(dataset, Dataset | IterableDataset) or "messages" not in (dataset.column_names or []):
+        return None
+    return [row["messages"] for row, _ in zip(dataset, range(count), strict=False)]
+
+
+def prompt_ids_from_conversations(conversations: list[list[dict]], tokenizer, count: int) -> list[list[int]]:
+    """The turns before the first assistant turn of each of the first `count` conversations, rendered as TRL renders
+    prompts (with the generation prompt)."""
+    before = [_before_first_assistant_turn(messages) for messages in conversations[:count]]
+    return [_token_ids(tokenizer, {"prompt": turns}, "prompt") for turns in before]
 
 
 def prompt_ids_from_dataset(name: str, tokenizer, count: int) -> list[list[int]]:
@@ -76,16 +134,18 @@ def text_ids_from_dataset(name: str, tokenizer, count: int, max_length: int | No
 
 def load_drift_dataset(name: str, where: str, count: int) -> Dataset:
     """The first `count` rows of the train split (or the only split) of whatever `dataset_name` reads: a local file
-    or folder, a `bigbench:` task, a `datasets` name; ShareGPT `conversations` become `messages`, as TRL converts
-    them. An empty one is refused."""
+    or folder, a `bigbench:` task, a `datasets` name; ShareGPT `conversations` become `messages` (`sharegpt`). An
+    empty one is refused."""
     splits = load_named(MinorSFTScriptArguments(dataset_name=name), where=where)
     dataset = splits["train"] if "train" in splits else next(iter(splits.values()))
     if len(dataset) == 0:
         raise ValueError(f"{where} {name!r} has no rows: give it at least one.")
-    dataset = dataset.select(range(min(count, len(dataset))))
-    if is_conversational_from_value(dataset[0]):
-        dataset = dataset.map(maybe_convert_to_chatml, remove_columns="conversations")
-    return dataset
+    return sharegpt_to_messages(dataset.select(range(min(count, len(dataset)))), where)
+
+
+def _before_first_assistant_turn(messages: list[dict]) -> list[dict]:
+    first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+    return messages[:first]
 
 
 def _before_last_assistant_turn(messages: list[dict]) -> list[dict]:

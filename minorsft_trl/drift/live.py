@@ -38,13 +38,19 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from ..cache import cache_root, cached_directory, is_complete
 from ..reference import reference_mode
 from ..vocabulary_kl import lm_head_weights
-from .data import prompt_ids_from_dataset, prompt_ids_from_prepared, text_ids_from_dataset
+from .data import (
+    prompt_ids_from_conversations,
+    prompt_ids_from_dataset,
+    prompt_ids_from_prepared,
+    text_ids_from_dataset,
+)
 from .measures import Sequences, forward_kl_sum, sample_continuations, score
 
 logger = transformers.utils.logging.get_logger(__name__)
 
-# 1: continuations, the reference's summed log-probs of them and of the texts
-CACHE_FORMAT = 1
+# 1: continuations, the reference's summed log-probs of them and of the texts; 2: sampled from the reference's
+# distribution itself (`sampling_config`), no longer through the model's own `generation_config`
+CACHE_FORMAT = 2
 # Sequences per forward (and per generation) of the drift measures
 BATCH_SIZE = 16
 
@@ -108,6 +114,8 @@ class DriftMixin:
     _drift_plan: tuple[dict, list[list[int]], Sequences | None] | None = None
     # The frozen reference's hidden states on the samples, by rows (`_reference_states`)
     _drift_reference_states: dict[tuple[int, ...], torch.Tensor]
+    # The raw eval split's first conversations, if it holds conversations (`first_conversations`)
+    _eval_conversations: list[list[dict]] | None = None
     drift_seconds: float = 0.0
 
     # ------------------------------------------------------------------ before training
@@ -194,7 +202,12 @@ class DriftMixin:
         eval_dataset = self.eval_dataset
         if isinstance(eval_dataset, dict):
             eval_dataset = next(iter(eval_dataset.values()))
-        return prompt_ids_from_prepared(eval_dataset, args.drift_num_prompts, args.max_length)
+        conversation_prompts = None
+        if self._eval_conversations is not None:
+            conversation_prompts = prompt_ids_from_conversations(
+                self._eval_conversations, self.processing_class, args.drift_num_prompts
+            )
+        return prompt_ids_from_prepared(eval_dataset, args.drift_num_prompts, args.max_length, conversation_prompts)
 
     def _compute_drift_probe(self, prompts: list[list[int]], texts: Sequences | None) -> DriftProbe:
         """Sample and score with the reference, each process its share of the batches, gathered in order."""

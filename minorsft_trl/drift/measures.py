@@ -15,9 +15,11 @@ Every measure is 0 where the policy equals its reference.
 """
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig, GenerationMixin
 
 from ..vocabulary_kl import answer_hidden_states, captured_hidden_states, lm_head_weights, token_kl
 
@@ -53,6 +55,36 @@ class Sequences:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def sampling_config(max_new_tokens: int, pad_id: int, eos_id: int | None) -> GenerationConfig:
+    """Ancestral sampling from the model's own distribution: temperature 1, no top-k / top-p, no logits processor."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=1,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+    )
+
+
+@contextmanager
+def own_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """Hide what the model's `generation_config.json` ships (a `repetition_penalty`, suppressed tokens, ...) from
+    `generate`, which fills every field its caller leaves unset from it: each module's `generation_config` is an
+    empty one meanwhile, and given back after."""
+    shipped = {module: module.generation_config for module in model.modules() if isinstance(module, GenerationMixin)}
+    try:
+        for module in shipped:
+            module.generation_config = GenerationConfig()
+        yield
+    finally:
+        for module, config in shipped.items():
+            module.generation_config = config
+
+
 @torch.no_grad()
 def sample_continuations(
     model: torch.nn.Module,
@@ -64,9 +96,10 @@ def sample_continuations(
     eos_id: int | None,
     synced_gpus: bool = False,
 ) -> list[list[int]]:
-    """Continuations of `prompts[i]` for `i` in `rows`, sampled from `model` (temperature 1, no top-k / top-p),
-    cut after the end-of-sequence token. The random numbers are drawn from `seed` alone and the caller's random state
-    is left as it was: sampling does not change the training run it happens in."""
+    """Continuations of `prompts[i]` for `i` in `rows`, sampled from `model`'s distribution itself
+    (`sampling_config`, whatever its `generation_config` says), cut after the end-of-sequence token. The random
+    numbers are drawn from `seed` alone and the caller's random state is left as it was: sampling does not change the
+    training run it happens in."""
     batch_prompts = [prompts[i] for i in rows]
     length = max(len(p) for p in batch_prompts)
     device = next(model.parameters()).device
@@ -74,19 +107,12 @@ def sample_continuations(
     input_ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in batch_prompts], device=device)
     attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in batch_prompts], device=device)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), own_generation_config(model):
         torch.manual_seed(seed)
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=1,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
+            generation_config=sampling_config(max_new_tokens, pad_id, eos_id),
             synced_gpus=synced_gpus,
         )
     continuations = []
