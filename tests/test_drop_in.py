@@ -96,11 +96,16 @@ def test_with_nll_every_dataset_stock_sft_trainer_reads_is_read_and_no_other(tmp
         args = cpu_args(tmp_path / "ours", loss_type="nll", max_steps=1, **fields)
         return MinorSFTTrainer(make_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
 
-    assert reads(ours) == reads(stock)
+    if shape == "ShareGPT conversations, assistant only":
+        # TRL checks for conversations before it converts ShareGPT's ("the dataset is not conversational"); the roles
+        # are mapped to `messages` before TRL sees the data here (`minorsft_trl.sharegpt`), so it reads
+        assert reads(ours) and not reads(stock)
+    else:
+        assert reads(ours) == reads(stock)
 
 
 def test_sharegpt_conversations_train_minor_sft_from_the_reference(tmp_path, tokenizer):
-    """Converted as TRL converts them, and the reference scores the same tokens: `deviation` is 0 at step 0."""
+    """Converted to `messages`, and the reference scores the same tokens: `deviation` is 0 at step 0."""
     trainer = MinorSFTTrainer(
         make_model(tokenizer),
         args=cpu_args(tmp_path, max_steps=1),
