@@ -60,9 +60,9 @@ class MinorSFTConfig(SFTConfig):
             autocast precision the forward runs under. A cache hit is used once a live pass over a sample agrees.
             Training then runs no reference forward and frees a separate reference model. A second run with another
             learning rate or beta reuses the cache. `"auto"` turns it on wherever it can serve (the loss reads one
-            number per example from the reference, the datasets are not streamed, the model is not partitioned at
-            load by ZeRO-3, the cache directory is writable) and says which in one log line; `True` asks for it
-            (an error where it cannot serve), `False` runs the reference at every step.
+            number per example from the reference, the datasets are not streamed, the cache directory is writable;
+            under ZeRO-3 and FSDP too, every process computing its share) and says which in one log line; `True`
+            asks for it (an error where it cannot serve), `False` runs the reference at every step.
         precompute_ref_batch_size (`int`, *optional*):
             Batch size of the precompute pass; defaults to `per_device_train_batch_size` (eval data:
             `per_device_eval_batch_size`).
