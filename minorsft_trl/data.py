@@ -30,6 +30,7 @@ from datasets.exceptions import DatasetGenerationError
 from trl import DatasetMixtureConfig, ScriptArguments, get_dataset
 
 from . import bigbench
+from .file_checks import check_file_records
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -219,6 +220,7 @@ def load_mixture(dataset_args: DatasetMixtureConfig) -> DatasetDict:
         if path.is_file():
             builder = file_builder(path, where)
             check_utf8([path], where)
+            check_file_records(path, where, config.columns)
             # The file is the split named before any slice (`train[:50%]`), which `load_dataset` then takes
             split_name = config.split.split("[")[0]
             config = replace(config, path=builder, name=None, data_dir=None, data_files={split_name: str(path)})
@@ -377,6 +379,8 @@ def _load_local(path: Path, where: str, *args, **kwargs):
     generating the dataset")."""
     files = [path] if path.is_file() else data_files_in(path)
     check_utf8(files, where)
+    for file in files:
+        check_file_records(file, where)
     features = csv_text_features(files, where)
     if features is not None:
         kwargs.setdefault("features", features)

@@ -261,7 +261,11 @@ def make_error_cases(tmp_path):
     pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "no_test_rows" / "test.parquet")
     ten = tmp_path / "ten"
     missing_mixture = DatasetMixtureConfig(datasets=[DatasetConfig(path=str(tmp_path / "nowhere" / "x.jsonl"))])
-    write(tmp_path / "numbers.jsonl", [{"prompt": "1+1=", "completion": 2}])
+    # Valid alone (conversational prompt-completion), but not joinable with the plain text of the other file
+    write(
+        tmp_path / "numbers.jsonl",
+        [{"prompt": [{"role": "user", "content": "1+1="}], "completion": [{"role": "assistant", "content": "2"}]}],
+    )
     clashing_mixture = DatasetMixtureConfig(
         datasets=[DatasetConfig(path=str(ten / "train.jsonl")), DatasetConfig(path=str(tmp_path / "numbers.jsonl"))]
     )
