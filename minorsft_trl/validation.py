@@ -199,18 +199,46 @@ def check_adapter_targets(model: "torch.nn.Module") -> None:
         return  # "all-linear", a regular expression, or a PEFT type without targets
     targeted = getattr(model.base_model, "targeted_module_names", [])
     missing = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in targeted))
-    if not missing:
+    if missing:
+        adapters = set(model.peft_config)
+        modules = [(name, module) for name, module in model.named_modules() if not adapters & set(name.split("."))]
+        raise ValueError(_unmatched_targets(config.peft_type.value, targets, missing, modules))
+
+
+def check_lora_targets_before_loading(model_name_or_path: str, model_args) -> None:
+    """`check_adapter_targets` for a recipe's `lora_target_modules`, before any weight is loaded: against the module
+    names of the model built from its `config.json` on the meta device (no memory, no download). A model whose
+    configuration is not on this machine (a Hub id not yet downloaded, an `embedded:` model not yet converted) is
+    checked after loading instead."""
+    targets = model_args.lora_target_modules
+    if not model_args.use_peft or not isinstance(targets, list) or targets == ["all-linear"]:
         return
-    adapters = set(model.peft_config)
-    linear = set()
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if isinstance(module, torch.nn.Linear) and not adapters & set(parts):
-            linear.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])  # a wrapped layer: its own name
-    linear = sorted(linear)
-    raise ValueError(
-        f"{config.peft_type.value} target_modules {missing} match no module of the model, so the adapter would train "
-        f"only {sorted(set(targets) - set(missing))}. The model's linear layers are named {linear}: fix the names "
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, local_files_only=True)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return
+    names = [name for name, _ in skeleton.named_modules()]
+    missing = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
+    if missing:
+        raise ValueError(_unmatched_targets("LORA", targets, missing, list(skeleton.named_modules())))
+
+
+def _unmatched_targets(peft_type: str, targets, missing: list[str], modules) -> str:
+    """The message for adapter targets that match no module; `modules`: `(name, module)` of the model."""
+    linear = sorted(
+        {
+            parts[-2] if parts[-1] == "base_layer" else parts[-1]  # a layer PEFT wrapped: its own name
+            for name, module in modules
+            if isinstance(module, torch.nn.Linear) and (parts := name.split("."))
+        }
+    )
+    return (
+        f"{peft_type} target_modules {missing} match no module of the model, so the adapter would train only "
+        f"{sorted(set(targets) - set(missing))}. The model's linear layers are named {linear}: fix the names "
         "(`lora_target_modules` in a recipe), or use 'all-linear'."
     )
 

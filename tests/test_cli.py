@@ -182,11 +182,18 @@ def test_cpu_with_an_engine_config_is_refused_before_launching(config, engine):
             "model_name_or_path='./models/missing': no such folder",
         ),
         (["train", "--config", "{tab}"], "is not valid YAML at line"),
+        (
+            ["train", "--config", RECIPE, "--model_name_or_path", "{model}"]
+            + ["--lora_target_modules", "q_proj", "v_prj"],
+            "LORA target_modules ['v_prj'] match no module of the model, so the adapter would train only ['q_proj']",
+        ),
         (["recipes", "copy", "Qwen9/minor_sft/config_lora"], "neither a file nor a packaged recipe"),
         (["recipes", "copy", RECIPE, "{typo}"], "exists: pass --force"),
     ],
 )
-def test_bad_arguments_are_refused_before_anything_is_launched(argv, message, tmp_path, capsys, monkeypatch):
+def test_bad_arguments_are_refused_before_anything_is_launched(
+    argv, message, tmp_path, capsys, monkeypatch, tiny_model_dir
+):
     import accelerate.commands.launch
 
     monkeypatch.setattr(accelerate.commands.launch, "launch_command", lambda args: pytest.fail("launched"))
@@ -194,6 +201,6 @@ def test_bad_arguments_are_refused_before_anything_is_launched(argv, message, tm
     typo.write_text((REPO / "recipes" / f"{RECIPE}.yaml").read_text() + "learnig_rate: 1.0e-04\n")
     tab = tmp_path / "tab.yaml"
     tab.write_text((REPO / "recipes" / f"{RECIPE}.yaml").read_text() + "\tbeta: 0.1\n")
-    assert cli.main([arg.format(typo=typo, tab=tab) for arg in argv]) == 2
+    assert cli.main([arg.format(typo=typo, tab=tab, model=tiny_model_dir) for arg in argv]) == 2
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1, error

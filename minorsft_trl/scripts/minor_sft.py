@@ -40,7 +40,12 @@ from minorsft_trl.data import MinorSFTScriptArguments, check_data_paths, load_da
 from minorsft_trl.embedded import resolve_model
 from minorsft_trl.packaged import resolve_config_argument, resolve_recipe_file
 from minorsft_trl.plotting import plot_training_curves
-from minorsft_trl.validation import check_model_path, check_output_dir, check_recipe_keys
+from minorsft_trl.validation import (
+    check_lora_targets_before_loading,
+    check_model_path,
+    check_output_dir,
+    check_recipe_keys,
+)
 
 logger = transformers.utils.logging.get_logger("minorsft_trl.scripts.minor_sft")
 
@@ -109,10 +114,11 @@ def check_before_loading(
     dataset_args: DatasetMixtureConfig | None = None,
 ) -> None:
     """What the arguments alone can tell is wrong, checked before anything loads (and by `minorsft-trl train` before
-    it launches any process): local model, reference and data paths that do not exist, an output directory that
-    cannot be written."""
+    it launches any process): local model, reference and data paths that do not exist, LoRA target modules the
+    model does not have, an output directory that cannot be written."""
     check_model_path("model_name_or_path", model_args.model_name_or_path)
     check_model_path("ref_model_name_or_path", training_args.ref_model_name_or_path)
+    check_lora_targets_before_loading(model_args.model_name_or_path, model_args)
     check_data_paths(script_args, dataset_args)
     check_output_dir(Path(training_args.output_dir))
 
