@@ -106,6 +106,8 @@ def check_inputs(
     if formatting_func is None:
         check_dataset(train_dataset, "train_dataset", args.dataset_text_field)
         check_dataset(eval_dataset, "eval_dataset", args.dataset_text_field)
+    if args.assistant_only_loss and train_dataset is not None:
+        check_assistant_only_loss(next(iter(train_dataset)), args.dataset_text_field)
     if (
         train_dataset is not None
         and processing_class is not None
@@ -179,6 +181,23 @@ def check_parallelism(args, parallelism) -> None:
             f"sp_size={parallelism.sp_size}). Use data parallelism (DDP, FSDP, DeepSpeed ZeRO): remove "
             "`parallelism_config` from the training arguments and the accelerate config."
         )
+
+
+def check_assistant_only_loss(first_row: dict, text_field: str) -> None:
+    """`assistant_only_loss` reads the assistant turns of conversations: refuse it on other data with the fix for
+    that data (TRL says only that the dataset is not conversational)."""
+    if is_conversational(first_row):
+        return
+    if "prompt" in first_row and "completion" in first_row:
+        raise ValueError(
+            "assistant_only_loss=True needs conversations, and this dataset is prompt-completion, where the loss is "
+            "already on the completion alone (`completion_only_loss`, on by default): drop `assistant_only_loss`."
+        )
+    raise ValueError(
+        f"assistant_only_loss=True needs conversations (a `messages` column of role/content turns, or ShareGPT's "
+        f"`conversations`), and this dataset has {sorted(first_row)}: convert it to `messages` (the loss then falls "
+        f"on the assistant turns), or drop `assistant_only_loss` to train on every token of `{text_field}`."
+    )
 
 
 def check_model_path(where: str, value) -> None:

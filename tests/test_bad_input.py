@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 from test_gradients import lora_config
 from test_reference import four_bit_config
@@ -357,6 +357,13 @@ CASES = [
      r"The model's linear layers are named \[.*'v_proj'.*\]: fix the names"),
     ("yaml", "a LoRA target that matches nothing", lambda c: c.run_recipe(lora_target_modules=["q_proj", "v_prj"]),
      ValueError, r"target_modules \['v_prj'\] match no module.*`lora_target_modules` in a recipe"),
+    ("python", "assistant-only loss on prompt-completion data",
+     lambda c: c.trainer(args=c.args(assistant_only_loss=True)),
+     ValueError, r"this dataset is prompt-completion, where the loss is already on the completion alone .*: drop "
+     r"`assistant_only_loss`"),
+    ("python", "assistant-only loss on plain text",
+     lambda c: c.trainer(dataset=Dataset.from_dict({"text": ["a b", "c d"]}), args=c.args(assistant_only_loss=True)),
+     ValueError, r"this dataset has \['text'\]: convert it to `messages`"),
 ]  # fmt: skip
 
 
