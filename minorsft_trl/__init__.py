@@ -8,10 +8,14 @@ import importlib
 import logging
 import warnings
 
-# On CPUs with AVX512-BF16, importing bitsandbytes (PEFT does, for any run) warns that an optional faster kernel could
-# not be fetched from the Hugging Face Hub. It concerns no run of this library (4-bit training takes another path,
-# see `reference.quantized_layers_in_train_mode`), so it is kept out of the user's log.
+# On CPUs with AVX512-BF16, importing bitsandbytes (PEFT does, for any run) asks the `kernels` package for an optional
+# faster kernel from the Hugging Face Hub, and both warn when it cannot be fetched (offline: "Skipping publisher trust
+# check ...", then "Failed to load CPU gemm_4bit_forward ..."). It concerns no run of this library (4-bit training
+# takes another path, see `reference.quantized_layers_in_train_mode`), so both are kept out of the user's log.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: not record.getMessage().startswith("Skipping publisher trust check for 'kernels-community/")
+)
 # PEFT and TRL read transformers' renamed `is_gradient_checkpointing` in every run; nothing for the user to change
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 

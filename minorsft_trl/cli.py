@@ -13,6 +13,7 @@ options that are not recipe keys (`--num_processes 2`, `--cpu`, `--mixed_precisi
 """
 
 import argparse
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -29,8 +30,8 @@ EXAMPLES = """examples:
   minorsft-trl recipes copy SmolLM2-135M-Instruct/minor_sft/config_lora my_recipe.yaml
   minorsft-trl train --config my_recipe.yaml --learning_rate 1e-4
   minorsft-trl train --config Qwen2-7B-Instruct/minor_sft/config_qlora --accelerate_config ddp --num_processes 8
-  minorsft-trl train -h    # every recipe key
-  minorsft-trl compare --config my_recipe.yaml --methods sft minor_sft --learning_rates 2.5e-4 1e-3 --seeds 0 1 2 \
+  minorsft-trl train -h    # the keys most runs set (train -h all: every recipe key)
+  minorsft-trl compare --config my_recipe.yaml --methods sft minor_sft --learning_rates 2.5e-4 1e-3 --seeds 0 1 2 \\
       --output_dir compare_out"""
 
 
@@ -50,6 +51,10 @@ class TrainCommand(Command):
         from minorsft_trl.scripts import minor_sft
 
         parser = minor_sft.make_parser(prog=f"{PROG} {self.name}")
+        argv = context.argv_after(self.name)
+        if {"-h", "--help"} & set(argv):
+            print(train_help(parser, every_key="all" in argv))
+            return 0
         try:
             all_args = packaged.resolve_config_argument(context.argv_after(self.name))
             if "--config" in all_args[:-1]:
@@ -80,6 +85,56 @@ class TrainCommand(Command):
         except subprocess.CalledProcessError as error:  # the training process failed and printed why
             return error.returncode
         return 0
+
+
+# What `train -h` leads with: the keys most runs set, by what they are about (`train -h all`: every key)
+COMMON_KEYS = {
+    "Model and data": ["model_name_or_path", "dataset_name", "output_dir", "max_length"],
+    "Method": ["loss_type", "beta", "kl_coef", "max_forward_kl"],
+    "Optimisation": [
+        "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"
+    ],
+    "Adapters": ["use_peft", "lora_r", "lora_target_modules", "load_in_4bit"],
+    "Evaluation and saving": ["eval_strategy", "eval_steps", "save_strategy", "resume_from_checkpoint"],
+}  # fmt: skip
+# The dataclasses of the training parser, by what their keys set (`train -h all`)
+KEY_GROUPS = {
+    "MinorSFTScriptArguments": "Data (the script's arguments)",
+    "MinorSFTConfig": "Training (MinorSFTConfig: Minor SFT's, TRL's SFTConfig's and transformers' TrainingArguments')",
+    "ModelConfig": "Model, quantization and adapters (TRL's ModelConfig)",
+    "DatasetMixtureConfig": "A mixture of datasets (TRL's DatasetMixtureConfig)",
+}
+
+
+def train_help(parser, every_key: bool) -> str:
+    """`train -h`: the usage and the keys most runs set, each with its help; with `every_key`, every key of the
+    training parser, grouped by the dataclass that holds it."""
+    actions = {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
+    groups = COMMON_KEYS
+    if every_key:
+        groups = {
+            KEY_GROUPS[dataclass.__name__]: [key.name for key in dataclasses.fields(dataclass) if key.init]
+            for dataclass in parser.dataclass_types
+        }
+    formatter = parser._get_formatter()
+    formatter.add_usage(
+        f"{PROG} train --config <recipe.yaml or recipe name> [--accelerate_config <name or path>] [--key value ...]",
+        None,
+        [],
+        prefix="usage: ",
+    )
+    formatter.add_text(
+        "Trains from a recipe: every key of the recipe (YAML) can be given on the command line as --key value, which "
+        "wins over the recipe's. Options that are no recipe key go to `accelerate launch` (--num_processes 2, "
+        "--mixed_precision bf16)."
+    )
+    for title, names in groups.items():
+        formatter.start_section(title)
+        formatter.add_arguments([actions[name] for name in names if name in actions])
+        formatter.end_section()
+    if not every_key:
+        formatter.add_text(f"Every key ({len(actions)} in all), grouped: {PROG} train -h all")
+    return formatter.format_help().rstrip()
 
 
 def resolve_accelerate_config(launch_args: list[str]) -> list[str]:

@@ -189,6 +189,13 @@ class MinorSFTConfig(SFTConfig):
     )
     drift_num_texts: int = field(default=32, metadata={"help": "Number of texts of `drift_text_dataset` to score."})
     drift_seed: int = field(default=0, metadata={"help": "Seed of the reference's samples for `eval_forward_kl`."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume training: `true` (or `latest`) takes the last complete checkpoint in `output_dir`; or "
+            "give the path of a checkpoint folder (`output_dir/checkpoint-<step>`)."
+        },
+    )
     max_forward_kl: float | None = field(
         default=None,
         metadata={

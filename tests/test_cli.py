@@ -204,3 +204,31 @@ def test_bad_arguments_are_refused_before_anything_is_launched(
     assert cli.main([arg.format(typo=typo, tab=tab, model=tiny_model_dir) for arg in argv]) == 2
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1, error
+
+
+def test_train_help_leads_with_the_keys_most_runs_set_and_lists_every_key_on_asking(capsys):
+    assert cli.main(["train", "-h"]) == 0
+    short = capsys.readouterr().out
+    assert short.startswith("usage: minorsft-trl train --config") and len(short.splitlines()) < 120
+    for key in ("--model_name_or_path", "--loss_type", "--learning_rate", "--lora_r", "--resume_from_checkpoint"):
+        assert key in short
+    assert "`true` (or `latest`) takes the last complete checkpoint" in " ".join(short.split())
+    assert "--adam_beta1" not in short and "minorsft-trl train -h all" in short
+    assert cli.main(["train", "-h", "all"]) == 0
+    every = capsys.readouterr().out
+    assert "--adam_beta1" in every and "Model, quantization and adapters (TRL's ModelConfig):" in every
+
+
+def test_the_help_example_of_compare_continues_on_its_next_line(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "--seeds 0 1 2 \\\n      --output_dir compare_out" in capsys.readouterr().out
+
+
+def test_no_notice_of_an_optional_hub_kernel_on_import():
+    """On CPUs with AVX512-BF16 (elsewhere nothing is asked), bitsandbytes asks the Hub for a faster kernel at import
+    and, offline, two loggers say it could not: neither reaches the user."""
+    code = "import minorsft_trl, peft, bitsandbytes"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "kernels-community" not in run.stderr + run.stdout
