@@ -57,6 +57,14 @@ class MinorSFTScriptArguments(ScriptArguments):
         default=500,
         metadata={"help": "For a `bigbench:` dataset, the number of examples held out as the test split."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an `output_dir` that holds a run (its model, state or checkpoints), replacing what "
+            "the new run writes. The command line refuses such a folder otherwise (`resume_from_checkpoint: true` "
+            "continues it instead)."
+        },
+    )
     test_split_seed: int = field(
         default=0,
         metadata={

@@ -36,6 +36,25 @@ def check_output_dir(output_dir: Path) -> None:
         ) from error
 
 
+# What a run leaves in its output directory (the model as saved, its state, its checkpoints)
+RUN_FILES = ("trainer_state.json", "adapter_config.json", "config.json", "training_args.bin")
+
+
+def check_no_run_overwritten(output_dir: Path, resume_from_checkpoint, overwrite_output_dir: bool) -> None:
+    """Refuse, on the command line, to train into an `output_dir` that holds a run (its model, state or
+    checkpoints), unless the run is resumed or `overwrite_output_dir` says to train over it: re-running a command by
+    accident would replace its adapter, checkpoints and model card and add a second run to its logs."""
+    if resume_from_checkpoint or overwrite_output_dir or not output_dir.is_dir():
+        return
+    found = sorted(path.name for path in output_dir.iterdir() if path.name in RUN_FILES)
+    found += sorted((path.name for path in output_dir.glob("checkpoint-*") if path.is_dir()), key=len)[:2]
+    if found:
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} holds a run ({', '.join(found)}): pass --resume_from_checkpoint true to "
+            "continue it, --overwrite_output_dir true to train over it, or another --output_dir."
+        )
+
+
 def unwritable(directory: Path) -> str | None:
     """Why `directory` cannot be created or written to, or `None` if it can."""
     try:

@@ -232,3 +232,25 @@ def test_no_notice_of_an_optional_hub_kernel_on_import():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "kernels-community" not in run.stderr + run.stdout
+
+
+def test_train_refuses_an_output_dir_that_holds_a_run_unless_resumed_or_overwritten(tmp_path, capsys, monkeypatch):
+    import accelerate.commands.launch
+
+    launched = []
+    monkeypatch.setattr(accelerate.commands.launch, "launch_command", lambda args: launched.append(args))
+    out = tmp_path / "out"
+    (out / "checkpoint-50").mkdir(parents=True)
+    (out / "trainer_state.json").write_text("{}")
+    argv = ["train", "--config", RECIPE, "--output_dir", str(out)]
+    assert cli.main(argv) == 2 and not launched
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert (
+        f"output_dir={str(out)!r} holds a run (trainer_state.json, checkpoint-50): pass --resume_from_checkpoint "
+        "true to continue it, --overwrite_output_dir true to train over it, or another --output_dir." in error
+    )
+    assert cli.main([*argv, "--resume_from_checkpoint", "true"]) == 0
+    assert cli.main([*argv, "--overwrite_output_dir", "true"]) == 0
+    assert cli.main(["train", "--config", RECIPE, "--output_dir", str(tmp_path / "fresh")]) == 0
+    assert len(launched) == 3

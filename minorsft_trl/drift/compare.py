@@ -248,6 +248,7 @@ def run_overrides(run: Run, grid: Grid, base_args, output_dir: Path, learning_ra
         "--loss_type", method.loss_type, "--learning_rate", repr(learning_rate),
         "--seed", str(run.seed), "--data_seed", str(run.seed),
         "--output_dir", str(output_dir / "runs" / run.name), "--save_strategy", "no", "--report_to", "none",
+        "--overwrite_output_dir", "true",  # the comparison's own run folder: a run not served from the cache redoes it
     ]  # fmt: skip
     if base_args.eval_strategy == "no":
         # The script loads the held-out split only when evaluation is on; measure once, after training, not during

@@ -43,6 +43,7 @@ from minorsft_trl.plotting import plot_training_curves
 from minorsft_trl.validation import (
     check_lora_targets_before_loading,
     check_model_path,
+    check_no_run_overwritten,
     check_output_dir,
     check_recipe_keys,
 )
@@ -115,12 +116,15 @@ def check_before_loading(
 ) -> None:
     """What the arguments alone can tell is wrong, checked before anything loads (and by `minorsft-trl train` before
     it launches any process): local model, reference and data paths that do not exist, LoRA target modules the
-    model does not have, an output directory that cannot be written."""
+    model does not have, an output directory that cannot be written or that holds a run the command would replace."""
     check_model_path("model_name_or_path", model_args.model_name_or_path)
     check_model_path("ref_model_name_or_path", training_args.ref_model_name_or_path)
     check_lora_targets_before_loading(model_args.model_name_or_path, model_args)
     check_data_paths(script_args, dataset_args)
     check_output_dir(Path(training_args.output_dir))
+    check_no_run_overwritten(
+        Path(training_args.output_dir), training_args.resume_from_checkpoint, script_args.overwrite_output_dir
+    )
 
 
 _SIMPLE_TYPES = (bool, int, float, str)
