@@ -14,6 +14,8 @@ options that are not recipe keys (`--num_processes 2`, `--cpu`, `--mixed_precisi
 
 import argparse
 import dataclasses
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -80,6 +82,7 @@ class TrainCommand(Command):
                 "`accelerate launch` option)",
             )
         accelerate_args.training_script_args = _subtract_subsequence(all_args, cli_remaining)
+        os.environ[minor_sft.COMMAND_ENV] = shlex.join([PROG, self.name, *context.argv_after(self.name)])
         try:
             launch_command(accelerate_args)
         except subprocess.CalledProcessError as error:  # the training process failed and printed why

@@ -180,3 +180,24 @@ def test_run_killed_during_the_precompute_leaves_no_trusted_cache(
     main(*parse_args(["--config", str(recipe), "--output_dir", str(tmp_path / "again")]))
     assert count_reference_passes == ["train"]
     assert len([entry for entry in ref_cache.iterdir() if not entry.name.endswith((".partial", ".lock"))]) == 1
+
+
+def test_ctrl_c_says_where_the_last_complete_checkpoint_is_and_the_command_that_resumes_it(tmp_path, tiny_model_dir):
+    """SIGINT, as Ctrl-C sends it, to a run that has saved checkpoints: exit code 130 and two lines on stderr."""
+    recipe = write_recipe(tmp_path, tiny_model_dir, max_steps=500, save_strategy="steps", save_steps=1)
+    output_dir = tmp_path / "out"
+    process = subprocess.Popen(
+        command(recipe), env=environment(tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while last_complete_checkpoint(str(output_dir)) is None:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-3000:]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    last = process.stderr.read().strip().splitlines()[-2:]
+    assert last[0].startswith("Interrupted at step ") and "The last complete checkpoint is " in last[0], last
+    checkpoint = last[0].split("The last complete checkpoint is ")[1].split(";")[0]
+    assert is_complete(checkpoint) and Path(checkpoint).parent == output_dir
+    assert last[1] == f"  python -m minorsft_trl.scripts.minor_sft --config {recipe} --resume_from_checkpoint true"

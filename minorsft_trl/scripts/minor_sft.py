@@ -24,6 +24,7 @@ import minorsft_trl  # noqa: F401  (first: its logging settings must precede the
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 import types
 import typing
@@ -36,6 +37,7 @@ from transformers import AutoTokenizer
 from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
+from minorsft_trl.checkpoints import last_complete_checkpoint
 from minorsft_trl.data import MinorSFTScriptArguments, check_data_paths, load_datasets
 from minorsft_trl.embedded import resolve_model
 from minorsft_trl.packaged import resolve_config_argument, resolve_recipe_file
@@ -87,7 +89,12 @@ def main(
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except KeyboardInterrupt:
+        if trainer.accelerator.is_main_process:
+            print(interrupted(training_args.output_dir, trainer.state.global_step), file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
@@ -106,6 +113,23 @@ def main(
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     trainer.end()
     return trainer
+
+
+# The command line the user typed, when `minorsft-trl train` launched this script (the resume hint repeats it)
+COMMAND_ENV = "MINORSFT_TRL_COMMAND"
+
+
+def interrupted(output_dir: str, step: int) -> str:
+    """What an interrupted run (Ctrl-C) says: where its last complete checkpoint is and the command that resumes it."""
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is None:
+        return f"Interrupted at step {step}, before any checkpoint was complete: there is nothing to resume."
+    this_script = ["python", "-m", "minorsft_trl.scripts.minor_sft", *sys.argv[1:]]
+    command = os.environ.get(COMMAND_ENV) or shlex.join(this_script)
+    return (
+        f"Interrupted at step {step}. The last complete checkpoint is {checkpoint}; resume it with:\n"
+        f"  {command} --resume_from_checkpoint true"
+    )
 
 
 def check_before_loading(
