@@ -7,9 +7,9 @@ Its code is `minorsft_trl.scripts.minor_sft`, installed with the package and run
 takes a packaged recipe's name); this file re-exports what `bigbench_demo.py` and the tests import from it.
 """
 
-from minorsft_trl.scripts.minor_sft import check_types, main, make_parser, parse_args
+from minorsft_trl.scripts.minor_sft import check_types, main, make_parser, parse_args, run
 
 __all__ = ["check_types", "main", "make_parser", "parse_args"]
 
 if __name__ == "__main__":
-    main(*parse_args())
+    raise SystemExit(run())

@@ -40,6 +40,7 @@ from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
 from minorsft_trl.checkpoints import last_complete_checkpoint
 from minorsft_trl.data import MinorSFTScriptArguments, check_data_paths, load_datasets
 from minorsft_trl.embedded import resolve_model
+from minorsft_trl.errors import InputError, run_command
 from minorsft_trl.packaged import resolve_config_argument, resolve_recipe_file
 from minorsft_trl.plotting import plot_training_curves
 from minorsft_trl.validation import (
@@ -185,7 +186,10 @@ def parse_args(args: list[str] | None = None):
     args = resolve_config_argument(sys.argv[1:] if args is None else args)
     if "--config" in args:
         check_recipe_keys(args[args.index("--config") + 1])
-    configs = make_parser().parse_args_and_config(args)
+    try:
+        configs = make_parser().parse_args_and_config(args)
+    except ValueError as error:  # a configuration's own checks (TRL's, transformers') of the values given
+        raise InputError(str(error)) from error
     check_types(*configs)
     drop_caps_of_other_data(args, configs[0])
     return configs
@@ -221,5 +225,12 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     return TrlParser(dataclass_types, prog=prog)
 
 
+def run() -> int:
+    """The script from the command line: `main` on the parsed arguments, an input error in one sentence
+    (`minorsft_trl.errors`)."""
+    prog = "minorsft-trl train" if os.environ.get(COMMAND_ENV) else "minor_sft"
+    return run_command(prog, lambda: main(*parse_args()))
+
+
 if __name__ == "__main__":
-    main(*parse_args())
+    raise SystemExit(run())
