@@ -3,10 +3,11 @@ a comparison end to end on a local `.jsonl` with a tiny model, resumed from its 
 
 import json
 import math
+import shutil
 
 import pytest
 import yaml
-from tiny import prompt_completion_dataset, write_recipe
+from tiny import CHATML_TEMPLATE, prompt_completion_dataset, write_recipe
 
 from minorsft_trl import cli
 from minorsft_trl.drift import compare, report, stats
@@ -344,3 +345,76 @@ def test_a_run_whose_recipe_evaluates_at_its_last_step_is_not_evaluated_again(re
     result = compare.run_and_measure(compare.parse_recipe(str(recipe), overrides), None, None)
     assert len(evaluations) == 1  # the training loop's, at step 2
     assert result["eval_metrics"]["step"] == 2 and result["answer_nll"] == result["eval_metrics"]["eval_answer_nll"]
+
+
+# ------------------------------------------------------------------ the run cache's key
+
+
+@pytest.fixture
+def own_files(tmp_path, tiny_model_dir):
+    """A copy of the tiny model's folder, a chat template file and a data file, each the recipe's own to edit."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    template = tmp_path / "template.jinja"
+    template.write_text(CHATML_TEMPLATE)
+    data = tmp_path / "mixture.jsonl"
+    prompt_completion_dataset().to_json(data)
+    return model_dir, template, data
+
+
+def key_of(recipe, *overrides) -> dict:
+    return compare.recipe_key(compare.parse_recipe(str(recipe), list(overrides)))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "the model's chat_template.jinja",
+        "a tokenizer file that is not JSON (merges.txt)",
+        "the chat_template_path file",
+        "a data file of the mixture (path: json, data_files)",
+    ],
+)
+def test_every_file_a_run_reads_is_in_its_cache_key_by_content(edit, own_files, tmp_path):
+    model_dir, template, data = own_files
+    mixture = [{"path": "json", "data_files": str(data)}]
+    recipe = write_recipe(tmp_path, str(model_dir), chat_template_path=str(template), datasets=mixture)
+    before = key_of(recipe)
+    if edit.startswith("the model's"):
+        (model_dir / "chat_template.jinja").write_text(CHATML_TEMPLATE.replace("<|im_start|>", "<|im_start|> "))
+    elif edit.startswith("a tokenizer file"):
+        (model_dir / "merges.txt").write_text("#version: 0.2\n")
+    elif edit.startswith("the chat_template_path"):
+        template.write_text(CHATML_TEMPLATE + "{{ eos_token }}")
+    else:
+        data.write_text(data.read_text().replace("Paris", "Lyon"))
+    assert key_of(recipe) != before, f"{edit} edited, and the run would be read from the cache"
+
+
+def test_a_moved_file_or_a_hidden_one_keeps_the_cache_key(own_files, tmp_path):
+    model_dir, template, _ = own_files
+    recipe = write_recipe(tmp_path, str(model_dir), chat_template_path=str(template))
+    before = key_of(recipe)
+    (model_dir / ".git").mkdir()
+    (model_dir / ".git" / "index").write_bytes(b"git's own bookkeeping")
+    moved = tmp_path / "elsewhere" / "template.jinja"
+    moved.parent.mkdir()
+    shutil.move(template, moved)
+    assert key_of(recipe, "--chat_template_path", str(moved)) == before
+
+
+def test_an_edited_chat_template_trains_the_runs_again(own_files, tmp_path, monkeypatch, capsys):
+    model_dir, template, _ = own_files
+    data = tmp_path / "data.jsonl"
+    prompt_completion_dataset().to_json(data)
+    recipe = write_recipe(
+        tmp_path, str(model_dir), dataset_name=str(data), test_split_size=2, chat_template_path=str(template)
+    )
+    monkeypatch.setattr(compare, "run_and_measure", fake_measures)
+    argv = [*compare_argv(recipe, tmp_path / "out", tmp_path / "cache", "1e-3"), "--step_control", "off"]
+    assert cli.main(argv) == 0
+    template.write_text(CHATML_TEMPLATE.replace("<|im_end|>", "<|im_end|><|im_end|>"))
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count(": trained") == 4 and ": from the cache" not in out, out

@@ -11,13 +11,14 @@ SFT at Minor SFT's learning rate times the mean `minor_weight` of Minor SFT's ru
 the brake's re-weighting from its average scaling of the step.
 
 Every run is cached as it finishes, keyed by the run's resolved recipe, the method, learning rate and seed, and the
-content of local weights and data: an interrupted comparison resumes where it stopped. Runs are in process, one after
-the other, on one process (no `accelerate launch`).
+content of every local file it reads (model and data folders, the chat template): an interrupted comparison resumes
+where it stopped. Runs are in process, one after the other, on one process (no `accelerate launch`).
 """
 
 import argparse
 import dataclasses
 import gc
+import glob
 import hashlib
 import json
 import math
@@ -55,8 +56,11 @@ STEP_CONTROL = "step_control"
 LABELS = {**{name: method.label for name, method in METHODS.items()}, STEP_CONTROL: "SFT at Minor SFT's mean step"}
 # Set per run by the grid: a recipe override of these would be silently replaced
 GRID_KEYS = {"loss_type": "--methods", "learning_rate": "--learning_rates", "seed": "--seeds", "data_seed": "--seeds"}
-# Settings that name local files: keyed by the files' content
-PATH_FIELDS = {"model_name_or_path", "ref_model_name_or_path", "dataset_name", "drift_prompts", "drift_text_dataset"}
+# Settings that name local files or folders: keyed by their content
+PATH_FIELDS = {
+    "model_name_or_path", "ref_model_name_or_path", "chat_template_path", "dataset_name", "drift_prompts",
+    "drift_text_dataset", "deepspeed",
+}  # fmt: skip
 GRID_FILE_KEYS = ("methods", "learning_rates", "seeds", "step_control", "method_settings")
 # Where a run writes and how it reports: not part of what a run computes
 UNKEYED_FIELDS = {
@@ -301,8 +305,11 @@ def task_kind(dataset) -> str | None:
 
 
 def content_key(name: str | None) -> list[str] | str | None:
-    """The sha256 of a local file, or of the weight/data files of a local folder (else None: a Hub id or a
-    `bigbench:`/`embedded:` name, keyed by the name itself)."""
+    """The sha256 of a local file, or of every file of a local folder (`path:sha256`, sorted), else None (a Hub id or
+    a `bigbench:` name, keyed by the name itself). Every file counts, whatever its suffix: a chat template, a
+    tokenizer's `merges.txt` or a dataset card's `configs:` change what a run computes. Only hidden files and folders
+    are left out (`.git`, the `.cache` of a Hub download): no loader reads them, and git's objects change with
+    commits that change no file."""
     if not name:
         return None
     path = Path(name).expanduser()
@@ -310,17 +317,40 @@ def content_key(name: str | None) -> list[str] | str | None:
         return file_sha256(path)
     if not path.is_dir():
         return None
-    suffixes = {".safetensors", ".bin", ".pt", ".gguf", ".jsonl", ".json", ".csv", ".parquet", ".arrow", ".model"}
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes and ".cache" not in p.parts)
-    return [f"{p.relative_to(path)}:{file_sha256(p)}" for p in files]
+    files = sorted(
+        file
+        for file in path.rglob("*")
+        if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts)
+    )
+    return [f"{file.relative_to(path).as_posix()}:{file_sha256(file)}" for file in files]
+
+
+def local_path(field_name: str, value: str) -> str:
+    """Where a run reads what a setting names, resolved as the training script resolves it: an `embedded:` model's
+    converted folder, a `recipes/...` file of a packaged recipe."""
+    from minorsft_trl.embedded import resolve_model
+    from minorsft_trl.packaged import resolve_recipe_file
+
+    return resolve_recipe_file(value) if field_name == "chat_template_path" else resolve_model(value)
+
+
+def data_files_key(data_files: Any) -> Any:
+    """A mixture dataset's `data_files` (a path or glob pattern, a list or a dict of them, relative to the working
+    directory as `datasets` reads them with a builder such as `json`) with each local match replaced by the sha256 of
+    its content; a pattern that matches no local file (a Hub or remote one) is kept as it is."""
+    if isinstance(data_files, dict):
+        return {split: data_files_key(files) for split, files in data_files.items()}
+    if isinstance(data_files, list | tuple):
+        return [data_files_key(files) for files in data_files]
+    matches = sorted(Path(match) for match in glob.glob(str(Path(data_files).expanduser()), recursive=True))
+    files = [file for file in matches if file.is_file()]
+    return {"sha256": [file_sha256(file) for file in files]} if files else data_files
 
 
 def recipe_key(configs) -> dict:
     """What a run computes from: every value of the four dataclasses but where it writes and how it reports, with
-    local model and data paths replaced by the sha256 of their files (a moved file keeps its runs, an edited one
-    does not)."""
-    from minorsft_trl.embedded import resolve_model
-
+    the local files and folders the recipe names (model, reference, chat template, data) replaced by the sha256 of
+    their files (a moved file keeps its runs, an edited one does not)."""
     values = {}
     for name, config in zip(("script", "training", "model", "dataset"), configs, strict=True):
         if config is None:
@@ -329,13 +359,16 @@ def recipe_key(configs) -> dict:
         values[name] = {k: v for k, v in as_dict.items() if k not in UNKEYED_FIELDS}
         for key in PATH_FIELDS & set(values[name]):
             value = values[name][key]
-            content = content_key(resolve_model(value)) if isinstance(value, str) else None
+            content = content_key(local_path(key, value)) if isinstance(value, str) else None
             if content is not None:
                 values[name][key] = {"sha256": content}
-    for index, dataset in enumerate(values.get("dataset", {}).get("datasets") or []):
-        content = content_key(dataset.get("path"))
-        if content is not None:
-            values["dataset"]["datasets"][index]["path"] = {"sha256": content}
+    for dataset in values.get("dataset", {}).get("datasets") or []:
+        folder = content_key(dataset.get("path"))
+        if folder is not None:
+            dataset["path"] = {"sha256": folder}
+        # In a local folder they select files of the folder, keyed above; else they are the files themselves
+        elif dataset.get("data_files"):
+            dataset["data_files"] = data_files_key(dataset["data_files"])
     return json.loads(json.dumps(values, sort_keys=True, default=str))
 
 
