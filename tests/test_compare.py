@@ -418,3 +418,18 @@ def test_an_edited_chat_template_trains_the_runs_again(own_files, tmp_path, monk
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count(": trained") == 4 and ": from the cache" not in out, out
+
+
+def test_a_packaged_recipe_on_the_users_data_drops_its_caps_as_train_does(tmp_path, warnings_of_minorsft):
+    """The packaged SmolLM2 recipe caps its BIG-bench demo at 400 / 300 questions: on `--dataset_name` of the user's
+    own, every run trains and evaluates on all of it, as `minorsft-trl train` does, and the comparison says so once."""
+    own = tmp_path / "own.jsonl"
+    prompt_completion_dataset().to_json(own)
+    argv = ["--config", "SmolLM2-135M-Instruct/minor_sft/config_lora", "--dataset_name", str(own)]
+    comparison = compare.comparison_from_args([*argv, "--test_split_size", "2", "--seeds", "0", "--output_dir", "o"])
+    comparison.prepare()
+    run = compare.plan(comparison.grid)[0]
+    for script_args in (comparison.base[0], comparison.run_configs(run, run.learning_rate)[0]):
+        assert (script_args.max_train_examples, script_args.max_eval_examples) == (None, None)
+    said = [message for message in warnings_of_minorsft if "limits its own data" in message]
+    assert len(said) == 2 and "max_train_examples=400" in said[0] and "max_eval_examples=300" in said[1], said

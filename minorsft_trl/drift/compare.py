@@ -201,9 +201,11 @@ def plan(grid: Grid) -> list[Run]:
 # ------------------------------------------------------------------ the recipe
 
 
-def parse_recipe(config: str, overrides: list[str]):
+def parse_recipe(config: str, overrides: list[str], say_dropped_caps: bool = True):
     """The training script's four dataclasses for `--config <recipe> [--key value ...]`, parsed as strictly as
-    `minorsft-trl train` parses them (unknown keys, wrong types and bad values are a `CompareError`)."""
+    `minorsft-trl train` parses them (unknown keys, wrong types and bad values are a `CompareError`), and with the
+    recipe's example caps dropped as `train` drops them when the overrides name other data (`drop_caps_of_other_data`,
+    which says so unless `say_dropped_caps` is False: the comparison says it once, not once per run)."""
     from minorsft_trl.packaged import resolve_config_argument
     from minorsft_trl.scripts import minor_sft
     from minorsft_trl.validation import check_recipe_keys
@@ -230,6 +232,7 @@ def parse_recipe(config: str, overrides: list[str]):
                 "option nor a recipe key; `minorsft-trl train -h` lists the recipe keys)."
             )
         minor_sft.check_types(*configs)
+        minor_sft.drop_caps_of_other_data(args, configs[0], say=say_dropped_caps)
     except CompareError:
         raise
     except (ValueError, TypeError, OSError, yaml.YAMLError) as error:
@@ -516,7 +519,7 @@ class Comparison:
 
     def run_configs(self, run: Run, learning_rate: float):
         args = run_overrides(run, self.grid, self.base[1], self.output_dir, learning_rate)
-        return parse_recipe(self.config, [*self.overrides, *args])
+        return parse_recipe(self.config, [*self.overrides, *args], say_dropped_caps=False)
 
     def run(self, log=print) -> dict:
         if not hasattr(self, "base"):
@@ -627,7 +630,9 @@ def comparison_from_args(argv: list[str], prog: str = "minorsft-trl compare") ->
         step_control = step_control[0]
     learning_rates = pick("learning_rates", None)
     if learning_rates is None:
-        learning_rates = [parse_recipe(args.config, [a for a in overrides if a])[1].learning_rate]
+        learning_rates = [
+            parse_recipe(args.config, [a for a in overrides if a], say_dropped_caps=False)[1].learning_rate
+        ]
     seeds = pick("seeds", [0, 1, 2])
     try:
         seeds = [int(s) for s in seeds]
