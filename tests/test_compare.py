@@ -433,3 +433,85 @@ def test_a_packaged_recipe_on_the_users_data_drops_its_caps_as_train_does(tmp_pa
         assert (script_args.max_train_examples, script_args.max_eval_examples) == (None, None)
     said = [message for message in warnings_of_minorsft if "limits its own data" in message]
     assert len(said) == 2 and "max_train_examples=400" in said[0] and "max_eval_examples=300" in said[1], said
+
+
+# ------------------------------------------------------------------ one forward KL estimator per comparison
+
+
+def test_a_paired_difference_is_never_taken_across_forward_kl_estimators(tmp_path):
+    """Full fine-tuning SFT whose reference the precompute released (the sampled-token estimate) against SFT + KL (the
+    full-vocabulary KL): the two estimators differ on the samples every run shares, which no seed interval covers."""
+    grid = make_grid(("sft", "sft_kl"), (1e-3,), (0, 1, 2))
+    sft = synthetic_runs("sft", 1e-3, [2.0, 2.1, 2.2], [-0.043, -0.040, -0.046])
+    kl = synthetic_runs("sft_kl", 1e-3, [2.1, 2.2, 2.3], [0.182, 0.180, 0.184])
+    for run in sft:
+        run["forward_kl_source"] = "eval_forward_kl_sampled"
+    for run in kl:
+        run["forward_kl_source"] = "eval_forward_kl"
+    text = report.write_outputs({"runs": sft + kl}, grid, tmp_path)
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    paired = summary["paired"][0]
+    assert paired["forward_kl"]["n"] == 0 and paired["forward_kl_sampled"]["n"] == 0, paired
+    assert paired["answer_nll"]["n"] == 3  # the other measures are still paired
+    sft_row, kl_row = summary["configurations"]
+    assert (sft_row["forward_kl_sampled"]["mean"], kl_row["forward_kl"]["mean"]) == pytest.approx((-0.043, 0.182))
+    assert sft_row["forward_kl"]["n"] == 0 and kl_row["forward_kl_sampled"]["n"] == 0
+    assert "forward KL(ref ‖ θ), full vocabulary" in text and "forward KL(ref ‖ θ), sampled-token estimate" in text
+    assert "two estimators" in text and "for SFT lr 0.001, which kept no reference model" in text
+    assert summary["pareto_front"] == [] and "Pareto front: none" in text
+
+
+def test_the_table_says_which_forward_kl_estimator_it_shows(tmp_path):
+    grid = make_grid(("sft", "minor_sft"), (1e-3,), (0, 1), step_control=False)
+    runs = synthetic_runs("sft", 1e-3, [2.0, 2.1], [0.3, 0.4]) + synthetic_runs(
+        "minor_sft", 1e-3, [2.5, 2.4], [0.1, 0.2]
+    )
+    for run in runs:
+        run["forward_kl_source"] = "eval_forward_kl_sampled"
+    text = report.write_outputs({"runs": runs}, grid, tmp_path)
+    assert "sampled-token estimate" in text and "no run kept its reference model" in text
+    assert report.summarise(runs, grid)["paired"][0]["forward_kl_sampled"]["n"] == 2  # one estimator: paired
+    for run in runs:
+        run["forward_kl_source"] = "eval_forward_kl"
+    assert "Forward KL over the whole vocabulary (`eval_forward_kl`)" in report.write_outputs(
+        {"runs": runs}, grid, tmp_path
+    )
+
+
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full fine-tuning", "LoRA"])
+def test_every_run_keeps_its_reference_when_one_method_needs_its_distribution(use_peft, recipe):
+    """`sft_kl` keeps its reference model (it reads the distribution); in full fine-tuning the precompute ("auto")
+    would release the separate reference of SFT and Minor SFT, whose forward KL would be another estimator. Under
+    LoRA the policy with adapters disabled is every run's reference: the precompute stays where it can serve."""
+    grid = make_grid(("sft", "minor_sft", "sft_kl"), (1e-3,), (0,), step_control=False)
+    comparison = compare.Comparison(
+        str(recipe),
+        ["--use_peft", str(use_peft).lower(), "--precompute_ref_log_probs", "auto"],
+        grid,
+        recipe.parent / "o",
+    )
+    comparison.prepare()
+    precompute = {
+        run.method: comparison.run_configs(run, 1e-3)[1].precompute_ref_log_probs for run in compare.plan(grid)
+    }
+    assert precompute == (
+        {"sft": "auto", "minor_sft": "auto", "sft_kl": False} if use_peft else dict.fromkeys(precompute, False)
+    )
+    assert compare.keep_every_reference(grid, comparison.base) is not use_peft
+
+
+def test_full_fine_tuning_sft_and_sft_kl_measure_with_the_same_estimator(recipe, tmp_path, monkeypatch, capsys):
+    """End to end on the tiny model: every run of the comparison reports the full-vocabulary forward KL, and the
+    comparison says why every run keeps its reference."""
+    monkeypatch.setenv("MINORSFT_TRL_CACHE", str(tmp_path / "user_cache"))
+    argv = [
+        "compare", "--config", str(recipe), "--use_peft", "false", "--precompute_ref_log_probs", "auto",
+        "--methods", "sft", "sft_kl", "--seeds", "0", "--learning_rates", "1e-2", "--max_steps", "1",
+        "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "sft_kl read the reference's distribution, so their runs keep" in capsys.readouterr().out
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert {run["method"]: run["forward_kl_source"] for run in runs} == dict.fromkeys(
+        ("sft", "sft_kl"), "eval_forward_kl"
+    )
