@@ -305,9 +305,13 @@ class MinorSFTConfig(SFTConfig):
                     f"max_forward_kl={self.max_forward_kl} is checked at evaluations, but eval_strategy='no'. Set "
                     "eval_strategy='steps' with eval_steps (and an eval dataset or test_split_size)."
                 )
-            if save_strategy != "no" and (
-                save_strategy != eval_strategy or (eval_strategy == "steps" and self.save_steps % self.eval_steps != 0)
-            ):
+            if save_strategy == "no":
+                raise ValueError(
+                    f"max_forward_kl={self.max_forward_kl} keeps the last checkpoint within budget, but "
+                    f"save_strategy='no' saves none. Set save_strategy={eval_strategy!r}, as eval_strategy"
+                    + (", with save_steps a multiple of eval_steps." if eval_strategy == "steps" else ".")
+                )
+            if save_strategy != eval_strategy or (eval_strategy == "steps" and self.save_steps % self.eval_steps != 0):
                 raise ValueError(
                     f"max_forward_kl keeps the last checkpoint within budget, so checkpoints must be saved at "
                     f"evaluations: save_strategy={self.save_strategy!r}, save_steps={self.save_steps} against "

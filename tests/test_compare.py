@@ -205,6 +205,10 @@ def no_training(monkeypatch):
         (["--beta", "-1"], "the recipe does not parse: beta must be a finite number > 0, got -1.0"),
         (["--learning_rate", "1e-3"], "--learning_rate is set per run by the grid: use --learning_rates"),
         (["--step_control", "5e-3"], "step_control at learning rate 0.005, where minor_sft does not run"),
+        (
+            ["--max_forward_kl", "0.5", "--eval_strategy", "steps", "--save_strategy", "steps"],
+            "the recipe sets max_forward_kl=0.5, but the comparison trains every run to its end",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_any_training(extra, message, recipe, tmp_path, capsys, no_training):

@@ -246,6 +246,7 @@ def test_the_budget_stops_at_the_first_evaluation_over_it_and_keeps_the_last_che
         (dict(max_forward_kl=0.5, eval_strategy="no"), "eval_strategy='no'"),
         (dict(max_forward_kl=0.5, eval_drift=False), "eval_drift=False"),
         (dict(max_forward_kl=0.5, save_strategy="steps", save_steps=3), "save_steps a multiple of eval_steps"),
+        (dict(max_forward_kl=0.5, save_strategy="no"), "but save_strategy='no'"),
         (dict(drift_num_prompts=0), "drift_num_prompts must be an integer >= 1, got 0"),
     ],
 )

@@ -296,12 +296,18 @@ def keep_every_reference(grid: Grid, base) -> bool:
 
 
 def check_recipe(configs) -> None:
-    """Refuse a recipe the comparison cannot measure: no held-out split, drift measures turned off."""
+    """Refuse a recipe the comparison cannot measure as it is: drift measures turned off, a drift budget (its runs
+    save no checkpoint to keep one within it), a streamed dataset."""
     script_args, training_args, _, dataset_args = configs
     if getattr(training_args, "eval_drift", True) is False:
         raise CompareError(
             "the recipe sets eval_drift: false, but the comparison measures drift on every run: "
             "remove it, or pass --eval_drift true."
+        )
+    if training_args.max_forward_kl is not None:
+        raise CompareError(
+            f"the recipe sets max_forward_kl={training_args.max_forward_kl:g}, but the comparison trains every run to "
+            "its end without checkpoints and measures it there: remove max_forward_kl from the recipe."
         )
     if script_args.dataset_streaming or (dataset_args is not None and dataset_args.streaming):
         raise CompareError("the comparison evaluates on a held-out split it reads whole: turn dataset streaming off.")
