@@ -98,8 +98,11 @@ class MinorSFTConfig(SFTConfig):
         drift_seed (`int`, *optional*, defaults to `0`):
             Seed of the reference's samples (apart from `seed`: runs with other seeds are measured on the same text).
         max_forward_kl (`float`, *optional*):
-            A drift budget: training stops at the first evaluation whose forward KL exceeds it, and the model of the
-            last checkpoint within budget is the result (save at evaluation steps, as for `load_best_model_at_end`).
+            A drift budget: training stops at the first evaluation whose forward KL exceeds it, and the last checkpoint
+            within budget is the result (save at evaluation steps, as for `load_best_model_at_end`): the model the run
+            starts from, measured before the first step and saved as `checkpoint-0` (a run that starts over budget
+            stops there with an error), or one saved after an evaluation within budget. See
+            `minorsft_trl.drift.budget`.
 
     Unlike `SFTConfig`, an unset `bf16` stays off on a machine without a bf16 accelerator (where TRL's default fails
     unless `use_cpu=True`).
@@ -193,7 +196,7 @@ class MinorSFTConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Drift budget: stop at the first evaluation whose forward KL exceeds it and keep the last "
-            "checkpoint within budget. Must be > 0."
+            "checkpoint within budget (the starting model, saved as checkpoint-0, at the least). Must be > 0."
         },
     )
 
