@@ -98,8 +98,11 @@ class MinorSFTConfig(SFTConfig):
         drift_seed (`int`, *optional*, defaults to `0`):
             Seed of the reference's samples (apart from `seed`: runs with other seeds are measured on the same text).
         max_forward_kl (`float`, *optional*):
-            A drift budget: training stops at the first evaluation whose forward KL exceeds it, and the model of the
-            last checkpoint within budget is the result (save at evaluation steps, as for `load_best_model_at_end`).
+            A drift budget: training stops at the first evaluation whose forward KL exceeds it, and the last checkpoint
+            within budget is the result (save at evaluation steps, as for `load_best_model_at_end`): the model the run
+            starts from, measured before the first step and saved as `checkpoint-0` (a run that starts over budget
+            stops there with an error), or one saved after an evaluation within budget. See
+            `minorsft_trl.drift.budget`.
 
     Unlike `SFTConfig`, an unset `bf16` stays off on a machine without a bf16 accelerator (where TRL's default fails
     unless `use_cpu=True`).
@@ -200,7 +203,7 @@ class MinorSFTConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Drift budget: stop at the first evaluation whose forward KL exceeds it and keep the last "
-            "checkpoint within budget. Must be > 0."
+            "checkpoint within budget (the starting model, saved as checkpoint-0, at the least). Must be > 0."
         },
     )
 
@@ -312,9 +315,13 @@ class MinorSFTConfig(SFTConfig):
                     f"max_forward_kl={self.max_forward_kl} is checked at evaluations, but eval_strategy='no'. Set "
                     "eval_strategy='steps' with eval_steps (and an eval dataset or test_split_size)."
                 )
-            if save_strategy != "no" and (
-                save_strategy != eval_strategy or (eval_strategy == "steps" and self.save_steps % self.eval_steps != 0)
-            ):
+            if save_strategy == "no":
+                raise ValueError(
+                    f"max_forward_kl={self.max_forward_kl} keeps the last checkpoint within budget, but "
+                    f"save_strategy='no' saves none. Set save_strategy={eval_strategy!r}, as eval_strategy"
+                    + (", with save_steps a multiple of eval_steps." if eval_strategy == "steps" else ".")
+                )
+            if save_strategy != eval_strategy or (eval_strategy == "steps" and self.save_steps % self.eval_steps != 0):
                 raise ValueError(
                     f"max_forward_kl keeps the last checkpoint within budget, so checkpoints must be saved at "
                     f"evaluations: save_strategy={self.save_strategy!r}, save_steps={self.save_steps} against "

@@ -306,7 +306,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                     self._attach_precomputed_reference(reference_identity)
             self._drift_budget = None
             if args.max_forward_kl is not None:
-                self._drift_budget = DriftBudgetCallback(args.max_forward_kl)
+                self._drift_budget = DriftBudgetCallback(self, args.max_forward_kl)
                 self.add_callback(self._drift_budget)
 
     # ------------------------------------------------------------------ reference
@@ -843,18 +843,34 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             )
         if isinstance(resume_from_checkpoint, str):
             check_run_identity(resume_from_checkpoint, self._checkpoint_identity)
+        # The drift budget's first candidate result: the checkpoint resumed from (else the starting model it saves)
+        self._resumed_from_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-        budget = self._drift_budget
-        if budget is not None and budget.exceeded is not None and budget.within_budget_checkpoint is not None:
-            # `load_best_model_at_end`'s loader, on the last checkpoint within budget
-            best = self.state.best_model_checkpoint
-            self.state.best_model_checkpoint = budget.within_budget_checkpoint
-            try:
-                self._load_best_model()
-            finally:
-                self.state.best_model_checkpoint = best
-            logger.warning(f"Loaded {budget.within_budget_checkpoint}, the last checkpoint within the drift budget.")
+        if self._drift_budget is not None and self._drift_budget.exceeded is not None:
+            self._load_last_within_budget()
         return output
+
+    def _load_last_within_budget(self) -> None:
+        """`load_best_model_at_end`'s loader on the last checkpoint within the drift budget, recorded in the state as
+        that loader records the best model: `trainer_state.json` then names the step of the weights the trainer holds
+        (`best_global_step`), `global_step` the steps it trained."""
+        budget = self._drift_budget
+        checkpoint = budget.within_budget_checkpoint
+        if not os.path.isdir(checkpoint) or (has_manifest(checkpoint) and not is_complete(checkpoint)):
+            # Transformers' loader would only warn and keep the weights over budget
+            raise RuntimeError(
+                f"The drift budget was exceeded at step {budget.exceeded[0]}, and the last checkpoint within it, "
+                f"{checkpoint}, is missing or incomplete (removed since it was saved): the model in memory is over "
+                "budget and is not a result. Keep that checkpoint until training ends, and run again."
+            )
+        self.state.best_model_checkpoint = budget.within_budget_checkpoint
+        self.state.best_global_step = budget.within_budget_step
+        self._load_best_model()
+        start = " (the model the run started from)" if budget.within_budget_step == 0 else ""
+        logger.warning(
+            f"Loaded {budget.within_budget_checkpoint}{start}, the last checkpoint within the drift budget: the "
+            f"weights are those of step {budget.within_budget_step}."
+        )
 
     # ------------------------------------------------------------------ checks
 

@@ -3,10 +3,11 @@ a comparison end to end on a local `.jsonl` with a tiny model, resumed from its 
 
 import json
 import math
+import shutil
 
 import pytest
 import yaml
-from tiny import prompt_completion_dataset, write_recipe
+from tiny import CHATML_TEMPLATE, prompt_completion_dataset, write_recipe
 
 from minorsft_trl import cli
 from minorsft_trl.drift import compare, report, stats
@@ -204,6 +205,10 @@ def no_training(monkeypatch):
         (["--beta", "-1"], "the recipe does not parse: beta must be a finite number > 0, got -1.0"),
         (["--learning_rate", "1e-3"], "--learning_rate is set per run by the grid: use --learning_rates"),
         (["--step_control", "5e-3"], "step_control at learning rate 0.005, where minor_sft does not run"),
+        (
+            ["--max_forward_kl", "0.5", "--eval_strategy", "steps", "--save_strategy", "steps"],
+            "the recipe sets max_forward_kl=0.5, but the comparison trains every run to its end",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_any_training(extra, message, recipe, tmp_path, capsys, no_training):
@@ -344,3 +349,173 @@ def test_a_run_whose_recipe_evaluates_at_its_last_step_is_not_evaluated_again(re
     result = compare.run_and_measure(compare.parse_recipe(str(recipe), overrides), None, None)
     assert len(evaluations) == 1  # the training loop's, at step 2
     assert result["eval_metrics"]["step"] == 2 and result["answer_nll"] == result["eval_metrics"]["eval_answer_nll"]
+
+
+# ------------------------------------------------------------------ the run cache's key
+
+
+@pytest.fixture
+def own_files(tmp_path, tiny_model_dir):
+    """A copy of the tiny model's folder, a chat template file and a data file, each the recipe's own to edit."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    template = tmp_path / "template.jinja"
+    template.write_text(CHATML_TEMPLATE)
+    data = tmp_path / "mixture.jsonl"
+    prompt_completion_dataset().to_json(data)
+    return model_dir, template, data
+
+
+def key_of(recipe, *overrides) -> dict:
+    return compare.recipe_key(compare.parse_recipe(str(recipe), list(overrides)))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "the model's chat_template.jinja",
+        "a tokenizer file that is not JSON (merges.txt)",
+        "the chat_template_path file",
+        "a data file of the mixture (path: json, data_files)",
+    ],
+)
+def test_every_file_a_run_reads_is_in_its_cache_key_by_content(edit, own_files, tmp_path):
+    model_dir, template, data = own_files
+    mixture = [{"path": "json", "data_files": str(data)}]
+    recipe = write_recipe(tmp_path, str(model_dir), chat_template_path=str(template), datasets=mixture)
+    before = key_of(recipe)
+    if edit.startswith("the model's"):
+        (model_dir / "chat_template.jinja").write_text(CHATML_TEMPLATE.replace("<|im_start|>", "<|im_start|> "))
+    elif edit.startswith("a tokenizer file"):
+        (model_dir / "merges.txt").write_text("#version: 0.2\n")
+    elif edit.startswith("the chat_template_path"):
+        template.write_text(CHATML_TEMPLATE + "{{ eos_token }}")
+    else:
+        data.write_text(data.read_text().replace("Paris", "Lyon"))
+    assert key_of(recipe) != before, f"{edit} edited, and the run would be read from the cache"
+
+
+def test_a_moved_file_or_a_hidden_one_keeps_the_cache_key(own_files, tmp_path):
+    model_dir, template, _ = own_files
+    recipe = write_recipe(tmp_path, str(model_dir), chat_template_path=str(template))
+    before = key_of(recipe)
+    (model_dir / ".git").mkdir()
+    (model_dir / ".git" / "index").write_bytes(b"git's own bookkeeping")
+    moved = tmp_path / "elsewhere" / "template.jinja"
+    moved.parent.mkdir()
+    shutil.move(template, moved)
+    assert key_of(recipe, "--chat_template_path", str(moved)) == before
+
+
+def test_an_edited_chat_template_trains_the_runs_again(own_files, tmp_path, monkeypatch, capsys):
+    model_dir, template, _ = own_files
+    data = tmp_path / "data.jsonl"
+    prompt_completion_dataset().to_json(data)
+    recipe = write_recipe(
+        tmp_path, str(model_dir), dataset_name=str(data), test_split_size=2, chat_template_path=str(template)
+    )
+    monkeypatch.setattr(compare, "run_and_measure", fake_measures)
+    argv = [*compare_argv(recipe, tmp_path / "out", tmp_path / "cache", "1e-3"), "--step_control", "off"]
+    assert cli.main(argv) == 0
+    template.write_text(CHATML_TEMPLATE.replace("<|im_end|>", "<|im_end|><|im_end|>"))
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count(": trained") == 4 and ": from the cache" not in out, out
+
+
+def test_a_packaged_recipe_on_the_users_data_drops_its_caps_as_train_does(tmp_path, warnings_of_minorsft):
+    """The packaged SmolLM2 recipe caps its BIG-bench demo at 400 / 300 questions: on `--dataset_name` of the user's
+    own, every run trains and evaluates on all of it, as `minorsft-trl train` does, and the comparison says so once."""
+    own = tmp_path / "own.jsonl"
+    prompt_completion_dataset().to_json(own)
+    argv = ["--config", "SmolLM2-135M-Instruct/minor_sft/config_lora", "--dataset_name", str(own)]
+    comparison = compare.comparison_from_args([*argv, "--test_split_size", "2", "--seeds", "0", "--output_dir", "o"])
+    comparison.prepare()
+    run = compare.plan(comparison.grid)[0]
+    for script_args in (comparison.base[0], comparison.run_configs(run, run.learning_rate)[0]):
+        assert (script_args.max_train_examples, script_args.max_eval_examples) == (None, None)
+    said = [message for message in warnings_of_minorsft if "limits its own data" in message]
+    assert len(said) == 2 and "max_train_examples=400" in said[0] and "max_eval_examples=300" in said[1], said
+
+
+# ------------------------------------------------------------------ one forward KL estimator per comparison
+
+
+def test_a_paired_difference_is_never_taken_across_forward_kl_estimators(tmp_path):
+    """Full fine-tuning SFT whose reference the precompute released (the sampled-token estimate) against SFT + KL (the
+    full-vocabulary KL): the two estimators differ on the samples every run shares, which no seed interval covers."""
+    grid = make_grid(("sft", "sft_kl"), (1e-3,), (0, 1, 2))
+    sft = synthetic_runs("sft", 1e-3, [2.0, 2.1, 2.2], [-0.043, -0.040, -0.046])
+    kl = synthetic_runs("sft_kl", 1e-3, [2.1, 2.2, 2.3], [0.182, 0.180, 0.184])
+    for run in sft:
+        run["forward_kl_source"] = "eval_forward_kl_sampled"
+    for run in kl:
+        run["forward_kl_source"] = "eval_forward_kl"
+    text = report.write_outputs({"runs": sft + kl}, grid, tmp_path)
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    paired = summary["paired"][0]
+    assert paired["forward_kl"]["n"] == 0 and paired["forward_kl_sampled"]["n"] == 0, paired
+    assert paired["answer_nll"]["n"] == 3  # the other measures are still paired
+    sft_row, kl_row = summary["configurations"]
+    assert (sft_row["forward_kl_sampled"]["mean"], kl_row["forward_kl"]["mean"]) == pytest.approx((-0.043, 0.182))
+    assert sft_row["forward_kl"]["n"] == 0 and kl_row["forward_kl_sampled"]["n"] == 0
+    assert "forward KL(ref ‖ θ), full vocabulary" in text and "forward KL(ref ‖ θ), sampled-token estimate" in text
+    assert "two estimators" in text and "for SFT lr 0.001, which kept no reference model" in text
+    assert summary["pareto_front"] == [] and "Pareto front: none" in text
+
+
+def test_the_table_says_which_forward_kl_estimator_it_shows(tmp_path):
+    grid = make_grid(("sft", "minor_sft"), (1e-3,), (0, 1), step_control=False)
+    runs = synthetic_runs("sft", 1e-3, [2.0, 2.1], [0.3, 0.4]) + synthetic_runs(
+        "minor_sft", 1e-3, [2.5, 2.4], [0.1, 0.2]
+    )
+    for run in runs:
+        run["forward_kl_source"] = "eval_forward_kl_sampled"
+    text = report.write_outputs({"runs": runs}, grid, tmp_path)
+    assert "sampled-token estimate" in text and "no run kept its reference model" in text
+    assert report.summarise(runs, grid)["paired"][0]["forward_kl_sampled"]["n"] == 2  # one estimator: paired
+    for run in runs:
+        run["forward_kl_source"] = "eval_forward_kl"
+    assert "Forward KL over the whole vocabulary (`eval_forward_kl`)" in report.write_outputs(
+        {"runs": runs}, grid, tmp_path
+    )
+
+
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full fine-tuning", "LoRA"])
+def test_every_run_keeps_its_reference_when_one_method_needs_its_distribution(use_peft, recipe):
+    """`sft_kl` keeps its reference model (it reads the distribution); in full fine-tuning the precompute ("auto")
+    would release the separate reference of SFT and Minor SFT, whose forward KL would be another estimator. Under
+    LoRA the policy with adapters disabled is every run's reference: the precompute stays where it can serve."""
+    grid = make_grid(("sft", "minor_sft", "sft_kl"), (1e-3,), (0,), step_control=False)
+    comparison = compare.Comparison(
+        str(recipe),
+        ["--use_peft", str(use_peft).lower(), "--precompute_ref_log_probs", "auto"],
+        grid,
+        recipe.parent / "o",
+    )
+    comparison.prepare()
+    precompute = {
+        run.method: comparison.run_configs(run, 1e-3)[1].precompute_ref_log_probs for run in compare.plan(grid)
+    }
+    assert precompute == (
+        {"sft": "auto", "minor_sft": "auto", "sft_kl": False} if use_peft else dict.fromkeys(precompute, False)
+    )
+    assert compare.keep_every_reference(grid, comparison.base) is not use_peft
+
+
+def test_full_fine_tuning_sft_and_sft_kl_measure_with_the_same_estimator(recipe, tmp_path, monkeypatch, capsys):
+    """End to end on the tiny model: every run of the comparison reports the full-vocabulary forward KL, and the
+    comparison says why every run keeps its reference."""
+    monkeypatch.setenv("MINORSFT_TRL_CACHE", str(tmp_path / "user_cache"))
+    argv = [
+        "compare", "--config", str(recipe), "--use_peft", "false", "--precompute_ref_log_probs", "auto",
+        "--methods", "sft", "sft_kl", "--seeds", "0", "--learning_rates", "1e-2", "--max_steps", "1",
+        "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "sft_kl read the reference's distribution, so their runs keep" in capsys.readouterr().out
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert {run["method"]: run["forward_kl_source"] for run in runs} == dict.fromkeys(
+        ("sft", "sft_kl"), "eval_forward_kl"
+    )

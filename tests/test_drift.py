@@ -3,6 +3,7 @@ computations: a brute-force full-softmax KL, a plain-forward NLL, and runs that 
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from test_reference_integrity import pretrained_adapter
 from tiny import COMPLETIONS, PROMPTS, conversational_dataset, cpu_args, make_model, prompt_completion_dataset
+from transformers import TrainerCallback
 
 import minorsft_trl.drift.live as live_module
 from minorsft_trl import MinorSFTTrainer
@@ -239,6 +241,80 @@ def test_the_budget_stops_at_the_first_evaluation_over_it_and_keeps_the_last_che
     assert any("Drift budget exceeded at step 4" in w and "checkpoint-2" in w for w in warnings_of_minorsft)
 
 
+class StopAt(TrainerCallback):
+    """Ends training after `step` (its evaluation and checkpoint included), as an interruption would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+BUDGETED = dict(save_strategy="steps", save_steps=2)
+
+
+def test_a_resumed_run_keeps_the_checkpoint_within_budget_it_resumed_from(tmp_path, tokenizer):
+    free = make_trainer(tmp_path / "free", tokenizer, max_steps=6)
+    free.train()
+    kl = dict(drift_logs(free, "eval_forward_kl"))
+    budget = (kl[2] + kl[4]) / 2
+    interrupted = make_trainer(tmp_path / "budget", tokenizer, max_steps=6, max_forward_kl=budget, **BUDGETED)
+    interrupted.add_callback(StopAt(2))
+    interrupted.train()
+    checkpoint = tmp_path / "budget" / "out" / "checkpoint-2"
+    assert interrupted.state.global_step == 2 and checkpoint.is_dir()
+    resumed = make_trainer(tmp_path / "budget", tokenizer, max_steps=6, max_forward_kl=budget, **BUDGETED)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4 and resumed._drift_budget.exceeded[0] == 4
+    assert resumed._drift_metrics()["forward_kl"] == pytest.approx(kl[2], rel=1e-5)
+    resumed.save_state()
+    state = json.loads((tmp_path / "budget" / "out" / "trainer_state.json").read_text())
+    assert (state["best_global_step"], state["best_model_checkpoint"]) == (2, str(checkpoint))
+
+
+@pytest.mark.parametrize("peft_config", [LORA, None], ids=["LoRA", "full fine-tuning"])
+def test_a_first_evaluation_over_budget_gives_back_the_starting_model(tmp_path, tokenizer, peft_config):
+    """The model the run starts from is within budget (its forward KL is 0): it is kept as `checkpoint-0`, so the
+    result of a run whose first evaluation is already over budget is that model, not the one over budget."""
+    trainer = make_trainer(tmp_path, tokenizer, peft_config=peft_config, max_forward_kl=1e-9, **BUDGETED)
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer._drift_budget.exceeded[0] == 2
+    assert trainer._drift_metrics()["forward_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert (trainer.state.best_global_step, trainer.state.best_model_checkpoint) == (
+        0,
+        str(tmp_path / "out" / "checkpoint-0"),
+    )
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+class RemoveCheckpoint(TrainerCallback):
+    """Removes `checkpoint` after every step, as a user cleaning the output directory would."""
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+
+    def on_step_end(self, args, state, control, **kwargs):
+        shutil.rmtree(self.checkpoint, ignore_errors=True)
+
+
+def test_a_run_over_budget_whose_checkpoint_within_it_is_gone_stops_with_an_error(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, max_forward_kl=1e-9, **BUDGETED)
+    trainer.add_callback(RemoveCheckpoint(tmp_path / "out" / "checkpoint-0"))
+    with pytest.raises(RuntimeError, match="checkpoint-0, is missing or incomplete .* the model in memory is over"):
+        trainer.train()
+
+
+def test_a_starting_model_already_over_budget_stops_before_the_first_step(tmp_path, tokenizer):
+    trainer = make_trainer(
+        tmp_path, tokenizer, peft_config=None, ref_model=make_model(tokenizer, seed=1), max_forward_kl=1e-6, **BUDGETED
+    )
+    with pytest.raises(ValueError, match="the model it starts from is already over the drift budget"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not (tmp_path / "out" / "checkpoint-0").exists()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -247,6 +323,7 @@ def test_the_budget_stops_at_the_first_evaluation_over_it_and_keeps_the_last_che
         (dict(max_forward_kl=0.5, eval_strategy="no"), "eval_strategy='no'"),
         (dict(max_forward_kl=0.5, eval_drift=False), "eval_drift=False"),
         (dict(max_forward_kl=0.5, save_strategy="steps", save_steps=3), "save_steps a multiple of eval_steps"),
+        (dict(max_forward_kl=0.5, save_strategy="no"), "but save_strategy='no'"),
         (dict(drift_num_prompts=0), "drift_num_prompts must be an integer >= 1, got 0"),
     ],
 )
@@ -377,7 +454,7 @@ def test_the_curves_and_the_model_card_show_the_drift_and_the_budget(tmp_path, t
     trainer.create_model_card()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Drift from the reference" in card and "| 0 | 0 |" in card
-    assert "exceeded at step 2" in card and "none was saved" in card
+    assert "exceeded at step 2" in card and "the starting model (checkpoint-0, step 0)" in card
     logs = trainer.state.log_history
     with_drift = plot_training_curves(logs, tmp_path / "with.png", max_forward_kl=1e-9)
     without = plot_training_curves([log for log in logs if "eval_forward_kl" not in log], tmp_path / "without.png")

@@ -1,5 +1,7 @@
 """The drift a run reached, as a section of its model card."""
 
+import os
+
 from .budget import DriftBudgetCallback, measured_forward_kl
 
 MEASURES = {
@@ -35,9 +37,14 @@ def drift_section(log_history: list[dict], budget: DriftBudgetCallback | None = 
             lines.append(f"Drift budget `max_forward_kl={budget.max_forward_kl:g}`: never exceeded.")
         else:
             step, value = budget.exceeded
-            result = budget.within_budget_checkpoint or "none was saved; the model is the one over budget"
+            kept = f"{os.path.basename(budget.within_budget_checkpoint)}, step {budget.within_budget_step}"
+            result = (
+                f"the starting model ({kept})"
+                if budget.within_budget_step == 0
+                else f"the last checkpoint within budget ({kept})"
+            )
             lines.append(
                 f"Drift budget `max_forward_kl={budget.max_forward_kl:g}`: exceeded at step {step} ({value:.4g}); "
-                f"training stopped there, and these weights are those of the last checkpoint within budget ({result})."
+                f"training stopped there, and these weights are those of {result}."
             )
     return "\n".join(lines) + "\n"

@@ -10,14 +10,18 @@ accuracy when the held-out split is a task (`choices` + `answer`, or `targets`).
 SFT at Minor SFT's learning rate times the mean `minor_weight` of Minor SFT's runs at that learning rate: it separates
 the brake's re-weighting from its average scaling of the step.
 
+Every run of a comparison measures the forward KL with one estimator (`keep_every_reference`): the full-vocabulary
+one wherever a method needs the reference model kept.
+
 Every run is cached as it finishes, keyed by the run's resolved recipe, the method, learning rate and seed, and the
-content of local weights and data: an interrupted comparison resumes where it stopped. Runs are in process, one after
-the other, on one process (no `accelerate launch`).
+content of every local file it reads (model and data folders, the chat template): an interrupted comparison resumes
+where it stopped. Runs are in process, one after the other, on one process (no `accelerate launch`).
 """
 
 import argparse
 import dataclasses
 import gc
+import glob
 import hashlib
 import json
 import math
@@ -55,8 +59,11 @@ STEP_CONTROL = "step_control"
 LABELS = {**{name: method.label for name, method in METHODS.items()}, STEP_CONTROL: "SFT at Minor SFT's mean step"}
 # Set per run by the grid: a recipe override of these would be silently replaced
 GRID_KEYS = {"loss_type": "--methods", "learning_rate": "--learning_rates", "seed": "--seeds", "data_seed": "--seeds"}
-# Settings that name local files: keyed by the files' content
-PATH_FIELDS = {"model_name_or_path", "ref_model_name_or_path", "dataset_name", "drift_prompts", "drift_text_dataset"}
+# Settings that name local files or folders: keyed by their content
+PATH_FIELDS = {
+    "model_name_or_path", "ref_model_name_or_path", "chat_template_path", "dataset_name", "drift_prompts",
+    "drift_text_dataset", "deepspeed",
+}  # fmt: skip
 GRID_FILE_KEYS = ("methods", "learning_rates", "seeds", "step_control", "method_settings")
 # Where a run writes and how it reports: not part of what a run computes
 UNKEYED_FIELDS = {
@@ -197,9 +204,11 @@ def plan(grid: Grid) -> list[Run]:
 # ------------------------------------------------------------------ the recipe
 
 
-def parse_recipe(config: str, overrides: list[str]):
+def parse_recipe(config: str, overrides: list[str], say_dropped_caps: bool = True):
     """The training script's four dataclasses for `--config <recipe> [--key value ...]`, parsed as strictly as
-    `minorsft-trl train` parses them (unknown keys, wrong types and bad values are a `CompareError`)."""
+    `minorsft-trl train` parses them (unknown keys, wrong types and bad values are a `CompareError`), and with the
+    recipe's example caps dropped as `train` drops them when the overrides name other data (`drop_caps_of_other_data`,
+    which says so unless `say_dropped_caps` is False: the comparison says it once, not once per run)."""
     from minorsft_trl.packaged import resolve_config_argument
     from minorsft_trl.scripts import minor_sft
     from minorsft_trl.validation import check_recipe_keys
@@ -226,6 +235,7 @@ def parse_recipe(config: str, overrides: list[str]):
                 "option nor a recipe key; `minorsft-trl train -h` lists the recipe keys)."
             )
         minor_sft.check_types(*configs)
+        minor_sft.drop_caps_of_other_data(args, configs[0], say=say_dropped_caps)
     except CompareError:
         raise
     except (ValueError, TypeError, OSError, yaml.YAMLError) as error:
@@ -233,17 +243,21 @@ def parse_recipe(config: str, overrides: list[str]):
     return tuple(configs)
 
 
-def run_overrides(run: Run, grid: Grid, base_args, output_dir: Path, learning_rate: float) -> list[str]:
-    """The command-line overrides that make the recipe this run (what `minorsft-trl train` would take)."""
+def run_overrides(run: Run, grid: Grid, base, output_dir: Path, learning_rate: float) -> list[str]:
+    """The command-line overrides that make the recipe this run (what `minorsft-trl train` would take), `base` being
+    the recipe's four dataclasses."""
     from minorsft_trl.loss_types import REFERENCE_LOSSES
 
     method = METHODS["sft" if run.method == STEP_CONTROL else run.method]
     settings = {**grid.method_settings.get(run.method, {})}
-    loss = REFERENCE_LOSSES.get(method.loss_type)
-    if loss is None:
+    if REFERENCE_LOSSES.get(method.loss_type) is None:
         settings.setdefault("log_deviation", True)  # plain SFT logs its train deviation too, on the same scale
-    if base_args.precompute_ref_log_probs and loss is not None and not loss.reference.can_be_precomputed:
-        settings.setdefault("precompute_ref_log_probs", False)  # this loss needs the reference's distribution
+    base_args = base[1]
+    # This loss needs the reference's distribution, or another method's does and every run measures as its runs do
+    if base_args.precompute_ref_log_probs and (
+        needs_reference_distribution(method.loss_type) or keep_every_reference(grid, base)
+    ):
+        settings.setdefault("precompute_ref_log_probs", False)
     args = [
         "--loss_type", method.loss_type, "--learning_rate", repr(learning_rate),
         "--seed", str(run.seed), "--data_seed", str(run.seed),
@@ -258,13 +272,43 @@ def run_overrides(run: Run, grid: Grid, base_args, output_dir: Path, learning_ra
     return args
 
 
+def needs_reference_distribution(loss_type: str) -> bool:
+    """Whether the loss reads the reference's distribution per token (`sft_kl`, `asft`): no precompute can serve it,
+    so its runs keep their reference model and measure the full-vocabulary `eval_forward_kl`."""
+    from minorsft_trl.loss_types import REFERENCE_LOSSES
+
+    loss = REFERENCE_LOSSES.get(loss_type)
+    return loss is not None and not loss.reference.can_be_precomputed
+
+
+def keep_every_reference(grid: Grid, base) -> bool:
+    """Whether every run of the comparison keeps its reference model (`precompute_ref_log_probs` off), so that every
+    run measures the forward KL with the same estimator. A method that needs the reference's distribution keeps its
+    reference and measures the full-vocabulary `eval_forward_kl`; a precompute would release the separate reference
+    of the others (full fine-tuning, or a named `ref_model_name_or_path`), which would then measure the sampled-token
+    estimate `eval_forward_kl_sampled`. A difference across the two carries their gap on the samples every run
+    shares, which no interval over seeds covers. A PEFT policy without a named reference is its own reference
+    (adapters disabled), kept whatever the precompute: there the precompute stays."""
+    _, training_args, model_args, _ = base
+    if not training_args.precompute_ref_log_probs:
+        return False
+    policy_is_reference = model_args.use_peft and training_args.ref_model_name_or_path is None
+    return not policy_is_reference and any(needs_reference_distribution(METHODS[m].loss_type) for m in grid.methods)
+
+
 def check_recipe(configs) -> None:
-    """Refuse a recipe the comparison cannot measure: no held-out split, drift measures turned off."""
+    """Refuse a recipe the comparison cannot measure as it is: drift measures turned off, a drift budget (its runs
+    save no checkpoint to keep one within it), a streamed dataset."""
     script_args, training_args, _, dataset_args = configs
     if getattr(training_args, "eval_drift", True) is False:
         raise CompareError(
             "the recipe sets eval_drift: false, but the comparison measures drift on every run: "
             "remove it, or pass --eval_drift true."
+        )
+    if training_args.max_forward_kl is not None:
+        raise CompareError(
+            f"the recipe sets max_forward_kl={training_args.max_forward_kl:g}, but the comparison trains every run to "
+            "its end without checkpoints and measures it there: remove max_forward_kl from the recipe."
         )
     if script_args.dataset_streaming or (dataset_args is not None and dataset_args.streaming):
         raise CompareError("the comparison evaluates on a held-out split it reads whole: turn dataset streaming off.")
@@ -302,8 +346,11 @@ def task_kind(dataset) -> str | None:
 
 
 def content_key(name: str | None) -> list[str] | str | None:
-    """The sha256 of a local file, or of the weight/data files of a local folder (else None: a Hub id or a
-    `bigbench:`/`embedded:` name, keyed by the name itself)."""
+    """The sha256 of a local file, or of every file of a local folder (`path:sha256`, sorted), else None (a Hub id or
+    a `bigbench:` name, keyed by the name itself). Every file counts, whatever its suffix: a chat template, a
+    tokenizer's `merges.txt` or a dataset card's `configs:` change what a run computes. Only hidden files and folders
+    are left out (`.git`, the `.cache` of a Hub download): no loader reads them, and git's objects change with
+    commits that change no file."""
     if not name:
         return None
     path = Path(name).expanduser()
@@ -311,17 +358,40 @@ def content_key(name: str | None) -> list[str] | str | None:
         return file_sha256(path)
     if not path.is_dir():
         return None
-    suffixes = {".safetensors", ".bin", ".pt", ".gguf", ".jsonl", ".json", ".csv", ".parquet", ".arrow", ".model"}
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes and ".cache" not in p.parts)
-    return [f"{p.relative_to(path)}:{file_sha256(p)}" for p in files]
+    files = sorted(
+        file
+        for file in path.rglob("*")
+        if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts)
+    )
+    return [f"{file.relative_to(path).as_posix()}:{file_sha256(file)}" for file in files]
+
+
+def local_path(field_name: str, value: str) -> str:
+    """Where a run reads what a setting names, resolved as the training script resolves it: an `embedded:` model's
+    converted folder, a `recipes/...` file of a packaged recipe."""
+    from minorsft_trl.embedded import resolve_model
+    from minorsft_trl.packaged import resolve_recipe_file
+
+    return resolve_recipe_file(value) if field_name == "chat_template_path" else resolve_model(value)
+
+
+def data_files_key(data_files: Any) -> Any:
+    """A mixture dataset's `data_files` (a path or glob pattern, a list or a dict of them, relative to the working
+    directory as `datasets` reads them with a builder such as `json`) with each local match replaced by the sha256 of
+    its content; a pattern that matches no local file (a Hub or remote one) is kept as it is."""
+    if isinstance(data_files, dict):
+        return {split: data_files_key(files) for split, files in data_files.items()}
+    if isinstance(data_files, list | tuple):
+        return [data_files_key(files) for files in data_files]
+    matches = sorted(Path(match) for match in glob.glob(str(Path(data_files).expanduser()), recursive=True))
+    files = [file for file in matches if file.is_file()]
+    return {"sha256": [file_sha256(file) for file in files]} if files else data_files
 
 
 def recipe_key(configs) -> dict:
     """What a run computes from: every value of the four dataclasses but where it writes and how it reports, with
-    local model and data paths replaced by the sha256 of their files (a moved file keeps its runs, an edited one
-    does not)."""
-    from minorsft_trl.embedded import resolve_model
-
+    the local files and folders the recipe names (model, reference, chat template, data) replaced by the sha256 of
+    their files (a moved file keeps its runs, an edited one does not)."""
     values = {}
     for name, config in zip(("script", "training", "model", "dataset"), configs, strict=True):
         if config is None:
@@ -330,13 +400,16 @@ def recipe_key(configs) -> dict:
         values[name] = {k: v for k, v in as_dict.items() if k not in UNKEYED_FIELDS}
         for key in PATH_FIELDS & set(values[name]):
             value = values[name][key]
-            content = content_key(resolve_model(value)) if isinstance(value, str) else None
+            content = content_key(local_path(key, value)) if isinstance(value, str) else None
             if content is not None:
                 values[name][key] = {"sha256": content}
-    for index, dataset in enumerate(values.get("dataset", {}).get("datasets") or []):
-        content = content_key(dataset.get("path"))
-        if content is not None:
-            values["dataset"]["datasets"][index]["path"] = {"sha256": content}
+    for dataset in values.get("dataset", {}).get("datasets") or []:
+        folder = content_key(dataset.get("path"))
+        if folder is not None:
+            dataset["path"] = {"sha256": folder}
+        # In a local folder they select files of the folder, keyed above; else they are the files themselves
+        elif dataset.get("data_files"):
+            dataset["data_files"] = data_files_key(dataset["data_files"])
     return json.loads(json.dumps(values, sort_keys=True, default=str))
 
 
@@ -483,13 +556,20 @@ class Comparison:
         self.accuracy_kind = task_kind(self.eval_dataset)
 
     def run_configs(self, run: Run, learning_rate: float):
-        args = run_overrides(run, self.grid, self.base[1], self.output_dir, learning_rate)
-        return parse_recipe(self.config, [*self.overrides, *args])
+        args = run_overrides(run, self.grid, self.base, self.output_dir, learning_rate)
+        return parse_recipe(self.config, [*self.overrides, *args], say_dropped_caps=False)
 
     def run(self, log=print) -> dict:
         if not hasattr(self, "base"):
             self.prepare()
         results = {"base": {}, "runs": []}
+        if keep_every_reference(self.grid, self.base):
+            needing = [m for m in self.grid.methods if needs_reference_distribution(METHODS[m].loss_type)]
+            log(
+                f"{', '.join(needing)} read the reference's distribution, so their runs keep the reference model: "
+                "every run keeps it (precompute_ref_log_probs false), so that every forward KL is the full-vocabulary "
+                "one."
+            )
         base_key = {"format": EVAL_FORMAT, "base": recipe_key(self.base)}
         if self.accuracy_kind is not None:
             base_key["base"]["training"] = {}  # the base model's accuracy does not depend on training settings
@@ -595,7 +675,9 @@ def comparison_from_args(argv: list[str], prog: str = "minorsft-trl compare") ->
         step_control = step_control[0]
     learning_rates = pick("learning_rates", None)
     if learning_rates is None:
-        learning_rates = [parse_recipe(args.config, [a for a in overrides if a])[1].learning_rate]
+        learning_rates = [
+            parse_recipe(args.config, [a for a in overrides if a], say_dropped_caps=False)[1].learning_rate
+        ]
     seeds = pick("seeds", [0, 1, 2])
     try:
         seeds = [int(s) for s in seeds]

@@ -2,7 +2,9 @@
 
 Every measure is a mean over seeds with its 95% t interval; differences are paired by seed against SFT at the same
 learning rate; drift is compared at matched gain (interpolated seed by seed between a method's learning rates, never
-extrapolated); the Pareto front keeps the configurations nothing beats on gain and forward KL together.
+extrapolated); the Pareto front keeps the configurations nothing beats on gain and forward KL together. The forward KL
+of a run that kept its reference model (the full-vocabulary one) and of a run that did not (the sampled-token
+estimate) are two measures: never averaged, differenced or ranked together.
 """
 
 import dataclasses
@@ -23,14 +25,17 @@ from minorsft_trl.drift.stats import (
 MEASURES = {  # key: (title, higher is better)
     "accuracy": ("held-out accuracy (%)", True),
     "answer_nll": ("held-out answer NLL", False),
-    "forward_kl": ("forward KL(ref ‖ θ)", False),
+    "forward_kl": ("forward KL(ref ‖ θ), full vocabulary", False),
+    "forward_kl_sampled": ("forward KL(ref ‖ θ), sampled-token estimate", False),
     "heldout_deviation": ("held-out m_theta", False),
     "nll_change": ("NLL change on held-out text", False),
     "train_deviation": ("train deviation", False),
     "clipped_fraction": ("steps clipped", False),
     "grad_norm_over_1": ("steps with grad norm > 1", False),
 }
-DRIFTS = ("forward_kl", "heldout_deviation", "nll_change")
+DRIFTS = ("forward_kl", "forward_kl_sampled", "heldout_deviation", "nll_change")
+# The trainer's metric a run's forward KL came from (`forward_kl_source`) -> the measure it is reported as
+KL_ESTIMATORS = {"eval_forward_kl": "forward_kl", "eval_forward_kl_sampled": "forward_kl_sampled"}
 ONE_SEED = "one seed: no intervals (every number is that seed's value; give --seeds 0 1 2 for 95% intervals)."
 ONE_SEED_QUESTIONS = (
     "one seed: accuracy intervals are over the held-out questions (differences paired by question), which leave out "
@@ -41,6 +46,19 @@ COLOURS = {
     "sft": "tab:grey", "minor_sft": "tab:blue", "sft_dpo": "tab:orange", "asft": "tab:green",
     "sft_kl": "tab:olive", "iw_sft": "tab:red", STEP_CONTROL: "black",
 }  # fmt: skip
+
+
+def by_estimator(run: dict) -> dict:
+    """The run with its forward KL under the measure of the estimator that gave it: a run that kept no reference
+    model (`eval_forward_kl_sampled`) has `forward_kl_sampled` and no `forward_kl`."""
+    if KL_ESTIMATORS.get(run.get("forward_kl_source"), "forward_kl") == "forward_kl":
+        return run
+    return {**run, "forward_kl": None, "forward_kl_sampled": run.get("forward_kl")}
+
+
+def kl_measures(measures: list[str]) -> list[str]:
+    """The forward KL measures (estimators) among `measures`."""
+    return [m for m in measures if m in KL_ESTIMATORS.values()]
 
 
 def gain_measure(runs: list[dict]) -> str:
@@ -99,7 +117,10 @@ def groups_of(runs: list[dict]) -> dict[tuple[str, float], list[dict]]:
 
 def summarise(runs: list[dict], grid: Grid) -> dict:
     """Every measure of every configuration with its interval; paired differences against SFT at the same learning
-    rate; drift at matched gain; the Pareto front (gain up, forward KL down); the step-size control."""
+    rate; drift at matched gain; the Pareto front (gain up, forward KL down); the step-size control. Each forward KL
+    estimator is its own measure (`by_estimator`): a difference between runs of two estimators is n/a, and the
+    Pareto front needs a single one."""
+    runs = [by_estimator(run) for run in runs]
     measures = present(runs)
     gain = gain_measure(runs)
     higher_is_better = MEASURES[gain][1]
@@ -128,8 +149,12 @@ def summarise(runs: list[dict], grid: Grid) -> dict:
                     **{m: difference(group, baseline, m) for m in measures},
                 }
             )
-    ranked = [c for c in summary["configurations"] if _finite(c[gain]["mean"]) and _finite(c["forward_kl"]["mean"])]
-    points = [((1 if higher_is_better else -1) * c[gain]["mean"], c["forward_kl"]["mean"]) for c in ranked]
+    estimators = kl_measures(measures)
+    front_kl = summary["pareto_kl"] = estimators[0] if len(estimators) == 1 else None
+    ranked = [
+        c for c in summary["configurations"] if front_kl and _finite(c[gain]["mean"]) and _finite(c[front_kl]["mean"])
+    ]
+    points = [((1 if higher_is_better else -1) * c[gain]["mean"], c[front_kl]["mean"]) for c in ranked]
     summary["pareto_front"] = [(ranked[i]["method"], ranked[i]["trained_lr"]) for i in pareto_front(points)]
     if len(grid.learning_rates) > 1:
         drifts = [d for d in DRIFTS if d in measures]
@@ -180,7 +205,8 @@ def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list
                 ]
                 values.append(interpolate_at(seed_points, target))
             row[drift] = t_interval(values).to_dict()
-        row["seeds_reaching"] = row[drifts[0]]["n"] if drifts else 0
+        # The seeds whose learning rates bracket the target, on the measure they have (one forward KL estimator)
+        row["seeds_reaching"] = max((row[drift]["n"] for drift in drifts), default=0)
         rows.append(row)
     return rows
 
@@ -252,6 +278,27 @@ def matched_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def estimator_note(runs: list[dict]) -> str:
+    """Which estimator the forward KL of the tables is: the full-vocabulary one, the sampled-token estimate, or both
+    (each its own column, the configurations of the sampled one named, nothing taken across them)."""
+    sampled = [r for r in runs if by_estimator(r)["forward_kl"] is None]
+    if not sampled:
+        return "Forward KL over the whole vocabulary (`eval_forward_kl`): every run kept its reference model."
+    if len(sampled) == len(runs):
+        return (
+            "Forward KL as its sampled-token estimate, mean_t (log π_ref(y_t) - log π_θ(y_t)) "
+            "(`eval_forward_kl_sampled`: no run kept its reference model), unbiased and noisier than the "
+            "full-vocabulary one."
+        )
+    configurations = "; ".join(dict.fromkeys(f"{label(r['method'])} lr {r['trained_lr']:.3g}" for r in sampled))
+    return (
+        "Forward KL from two estimators, each its own column: the sampled-token estimate (`eval_forward_kl_sampled`) "
+        f"for {configurations}, which kept no reference model, and the full-vocabulary one for the others. No "
+        "difference, matched gain or Pareto front is taken across them: set `precompute_ref_log_probs: false` for "
+        "every run so that every run keeps its reference."
+    )
+
+
 def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrides=(), wall_seconds=None) -> str:
     measures, gain = summary["measures"], summary["gain"]
     one_seed = len(grid.seeds) == 1
@@ -280,21 +327,9 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
         )
         + " Drift: forward KL(π_ref ‖ π_θ) per token on reference samples; held-out m_theta (log-ratio per answer "
         "token on held-out answers); NLL change on held-out text (when the recipe sets `drift_text_dataset`).",
+        "",
+        estimator_note(runs),
     ]
-    sampled = sorted(
-        {
-            f"{r['method']} lr {r['trained_lr']:.3g}"
-            for r in runs
-            if r.get("forward_kl_source") == "eval_forward_kl_sampled"
-        }
-    )
-    if sampled:
-        lines += [
-            "",
-            "Forward KL of these runs is the sampled-token estimate (they released their reference): "
-            + "; ".join(sampled)
-            + ".",
-        ]
     if results.get("base", {}).get("accuracy") is not None:
         lines += ["", f"Base model: held-out accuracy {100 * results['base']['accuracy']:.1f}%."]
     lines += [""]
@@ -346,7 +381,13 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
         ]
     front = ", ".join(f"{label(m)} lr {lr:.3g}" for m, lr in summary["pareto_front"])
     direction = "up" if MEASURES[gain][1] else "(NLL) down"
-    lines += ["", f"Pareto front (gain {direction}, forward KL down): {front or 'none'}."]
+    if summary["pareto_kl"] is None and len(kl_measures(measures)) > 1:
+        lines += [
+            "",
+            "Pareto front: none, the runs' forward KL comes from two estimators, which are not ranked together.",
+        ]
+    else:
+        lines += ["", f"Pareto front (gain {direction}, forward KL down): {front or 'none'}."]
     if wall_seconds is not None:
         trained = sum(r.get("wall_seconds") or 0 for r in runs)
         lines += ["", f"Wall time of the runs: {trained / 60:.1f} min; of this call: {wall_seconds / 60:.1f} min."]

@@ -199,10 +199,11 @@ def parse_args(args: list[str] | None = None):
 _CAPS = ("max_train_examples", "max_eval_examples")
 
 
-def drop_caps_of_other_data(args: list[str], script_args: MinorSFTScriptArguments) -> None:
+def drop_caps_of_other_data(args: list[str], script_args: MinorSFTScriptArguments, say: bool = True) -> None:
     """A recipe's `max_train_examples` / `max_eval_examples` limit the recipe's own data: when the command line names
     other data (`--dataset_name`, `--datasets`) and does not set a cap itself, the recipe's caps are dropped, and the
-    log says so, rather than silently cutting the user's data."""
+    log says so, rather than silently cutting the user's data. `say=False` drops them without a word, for a caller
+    that parses the same command line again after it has said so (`minorsft-trl compare`, once per run)."""
     given = {arg.split("=")[0] for arg in args if arg.startswith("--")}
     if "--config" not in args or not {"--dataset_name", "--datasets"} & given:
         return
@@ -212,10 +213,11 @@ def drop_caps_of_other_data(args: list[str], script_args: MinorSFTScriptArgument
     for cap in _CAPS:
         if recipe.get(cap) is not None and f"--{cap}" not in given:
             setattr(script_args, cap, None)
-            logger.warning(
-                f"The recipe's {cap}={recipe[cap]} limits its own data ({recipe.get('dataset_name')!r}); the command "
-                f"line names other data, which is used whole. Pass --{cap} N to cap it."
-            )
+            if say:
+                logger.warning(
+                    f"The recipe's {cap}={recipe[cap]} limits its own data ({recipe.get('dataset_name')!r}); the "
+                    f"command line names other data, which is used whole. Pass --{cap} N to cap it."
+                )
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None) -> TrlParser:
