@@ -34,7 +34,9 @@ import yaml
 
 from minorsft_trl.cache import cache_root, cached_directory, file_sha256
 
-EVAL_FORMAT = 1  # bump when what a run measures, or how, changes its numbers
+# Bump when what a run measures, or how, changes its numbers. 2: the drift prompts end where each answer begins (they
+# were the first half of each row), and the reference samples from its own distribution, not its generation_config
+EVAL_FORMAT = 2
 
 
 class CompareError(ValueError):
