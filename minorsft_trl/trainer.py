@@ -37,7 +37,7 @@ from .checkpoints import (
 from .config import TRL_LOSS_TYPES, MinorSFTConfig
 from .drift.budget import DriftBudgetCallback
 from .drift.card import drift_section
-from .drift.live import DriftCallback, DriftMixin
+from .drift.live import DriftCallback, DriftMixin, drift_log_history
 from .engines import destroy_if_engine, parameter_bytes, runnable_before_training
 from .examples import ExampleIndex, PackedRowsApart
 from .fingerprint import (
@@ -150,8 +150,10 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
 
     Logged on train and eval, next to TRL's metrics: `deviation` (the paper's m_theta, eq. 8), `log_ratio` (mean of
     `log(pi_theta(y|x) / pi_ref(y|x))`) and, for `minor_sft`, `minor_weight` with `minor_weight_min` and
-    `minor_weight_max`. At every evaluation, and once before training, the drift measures (`eval_forward_kl`,
-    `eval_nll_change`; see `minorsft_trl.drift.live`), and `eval_answer_nll`, the held-out answers' per-token NLL.
+    `minor_weight_max`. At every evaluation the drift measures (`eval_forward_kl`, `eval_nll_change`; see
+    `minorsft_trl.drift.live`), and `eval_answer_nll`, the held-out answers' per-token NLL. The drift measured once
+    before training is kept in the trainer state, not as a log entry of its own, so that `state.log_history` keeps the
+    shape TRL gives it: `minorsft_trl.drift.live.drift_log_history(trainer.state)` is the log led by it.
     """
 
     _tag_names = ["trl", "sft", "minor-sft"]
@@ -756,7 +758,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, with the drift the run reached (`minorsft_trl.drift.card`)."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        section = drift_section(self.state.log_history, self._drift_budget)
+        section = drift_section(drift_log_history(self.state), self._drift_budget)
         if section is not None and self.is_world_process_zero():
             with open(os.path.join(self.args.output_dir, "README.md"), "a") as card:
                 card.write("\n\n" + section)

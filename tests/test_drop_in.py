@@ -6,9 +6,11 @@ from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 from test_gradients import _perturb_lora, lora_config
 from tiny import COMPLETIONS, PROMPTS, conversational_dataset, cpu_args, make_model, prompt_completion_dataset
+from transformers import TrainerState
 from trl import SFTConfig, SFTTrainer
 
 from minorsft_trl import MinorSFTTrainer
+from minorsft_trl.drift.live import drift_log_history
 from minorsft_trl.reference import active_dropouts
 
 
@@ -177,3 +179,84 @@ def test_packed_eval_rows_of_unpacked_training_are_scored_per_example(tmp_path, 
     _, unpacked = evaluated(tmp_path, tokenizer, eval_packing=False, precompute=precompute)
     for key in ("eval_loss", "eval_deviation", "eval_minor_weight", "eval_minor_weight_min", "eval_answer_nll"):
         assert packed[key] == pytest.approx(unpacked[key], rel=1e-5, abs=1e-6), key
+
+
+# ---------------------------------------------------------------- the log as TRL writes it
+
+
+def log_shape(log_history: list[dict]) -> list[tuple[int, str]]:
+    """Each entry of a log in order: its step, and whether it is an evaluation, a training log or the run's summary."""
+    return [
+        (log["step"], "eval" if any(k.startswith("eval_") for k in log) else "train" if "loss" in log else "summary")
+        for log in log_history
+    ]
+
+
+def test_the_log_keeps_sft_trainers_shape_and_the_state_keeps_the_drift_before_the_first_step(tmp_path, tokenizer):
+    """TRL's own tests read `log_history[0]` as the first evaluation (`eval_steps` below `logging_steps`): the drift
+    measured before the first step adds no log entry of its own. It is kept in the trainer state, which a checkpoint
+    saves and a resumed run reads back (with transformers' restore of callback states or without)."""
+    shared = dict(
+        max_steps=4, eval_strategy="steps", eval_steps=2, logging_steps=3, save_strategy="steps", save_steps=2
+    )
+    stock = SFTTrainer(
+        make_model(tokenizer),
+        args=SFTConfig(
+            str(tmp_path / "stock"), use_cpu=True, bf16=False, report_to=[], max_length=64, disable_tqdm=True, **shared
+        ),
+        train_dataset=prompt_completion_dataset(),
+        eval_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+    )
+    stock.train()
+
+    def ours(restore_callback_states_from_checkpoint=False):
+        return MinorSFTTrainer(
+            make_model(tokenizer),
+            args=cpu_args(
+                tmp_path / "ours", restore_callback_states_from_checkpoint=restore_callback_states_from_checkpoint,
+                drift_num_prompts=4, drift_max_new_tokens=4, ref_cache_dir=str(tmp_path / "cache"), **shared,
+            ),
+            train_dataset=prompt_completion_dataset(),
+            eval_dataset=prompt_completion_dataset(),
+            processing_class=tokenizer,
+            peft_config=lora_config(),
+        )  # fmt: skip
+
+    trainer = ours()
+    trainer.train()
+    assert log_shape(trainer.state.log_history) == log_shape(stock.state.log_history)
+    assert trainer.state.log_history[0]["eval_loss"] > 0
+    at_start = {"step": 0, "eval_forward_kl": 0.0}
+    assert drift_log_history(trainer.state)[0] == at_start
+    assert drift_log_history(trainer.state)[1:] == trainer.state.log_history
+    for restore in (False, True):
+        resumed = ours(restore_callback_states_from_checkpoint=restore)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "ours" / "checkpoint-2"))
+        assert log_shape(resumed.state.log_history) == log_shape(stock.state.log_history)
+        saved = TrainerState.load_from_json(str(tmp_path / "ours" / "checkpoint-4" / "trainer_state.json"))
+        assert drift_log_history(resumed.state)[0] == drift_log_history(saved)[0] == at_start
+
+
+def test_with_eval_on_start_trls_own_evaluation_at_step_0_is_the_drift_before_the_first_step(
+    tmp_path, tokenizer, monkeypatch
+):
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(
+            tmp_path, max_steps=1, eval_strategy="steps", eval_steps=1, eval_on_start=True, drift_num_prompts=4,
+            drift_max_new_tokens=4, ref_cache_dir=str(tmp_path / "cache"),
+        ),
+        train_dataset=prompt_completion_dataset(),
+        eval_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )  # fmt: skip
+    measured = []
+    measure = trainer._drift_metrics
+    monkeypatch.setattr(trainer, "_drift_metrics", lambda: measured.append(1) or measure())
+    trainer.train()
+    assert len(measured) == 2  # the evaluations at steps 0 and 1, and no third measurement
+    first = trainer.state.log_history[0]
+    assert first["step"] == 0 and first["eval_forward_kl"] == 0.0 and "eval_loss" in first
+    assert drift_log_history(trainer.state) == trainer.state.log_history
