@@ -80,6 +80,12 @@ logger = transformers.utils.logging.get_logger(__name__)
 # A `minor_weight` below this everywhere in a logging window leaves gradients of a thousandth: learning has stopped
 STALLED_WEIGHT = 1e-3
 
+# What to do when a dataset reaches the reference after `precompute_ref_log_probs=True` released it
+RELEASED_REFERENCE_FIX = (
+    "Pass every dataset you evaluate to the trainer's `eval_dataset` (a dict for several), or leave "
+    "precompute_ref_log_probs at 'auto', which keeps the reference to score datasets passed to `evaluate` later."
+)
+
 # Key under which `get_batch_samples` hands `compute_loss` the number of examples of the whole optimizer step
 NUM_EXAMPLES_KEY = "num_examples_in_step"
 
@@ -192,6 +198,9 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         ref_model: "str | PreTrainedModel | None" = None,
     ):
         args = _as_minor_sft_config(args, model)
+        # Only an explicit True frees a separate reference after the precompute: "auto" keeps it, so that a dataset
+        # passed to `evaluate` later (ordinary TRL use) is scored against the same reference
+        releases_reference = args.precompute_ref_log_probs is True
         args.precompute_ref_log_probs = resolve_precompute(args, train_dataset, eval_dataset)
         check_inputs(
             args,
@@ -248,6 +257,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             self.ref_model = None
             self._starting_base_parameters = StartingBaseParameters()
             self._reference_released = False
+            self._releases_reference = releases_reference
             self._reference_check = None
             measures_drift = self._drift_enabled()
             explicit_reference = ref_model is not None or args.ref_model_name_or_path is not None
@@ -300,7 +310,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                     self._prepare_drift_measures(reference_identity)
                     self.add_callback(DriftCallback(self))
                 if args.precompute_ref_log_probs:
-                    self._attach_precomputed_reference(reference_identity)
+                    self._attach_precomputed_reference(reference_identity, releases_reference)
             self._drift_budget = None
             if args.max_forward_kl is not None:
                 self._drift_budget = DriftBudgetCallback(args.max_forward_kl)
@@ -441,7 +451,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         if self._reference_released:
             raise ValueError(
                 "The reference model was released after its log-probs were precomputed for the datasets given at "
-                "init, and this batch has none. Pass every evaluation dataset to the trainer's `eval_dataset`."
+                f"init (precompute_ref_log_probs=True), and this batch has none. {RELEASED_REFERENCE_FIX}"
             )
         with self._running_reference() as model, labelled_positions_only():
             if not hidden_states:
@@ -729,10 +739,26 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         """`SFTTrainer.evaluate`, with the drift measures among TRL's eval metrics (`SFTTrainer.log` logs them as
         `eval_*`, returned and passed to the callbacks with the others). Measured once per evaluation: a dict of eval
         datasets is evaluated with the prefixes `eval_<name>`, which do not measure again."""
+        self._check_reference_for(eval_dataset)
         if self._measures_drift and metric_key_prefix == "eval":
             for key, value in self._drift_metrics().items():
                 self._metrics["eval"][key].append(value)
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def _check_reference_for(self, eval_dataset) -> None:
+        """Stop before evaluating datasets whose reference log-probs were not precomputed, where the reference model
+        that would score them was released (`precompute_ref_log_probs=True`). A name selects a dataset given at
+        init."""
+        if not self._reference_released or eval_dataset is None or isinstance(eval_dataset, str):
+            return
+        datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+        missing = [name for name, dataset in datasets.items() if REF_LOGPS not in (dataset.column_names or [])]
+        if missing:
+            raise ValueError(
+                f"evaluate(eval_dataset=...): the reference log-probs of {', '.join(map(repr, missing))} were not "
+                "precomputed, and precompute_ref_log_probs=True released the reference model that would score them. "
+                f"{RELEASED_REFERENCE_FIX}"
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # `SFTTrainer.log` averages each metric over the logging window; the extremes take their min and max instead

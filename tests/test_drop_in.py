@@ -2,6 +2,7 @@
 (the independent code path), not against a copy of its list of formats."""
 
 import pytest
+import torch
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 from test_gradients import _perturb_lora, lora_config
@@ -260,3 +261,42 @@ def test_with_eval_on_start_trls_own_evaluation_at_step_0_is_the_drift_before_th
     first = trainer.state.log_history[0]
     assert first["step"] == 0 and first["eval_forward_kl"] == 0.0 and "eval_loss" in first
     assert drift_log_history(trainer.state) == trainer.state.log_history
+
+
+# ---------------------------------------------------------------- evaluating a dataset not given at init
+
+
+def moved_full_fine_tuning(tmp_path, tokenizer, precompute):
+    """Full fine-tuning with training data only (as TRL's tests build it), its policy then moved away from the frozen
+    copy that is its reference, the same way for every `precompute`."""
+    trainer = MinorSFTTrainer(
+        make_model(tokenizer),
+        args=cpu_args(
+            tmp_path / str(precompute), precompute_ref_log_probs=precompute, ref_cache_dir=str(tmp_path / "cache"),
+            per_device_eval_batch_size=8,
+        ),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return trainer
+
+
+@pytest.mark.parametrize("shape", ["dataset", "dict of datasets"])
+def test_evaluating_a_dataset_not_given_at_init_scores_it_against_the_runs_reference(tmp_path, tokenizer, shape):
+    """`trainer.evaluate(eval_dataset=raw)` (TRL issue 6115) under the default "auto", which precomputed the training
+    data only: the frozen copy stays to score the new data, with the values of a reference run on the fly."""
+    raw = prompt_completion_dataset()
+    eval_dataset = raw if shape == "dataset" else {"held_out": raw}
+    auto = moved_full_fine_tuning(tmp_path, tokenizer, "auto")
+    assert auto.args.precompute_ref_log_probs is True
+    metrics = auto.evaluate(eval_dataset=eval_dataset)
+    expected = moved_full_fine_tuning(tmp_path, tokenizer, False).evaluate(eval_dataset=eval_dataset)
+    loss_key = "eval_loss" if shape == "dataset" else "eval_held_out_loss"
+    assert metrics[loss_key] == pytest.approx(expected[loss_key], rel=1e-5)
+    for key in ("eval_deviation", "eval_minor_weight", "eval_minor_weight_min"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    assert abs(metrics["eval_deviation"]) > 1e-3  # scored against the reference, not the moved policy

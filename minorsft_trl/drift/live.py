@@ -135,16 +135,15 @@ class DriftMixin:
             texts = Sequences([t[:1] for t in ids], [t[1:] for t in ids])
         self._drift_plan = (reference_identity, self._drift_prompts(), texts)
         policy_is_peft = is_peft_model(self.accelerator.unwrap_model(self.model))
-        if (self.ref_model is None and policy_is_peft) or (
-            self.ref_model is not None and not args.precompute_ref_log_probs
-        ):
+        separate_reference_stays = self.ref_model is not None and not self._releases_reference
+        if (self.ref_model is None and policy_is_peft) or separate_reference_stays:
             return  # the reference stays for the run
         logger.info(
-            "The run keeps no reference model (a separate reference released after the precompute, or full "
-            "fine-tuning with loss_type='nll'): the forward KL is logged as `eval_forward_kl_sampled`, its "
-            "sampled-token estimate from the reference's log-probs of its samples, taken before training. The "
-            "full-vocabulary `eval_forward_kl` needs the reference model kept: precompute_ref_log_probs=False, or a "
-            "loss with a reference (one more no-grad forward per step)."
+            "The run keeps no reference model (a separate reference released after the precompute by "
+            "precompute_ref_log_probs=True, or full fine-tuning with loss_type='nll'): the forward KL is logged as "
+            "`eval_forward_kl_sampled`, its sampled-token estimate from the reference's log-probs of its samples, "
+            "taken before training. The full-vocabulary `eval_forward_kl` needs the reference model kept: "
+            "precompute_ref_log_probs 'auto' or False, or a loss with a reference."
         )
         self._ensure_drift_probe()
 
