@@ -259,6 +259,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             self._reference_released = False
             self._releases_reference = releases_reference
             self._reference_check = None
+            self._warned_non_finite_loss = False
             measures_drift = self._drift_enabled()
             explicit_reference = ref_model is not None or args.ref_model_name_or_path is not None
             # Plain SFT measures its drift against the reference it would have: free for a PEFT model (adapters
@@ -535,12 +536,27 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             result = self._loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         if self.model.training and not torch.isfinite(loss.detach()).all():
-            self._stop_on_non_finite_loss(loss)
+            self._on_non_finite_loss(loss)
         return result
 
-    def _stop_on_non_finite_loss(self, loss: torch.Tensor) -> None:
-        """A NaN or infinite training loss: stop with the step and the likely cause, rather than train on and save a
-        broken model (transformers logs the NaN and carries on)."""
+    def _on_non_finite_loss(self, loss: torch.Tensor) -> None:
+        """A NaN or infinite training loss. A loss that reads the reference stops with the step and the likely cause,
+        rather than train on and save a broken model: its log-ratios and weights mean nothing from here. TRL's own
+        losses (`nll`, `dft`) train on as `SFTTrainer` does (transformers' `logging_nan_inf_filter` even hides the
+        NaN from the logged loss), with one warning that names the cause."""
+        cause = self._non_finite_loss_cause()
+        message = f"The training loss is {loss.item()} at step {self.state.global_step}: {cause}"
+        if self.args.reference_loss is not None:
+            raise RuntimeError(f"{message} Training stops here, before a broken model is saved.")
+        if not self._warned_non_finite_loss:
+            self._warned_non_finite_loss = True
+            logger.warning(
+                f"{message} With loss_type={self.args.loss_type!r} training goes on, as SFTTrainer's does, but the "
+                "updates from here are likely NaN: check the model before you use it. Said once."
+            )
+
+    def _non_finite_loss_cause(self) -> str:
+        """Why the training loss is not finite, and the fix: broken weights (at load, or diverged), or the forward."""
         broken = [
             f"{label} {name!r}"
             for label, module in (("policy", self.model), ("reference", self.ref_model))
@@ -549,20 +565,15 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             if param.is_floating_point() and not torch.isfinite(param).all()
         ]
         if broken:
-            cause = f"{len(broken)} weights hold NaN or inf (e.g. the {broken[0]}): " + (
+            return f"{len(broken)} weights hold NaN or inf (e.g. the {broken[0]}): " + (
                 "the model was broken when loaded; check the checkpoint (and its dtype: a float16 conversion can "
                 "overflow)."
                 if self.state.global_step == 0
                 else "the updates diverged; lower `learning_rate`, or keep `max_grad_norm` on."
             )
-        else:
-            cause = (
-                "the weights are finite, but the forward is not: a float16 overflow (train in bf16 or float32), or "
-                "logits the loss cannot take."
-            )
-        raise RuntimeError(
-            f"The training loss is {loss.item()} at step {self.state.global_step}: {cause} Training stops here, "
-            "before a broken model is saved."
+        return (
+            "the weights are finite, but the forward is not: a float16 overflow (train in bf16 or float32), or "
+            "logits the loss cannot take."
         )
 
     def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -300,3 +300,54 @@ def test_evaluating_a_dataset_not_given_at_init_scores_it_against_the_runs_refer
     for key in ("eval_deviation", "eval_minor_weight", "eval_minor_weight_min"):
         assert metrics[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
     assert abs(metrics["eval_deviation"]) > 1e-3  # scored against the reference, not the moved policy
+
+
+# ---------------------------------------------------------------- a loss that is not finite
+
+
+def overflowing_float16_run(tmp_path, tokenizer, loss_type: str | None):
+    """float16 weights and learning rate 100: Adam moves every weight by about 100 at the first step, and the forward
+    of the second overflows (TRL's `test_train_model_dtype` reaches it at step 4). `loss_type=None`: stock
+    `SFTTrainer`."""
+    shared = dict(max_steps=3, learning_rate=100.0, logging_steps=1, max_length=64, save_strategy="no")
+    if loss_type is None:
+        args = SFTConfig(str(tmp_path / "stock"), use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, **shared)
+        trainer_class = SFTTrainer
+    else:
+        args, trainer_class = cpu_args(tmp_path / loss_type, loss_type=loss_type, **shared), MinorSFTTrainer
+    return trainer_class(
+        make_model(tokenizer).half(), args=args, train_dataset=prompt_completion_dataset(), processing_class=tokenizer
+    )
+
+
+NON_FINITE_CAUSE = (
+    "The training loss is nan at step 1: the weights are finite, but the forward is not: a float16 overflow "
+    "(train in bf16 or float32)"
+)
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+def test_with_trls_own_losses_a_non_finite_loss_trains_on_as_sft_trainer_does_and_says_why_once(
+    tmp_path, tokenizer, warnings_of_minorsft, loss_type
+):
+    stock = overflowing_float16_run(tmp_path, tokenizer, None)
+    stock.train()
+    trainer = overflowing_float16_run(tmp_path, tokenizer, loss_type)
+    trainer.train()
+    assert trainer.state.global_step == stock.state.global_step == 3
+    if loss_type == "nll":  # TRL's loss and TRL's forward: the same log
+        assert log_shape(trainer.state.log_history) == log_shape(stock.state.log_history)
+        assert [log.get("loss") for log in trainer.state.log_history] == [
+            log.get("loss") for log in stock.state.log_history
+        ]
+    said = [message for message in warnings_of_minorsft if message.startswith("The training loss is")]
+    assert len(said) == 1 and said[0].startswith(NON_FINITE_CAUSE), said
+    assert f"With loss_type={loss_type!r} training goes on" in said[0]
+
+
+@pytest.mark.parametrize("loss_type", ["minor_sft", "iw_sft"])
+def test_a_non_finite_loss_stops_a_loss_that_reads_the_reference(tmp_path, tokenizer, loss_type):
+    trainer = overflowing_float16_run(tmp_path, tokenizer, loss_type)
+    with pytest.raises(RuntimeError, match=r"^" + NON_FINITE_CAUSE.replace("(", r"\(").replace(")", r"\)")):
+        trainer.train()
+    assert trainer.state.global_step == 1
