@@ -547,7 +547,11 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         cause = self._non_finite_loss_cause()
         message = f"The training loss is {loss.item()} at step {self.state.global_step}: {cause}"
         if self.args.reference_loss is not None:
-            raise RuntimeError(f"{message} Training stops here, before a broken model is saved.")
+            raise RuntimeError(
+                f"{message} Training stops here, before a broken model is saved: loss_type={self.args.loss_type!r} "
+                "reads the reference, and its log-ratios, weights and KL mean nothing from here on (TRL's `nll` and "
+                "`dft` train on, as SFTTrainer does)."
+            )
         if not self._warned_non_finite_loss:
             self._warned_non_finite_loss = True
             logger.warning(
