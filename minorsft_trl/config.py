@@ -58,7 +58,8 @@ class MinorSFTConfig(SFTConfig):
             and cache it on disk, keyed by what changes the numbers: the reference (weights, configuration,
             attention implementation, adapter configuration), the batches as the collator builds them, and the
             autocast precision the forward runs under. A cache hit is used once a live pass over a sample agrees.
-            Training then runs no reference forward and frees a separate reference model. A second run with another
+            Training then runs no reference forward; `True` also frees a separate reference model, which `"auto"`
+            keeps for the datasets passed to `evaluate` later (scored on the fly). A second run with another
             learning rate or beta reuses the cache. `"auto"` turns it on wherever it can serve (the loss reads one
             number per example from the reference, the datasets are not streamed, the cache directory is writable;
             under ZeRO-3 and FSDP too, every process computing its share) and says which in one log line; `True`
@@ -146,8 +147,9 @@ class MinorSFTConfig(SFTConfig):
         default="auto",
         metadata={
             "help": "Compute the reference log-probs of the train and eval data once, before training, and cache them "
-            "on disk: training then runs no reference forward and needs no reference weights. 'auto' (the default): "
-            "wherever it can serve; true / false: always / never."
+            "on disk: training then runs no reference forward. 'auto' (the default): wherever it can serve, keeping a "
+            "separate reference for datasets passed to `evaluate` later; true: always, freeing that reference; false: "
+            "never."
         },
     )
     precompute_ref_batch_size: int | None = field(

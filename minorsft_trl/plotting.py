@@ -27,8 +27,9 @@ def plot_training_curves(
 ) -> Path | None:
     """Save a PNG with one panel per logged curve: `loss`, `deviation`, the loss's weights (`minor_weight`,
     `iw_weight`) with their min-max band, its KL anchor (`kl`), and the drift measures of the evaluations
-    (`eval_forward_kl`, `eval_nll_change`). `log_history` is `Trainer.state.log_history`; curves that were not
-    logged are left out. `max_forward_kl`, the drift budget, is drawn as a line on the forward KL.
+    (`eval_forward_kl`, `eval_nll_change`). `log_history` is `drift_log_history(trainer.state)` (the trainer's log
+    led by the drift before the first step, `minorsft_trl.drift.live`) or `Trainer.state.log_history`; curves that
+    were not logged are left out. `max_forward_kl`, the drift budget, is drawn as a line on the forward KL.
 
     A plot never fails the run it illustrates: without matplotlib (the `embedded` extra) or without a logged training
     loss (a run shorter than `logging_steps`), it says why and returns `None`."""

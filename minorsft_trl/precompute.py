@@ -74,12 +74,14 @@ _COMPUTE, _SAMPLE, _DONE = "compute", "sample", "done"
 class PrecomputedReferenceMixin:
     """The precomputed reference of `MinorSFTTrainer`: the values, their cache, and the passes that compute them."""
 
-    def _attach_precomputed_reference(self, reference: dict) -> None:
-        """Give every train and eval row its examples' reference log-probs (from the cache, or computed once), feed
-        them through the collator, and release a separate reference model: training needs only the numbers.
+    def _attach_precomputed_reference(self, reference: dict, release_reference: bool) -> None:
+        """Give every train and eval row its examples' reference log-probs (from the cache, or computed once) and feed
+        them through the collator.
 
         Args:
             reference: the identity of the reference (`fingerprint.model_identity`), taken before it was sharded.
+            release_reference: whether to release a separate reference model (training needs only the numbers),
+                leaving no reference for a dataset passed to `evaluate` later.
         """
         args = self.args
         self.train_dataset = self._precomputed(
@@ -95,7 +97,7 @@ class PrecomputedReferenceMixin:
             else:
                 self.eval_dataset = self._precomputed(self.eval_dataset, "eval", eval_batch_size, reference)
         self.data_collator = WithRefLogps(self.data_collator)
-        if self.ref_model is not None:
+        if release_reference and self.ref_model is not None:
             destroy_if_engine(self.ref_model)
             self.ref_model = None
             self._reference_released = True
@@ -231,8 +233,9 @@ def resolve_precompute(args, train_dataset, eval_dataset) -> bool:
         cache_dir = args.ref_cache_dir or cache_root() / "ref_logps"
         logger.warning(
             "precompute_ref_log_probs='auto': on. The reference's log-probs of the train and eval examples are "
-            f"computed once before training (cached in {cache_dir}), and training runs no reference forward; set it "
-            "to false to run the reference at every step instead."
+            f"computed once before training (cached in {cache_dir}), and training runs no reference forward; a "
+            "separate reference model stays loaded for datasets passed to `evaluate` later (true frees it). Set it to "
+            "false to run the reference at every step instead."
         )
         return True
     (logger.info if not args.uses_reference else logger.warning)(f"precompute_ref_log_probs='auto': off, {reason}.")

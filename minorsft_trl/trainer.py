@@ -38,7 +38,7 @@ from .config import TRL_LOSS_TYPES, MinorSFTConfig
 from .drift.budget import DriftBudgetCallback
 from .drift.card import drift_section
 from .drift.data import first_conversations
-from .drift.live import DriftCallback, DriftMixin
+from .drift.live import DriftCallback, DriftMixin, drift_log_history
 from .engines import destroy_if_engine, parameter_bytes, runnable_before_training
 from .examples import ExampleIndex, PackedRowsApart
 from .fingerprint import (
@@ -81,6 +81,12 @@ logger = transformers.utils.logging.get_logger(__name__)
 
 # A `minor_weight` below this everywhere in a logging window leaves gradients of a thousandth: learning has stopped
 STALLED_WEIGHT = 1e-3
+
+# What to do when a dataset reaches the reference after `precompute_ref_log_probs=True` released it
+RELEASED_REFERENCE_FIX = (
+    "Pass every dataset you evaluate to the trainer's `eval_dataset` (a dict for several), or leave "
+    "precompute_ref_log_probs at 'auto', which keeps the reference to score datasets passed to `evaluate` later."
+)
 
 # Key under which `get_batch_samples` hands `compute_loss` the number of examples of the whole optimizer step
 NUM_EXAMPLES_KEY = "num_examples_in_step"
@@ -152,8 +158,10 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
 
     Logged on train and eval, next to TRL's metrics: `deviation` (the paper's m_theta, eq. 8), `log_ratio` (mean of
     `log(pi_theta(y|x) / pi_ref(y|x))`) and, for `minor_sft`, `minor_weight` with `minor_weight_min` and
-    `minor_weight_max`. At every evaluation, and once before training, the drift measures (`eval_forward_kl`,
-    `eval_nll_change`; see `minorsft_trl.drift.live`), and `eval_answer_nll`, the held-out answers' per-token NLL.
+    `minor_weight_max`. At every evaluation the drift measures (`eval_forward_kl`, `eval_nll_change`; see
+    `minorsft_trl.drift.live`), and `eval_answer_nll`, the held-out answers' per-token NLL. The drift measured once
+    before training is kept in the trainer state, not as a log entry of its own, so that `state.log_history` keeps the
+    shape TRL gives it: `minorsft_trl.drift.live.drift_log_history(trainer.state)` is the log led by it.
     """
 
     _tag_names = ["trl", "sft", "minor-sft"]
@@ -195,6 +203,9 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         train_dataset = sharegpt_to_messages(train_dataset, "train_dataset")
         eval_dataset = sharegpt_to_messages(eval_dataset, "eval_dataset")
         self._eval_conversations = first_conversations(eval_dataset, args.drift_num_prompts)
+        # Only an explicit True frees a separate reference after the precompute: "auto" keeps it, so that a dataset
+        # passed to `evaluate` later (ordinary TRL use) is scored against the same reference
+        releases_reference = args.precompute_ref_log_probs is True
         args.precompute_ref_log_probs = resolve_precompute(args, train_dataset, eval_dataset)
         check_inputs(
             args,
@@ -251,7 +262,9 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             self.ref_model = None
             self._starting_base_parameters = StartingBaseParameters()
             self._reference_released = False
+            self._releases_reference = releases_reference
             self._reference_check = None
+            self._warned_non_finite_loss = False
             measures_drift = self._drift_enabled()
             explicit_reference = ref_model is not None or args.ref_model_name_or_path is not None
             # Plain SFT measures its drift against the reference it would have: free for a PEFT model (adapters
@@ -303,7 +316,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                     self._prepare_drift_measures(reference_identity)
                     self.add_callback(DriftCallback(self))
                 if args.precompute_ref_log_probs:
-                    self._attach_precomputed_reference(reference_identity)
+                    self._attach_precomputed_reference(reference_identity, releases_reference)
             self._drift_budget = None
             if args.max_forward_kl is not None:
                 self._drift_budget = DriftBudgetCallback(self, args.max_forward_kl)
@@ -444,7 +457,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         if self._reference_released:
             raise ValueError(
                 "The reference model was released after its log-probs were precomputed for the datasets given at "
-                "init, and this batch has none. Pass every evaluation dataset to the trainer's `eval_dataset`."
+                f"init (precompute_ref_log_probs=True), and this batch has none. {RELEASED_REFERENCE_FIX}"
             )
         with self._running_reference() as model, labelled_positions_only():
             if not hidden_states:
@@ -528,12 +541,31 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             result = self._loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         if self.model.training and not torch.isfinite(loss.detach()).all():
-            self._stop_on_non_finite_loss(loss)
+            self._on_non_finite_loss(loss)
         return result
 
-    def _stop_on_non_finite_loss(self, loss: torch.Tensor) -> None:
-        """A NaN or infinite training loss: stop with the step and the likely cause, rather than train on and save a
-        broken model (transformers logs the NaN and carries on)."""
+    def _on_non_finite_loss(self, loss: torch.Tensor) -> None:
+        """A NaN or infinite training loss. A loss that reads the reference stops with the step and the likely cause,
+        rather than train on and save a broken model: its log-ratios and weights mean nothing from here. TRL's own
+        losses (`nll`, `dft`) train on as `SFTTrainer` does (transformers' `logging_nan_inf_filter` even hides the
+        NaN from the logged loss), with one warning that names the cause."""
+        cause = self._non_finite_loss_cause()
+        message = f"The training loss is {loss.item()} at step {self.state.global_step}: {cause}"
+        if self.args.reference_loss is not None:
+            raise RuntimeError(
+                f"{message} Training stops here, before a broken model is saved: loss_type={self.args.loss_type!r} "
+                "reads the reference, and its log-ratios, weights and KL mean nothing from here on (TRL's `nll` and "
+                "`dft` train on, as SFTTrainer does)."
+            )
+        if not self._warned_non_finite_loss:
+            self._warned_non_finite_loss = True
+            logger.warning(
+                f"{message} With loss_type={self.args.loss_type!r} training goes on, as SFTTrainer's does, but the "
+                "updates from here are likely NaN: check the model before you use it. Said once."
+            )
+
+    def _non_finite_loss_cause(self) -> str:
+        """Why the training loss is not finite, and the fix: broken weights (at load, or diverged), or the forward."""
         broken = [
             f"{label} {name!r}"
             for label, module in (("policy", self.model), ("reference", self.ref_model))
@@ -542,20 +574,15 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             if param.is_floating_point() and not torch.isfinite(param).all()
         ]
         if broken:
-            cause = f"{len(broken)} weights hold NaN or inf (e.g. the {broken[0]}): " + (
+            return f"{len(broken)} weights hold NaN or inf (e.g. the {broken[0]}): " + (
                 "the model was broken when loaded; check the checkpoint (and its dtype: a float16 conversion can "
                 "overflow)."
                 if self.state.global_step == 0
                 else "the updates diverged; lower `learning_rate`, or keep `max_grad_norm` on."
             )
-        else:
-            cause = (
-                "the weights are finite, but the forward is not: a float16 overflow (train in bf16 or float32), or "
-                "logits the loss cannot take."
-            )
-        raise RuntimeError(
-            f"The training loss is {loss.item()} at step {self.state.global_step}: {cause} Training stops here, "
-            "before a broken model is saved."
+        return (
+            "the weights are finite, but the forward is not: a float16 overflow (train in bf16 or float32), or "
+            "logits the loss cannot take."
         )
 
     def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -732,10 +759,26 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         """`SFTTrainer.evaluate`, with the drift measures among TRL's eval metrics (`SFTTrainer.log` logs them as
         `eval_*`, returned and passed to the callbacks with the others). Measured once per evaluation: a dict of eval
         datasets is evaluated with the prefixes `eval_<name>`, which do not measure again."""
+        self._check_reference_for(eval_dataset)
         if self._measures_drift and metric_key_prefix == "eval":
             for key, value in self._drift_metrics().items():
                 self._metrics["eval"][key].append(value)
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def _check_reference_for(self, eval_dataset) -> None:
+        """Stop before evaluating datasets whose reference log-probs were not precomputed, where the reference model
+        that would score them was released (`precompute_ref_log_probs=True`). A name selects a dataset given at
+        init."""
+        if not self._reference_released or eval_dataset is None or isinstance(eval_dataset, str):
+            return
+        datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+        missing = [name for name, dataset in datasets.items() if REF_LOGPS not in (dataset.column_names or [])]
+        if missing:
+            raise ValueError(
+                f"evaluate(eval_dataset=...): the reference log-probs of {', '.join(map(repr, missing))} were not "
+                "precomputed, and precompute_ref_log_probs=True released the reference model that would score them. "
+                f"{RELEASED_REFERENCE_FIX}"
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # `SFTTrainer.log` averages each metric over the logging window; the extremes take their min and max instead
@@ -761,7 +804,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, with the drift the run reached (`minorsft_trl.drift.card`)."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        section = drift_section(self.state.log_history, self._drift_budget)
+        section = drift_section(drift_log_history(self.state), self._drift_budget)
         if section is not None and self.is_world_process_zero():
             with open(os.path.join(self.args.output_dir, "README.md"), "a") as card:
                 card.write("\n\n" + section)

@@ -41,6 +41,7 @@ from transformers import AutoTokenizer, BitsAndBytesConfig, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from minorsft_trl import MinorSFTTrainer
+from minorsft_trl.drift.live import drift_log_history
 from minorsft_trl.engines import parameter_bytes
 
 SEEN = {"forwards": 0, "reference_bytes": None}  # by this process, while the trainer of the current cell is built
@@ -213,7 +214,7 @@ def run(model_dir: str, out_dir: Path, cell: dict) -> MinorSFTTrainer | None:
         drift=[
             [log["step"], log.get("eval_forward_kl", log.get("eval_forward_kl_sampled"))]
             + [log.get(key) for key in ("eval_nll_change", "eval_deviation")]
-            for log in history
+            for log in drift_log_history(trainer.state)
             if "eval_forward_kl" in log or "eval_forward_kl_sampled" in log
         ],
     )

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 import minorsft_trl.drift.live as live_module
 from minorsft_trl import MinorSFTTrainer
+from minorsft_trl.drift.live import drift_log_history
 from minorsft_trl.drift.measures import Sequences, sample_continuations
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
@@ -49,7 +50,7 @@ def make_trainer(tmp_path, tokenizer, model=None, peft_config=LORA, **overrides)
 
 
 def drift_logs(trainer, key: str) -> list[tuple[int, float]]:
-    return [(log["step"], log[key]) for log in trainer.state.log_history if key in log]
+    return [(log["step"], log[key]) for log in drift_log_history(trainer.state) if key in log]
 
 
 def full_softmax_forward_kl(policy, reference, samples: Sequences, pad_id: int) -> float:

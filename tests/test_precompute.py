@@ -174,7 +174,11 @@ def test_a_dataset_given_to_evaluate_later_falls_back_to_the_reference_forward(t
 
 def test_a_released_separate_reference_cannot_score_a_later_dataset(tmp_path, tokenizer):
     trainer = build(tmp_path, tokenizer, ref_seed=1, precompute_ref_log_probs=True)
-    with pytest.raises(ValueError, match="reference model was released.*Pass every evaluation dataset"):
+    with pytest.raises(
+        ValueError,
+        match=r"reference log-probs of 'eval' were not precomputed, and precompute_ref_log_probs=True released the "
+        r"reference model .* or leave precompute_ref_log_probs at 'auto'",
+    ):
         trainer.evaluate(eval_dataset=prompt_completion_dataset(4))
 
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl.trainer.utils import add_fused_lm_head
 
 from minorsft_trl import MinorSFTTrainer
+from minorsft_trl.drift.live import drift_log_history
 from minorsft_trl.fused_head import labelled_positions_only
 
 
@@ -118,7 +119,7 @@ def test_qlora_reference_equals_a_pristine_4bit_base_after_training_and_evaluati
     assert trainer.state.global_step == 4 and len(losses) == 4 and all(map(math.isfinite, losses))
     assert [log for log in trainer.state.log_history if "loss" in log][0]["deviation"] == 0.0
     # The drift measures ran too (on by default with an eval split): sampling and scoring with the 4-bit reference
-    drift = [log["eval_forward_kl"] for log in trainer.state.log_history if "eval_forward_kl" in log]
+    drift = [log["eval_forward_kl"] for log in drift_log_history(trainer.state) if "eval_forward_kl" in log]
     assert len(drift) == 3 and drift[0] == 0.0 and drift[-1] > 0
 
     batch = whole_dataset_batch(trainer)

@@ -6,8 +6,8 @@ prompts (`drift_num_prompts`, from the eval split or `drift_prompts`), and score
 texts of `drift_text_dataset`. These numbers are cached next to the precomputed reference log-probs, keyed by the
 reference's weights and the token ids, so a second run (another learning rate, seed or loss) reuses them.
 
-At every evaluation, and once before the first step (where each is 0), `_drift_metrics` scores the same tokens with
-the policy, in eval mode:
+At every evaluation, and once before the first step (where each is 0; kept in the trainer state, not as a log entry
+of its own: `DriftCallback`), `_drift_metrics` scores the same tokens with the policy, in eval mode:
 
 - `forward_kl`: `KL(pi_ref || pi_theta)` per sampled token over the whole vocabulary, by a reference forward on the
   samples, wherever the run keeps a reference model (adapters disabled, the `"ref"` adapter, a separate or frozen
@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_callback import ExportableState
 
 from ..cache import cache_root, cached_directory, is_complete
 from ..reference import reference_mode
@@ -142,16 +143,15 @@ class DriftMixin:
             texts = Sequences([t[:1] for t in ids], [t[1:] for t in ids])
         self._drift_plan = (reference_identity, self._drift_prompts(), texts)
         policy_is_peft = is_peft_model(self.accelerator.unwrap_model(self.model))
-        if (self.ref_model is None and policy_is_peft) or (
-            self.ref_model is not None and not args.precompute_ref_log_probs
-        ):
+        separate_reference_stays = self.ref_model is not None and not self._releases_reference
+        if (self.ref_model is None and policy_is_peft) or separate_reference_stays:
             return  # the reference stays for the run
         logger.info(
-            "The run keeps no reference model (a separate reference released after the precompute, or full "
-            "fine-tuning with loss_type='nll'): the forward KL is logged as `eval_forward_kl_sampled`, its "
-            "sampled-token estimate from the reference's log-probs of its samples, taken before training. The "
-            "full-vocabulary `eval_forward_kl` needs the reference model kept: precompute_ref_log_probs=False, or a "
-            "loss with a reference (one more no-grad forward per step)."
+            "The run keeps no reference model (a separate reference released after the precompute by "
+            "precompute_ref_log_probs=True, or full fine-tuning with loss_type='nll'): the forward KL is logged as "
+            "`eval_forward_kl_sampled`, its sampled-token estimate from the reference's log-probs of its samples, "
+            "taken before training. The full-vocabulary `eval_forward_kl` needs the reference model kept: "
+            "precompute_ref_log_probs 'auto' or False, or a loss with a reference."
         )
         self._ensure_drift_probe()
 
@@ -346,12 +346,45 @@ class DriftMixin:
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-class DriftCallback(TrainerCallback):
-    """Logs the drift measures once before the first step (where they are 0), as the evaluation would name them."""
+class DriftCallback(TrainerCallback, ExportableState):
+    """Measures the drift once before the first step (where it is 0), named as an evaluation names it, and keeps it
+    in the trainer state (`stateful_callbacks` in `trainer_state.json`: a resumed run has it) rather than as a log
+    entry of its own: `state.log_history` keeps the shape TRL gives it, and the drift curves and the model card start
+    from these values (`drift_log_history`). With `eval_on_start=True`, TRL's own evaluation at step 0 measures them.
 
-    def __init__(self, trainer: DriftMixin):
+    Args:
+        trainer: the trainer whose drift is measured; `None` in the copy that transformers restores from a checkpoint
+            (`restore_callback_states_from_checkpoint`), which only carries the values.
+        measures_at_start: `{"eval_forward_kl": 0.0, ...}`, or `None` before they are measured.
+    """
+
+    def __init__(self, trainer: DriftMixin | None = None, measures_at_start: dict[str, float] | None = None):
         self.trainer = trainer
+        self.measures_at_start = measures_at_start
+
+    def state(self) -> dict:
+        return {"args": {"measures_at_start": self.measures_at_start}, "attributes": {}}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0:
-            self.trainer.log({f"eval_{k}": v for k, v in self.trainer._drift_metrics().items()})
+        if state.global_step > 0:  # resumed: the start's values come with the checkpoint's state
+            self.measures_at_start = measures_at_start(state)
+        elif args.eval_on_start:
+            self.measures_at_start = None
+        else:
+            self.measures_at_start = {f"eval_{k}": v for k, v in self.trainer._drift_metrics().items()}
+            logger.info(f"Drift before the first step: {self.measures_at_start}")
+        # The state was built before this call: write the values into it now, not only at the next checkpoint
+        state.stateful_callbacks[type(self).__name__] = self.state()
+
+
+def measures_at_start(state: TrainerState) -> dict[str, float] | None:
+    """The drift measured before the first step (`DriftCallback`), as kept in the trainer state."""
+    stored = state.stateful_callbacks.get(DriftCallback.__name__)
+    return stored["args"]["measures_at_start"] if stored else None
+
+
+def drift_log_history(state: TrainerState) -> list[dict]:
+    """`state.log_history` led by the drift measured before the first step, as an entry at step 0: where the drift
+    curves and the model card's table start. The trainer's own log stays as TRL writes it."""
+    start = measures_at_start(state)
+    return ([{"step": 0, **start}] if start else []) + state.log_history

@@ -39,6 +39,7 @@ from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config, g
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
 from minorsft_trl.checkpoints import last_complete_checkpoint
 from minorsft_trl.data import MinorSFTScriptArguments, check_data_paths, load_datasets
+from minorsft_trl.drift.live import drift_log_history
 from minorsft_trl.embedded import resolve_model
 from minorsft_trl.errors import InputError, run_command
 from minorsft_trl.packaged import resolve_config_argument, resolve_recipe_file
@@ -102,7 +103,7 @@ def main(
     trainer.create_model_card(dataset_name=script_args.dataset_name)
     if trainer.accelerator.is_main_process:
         curves = plot_training_curves(
-            trainer.state.log_history,
+            drift_log_history(trainer.state),
             os.path.join(training_args.output_dir, "training_curves.png"),
             title=training_args.describe_loss(),
             max_forward_kl=training_args.max_forward_kl,
