@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import cache_root, cached_directory, file_sha256
+from .errors import InputError
 from .package_index import download_from_index
 
 SCHEME = "bigbench:"
@@ -59,7 +60,7 @@ def _extractor(task: str, archive_path: Path | None):
                     available.append(member.name.removeprefix(TASKS_PREFIX).removesuffix("/task.json"))
         close = difflib.get_close_matches(task, available, n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise InputError(
             f"BIG-bench has no JSON task {task!r} (programmatic tasks are not supported).{hint} "
             f"Tasks are named by their folder under bigbench/benchmark_tasks, e.g. 'unit_conversion/si_conversion'."
         )
@@ -93,7 +94,7 @@ def task_examples(task: str, archive: Path | None = None) -> list[dict[str, Any]
             targets = [example["target"]] if isinstance(example["target"], str) else list(example["target"])
             examples.append({"prompt": prompt, "completion": " " + targets[0].strip(), "targets": targets})
     if not examples:
-        raise ValueError(f"BIG-bench task {task!r} has neither multiple-choice nor exact-match examples.")
+        raise InputError(f"BIG-bench task {task!r} has neither multiple-choice nor exact-match examples.")
     return examples
 
 
@@ -112,7 +113,7 @@ def load_splits(task: str, test_size: int, seed: int = 0, archive: Path | None =
 
     examples = task_examples(task, archive)
     if not 0 < test_size < len(examples):
-        raise ValueError(
+        raise InputError(
             f"test_size must be between 1 and {len(examples) - 1} for BIG-bench task {task!r} "
             f"({len(examples)} examples), got {test_size}."
         )

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import transformers
 
+from .errors import InputError
+
 MANIFEST = "minorsft_complete.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -106,7 +108,7 @@ def check_run_identity(checkpoint: str | Path, identity: dict) -> None:
     if recorded.get("data") is not None and identity.get("data") is not None and recorded["data"] != identity["data"]:
         differences.append("it was trained on other data (the tokenised training examples differ)")
     if differences:
-        raise ValueError(
+        raise InputError(
             f"resume_from_checkpoint={str(checkpoint)!r} belongs to another run: {'; '.join(differences)}. Resume "
             "with the model, data and settings the checkpoint was trained with, or drop `resume_from_checkpoint` "
             "(or use another `output_dir`) to start a new run."

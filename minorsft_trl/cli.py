@@ -26,6 +26,8 @@ from trl.cli.commands.base import Command, CommandContext
 
 from minorsft_trl import packaged
 
+from .errors import InputError
+
 PROG = "minorsft-trl"
 EXAMPLES = """examples:
   minorsft-trl recipes
@@ -66,7 +68,7 @@ class TrainCommand(Command):
                 all_args, return_remaining_strings=True, separate_remaining_strings=True
             )
             if config_remaining:
-                raise ValueError(f"Unknown arguments from config file: {config_remaining}. Please remove them.")
+                raise InputError(f"Unknown arguments from config file: {config_remaining}. Please remove them.")
             minor_sft.check_types(*configs)
             # What would fail in every launched process, after seconds of start-up, checked here in one line
             minor_sft.check_before_loading(*configs)
@@ -156,7 +158,7 @@ def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
     try:
         launch_args = resolve_accelerate_config_argument(launch_args)
     except ValueError as error:
-        raise ValueError(
+        raise InputError(
             f"{error} This package's configs: {', '.join(packaged.accelerate_config_names())}."
         ) from error
     check_cpu_flag(launch_args)
@@ -176,7 +178,7 @@ def check_cpu_flag(launch_args: list[str]) -> None:
         return  # accelerate says so
     engine = load_config_from_file(config_file).distributed_type
     if engine in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        raise ValueError(
+        raise InputError(
             f"--cpu with {config_file} (distributed_type: {engine.value}): accelerate would start one process "
             f"without {engine.value}, ignoring the config and --num_processes. Drop --cpu: the recipe's "
             "`use_cpu: true` (or `--use_cpu true`) runs the processes on the CPU, with `--num_processes 2 "

@@ -10,6 +10,7 @@ import transformers
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig
 
+from .errors import InputError
 from .loss_types import REFERENCE_LOSSES, LossType
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -220,7 +221,7 @@ class MinorSFTConfig(SFTConfig):
             self.dataloader_pin_memory = False
         super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(
+            raise InputError(
                 f"loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}, got {self.loss_type!r}. "
                 "Use 'minor_sft' for Minor SFT."
             )
@@ -242,19 +243,19 @@ class MinorSFTConfig(SFTConfig):
             and not reference_loss.reference.can_be_precomputed
         ):
             precomputable = [name for name, loss in REFERENCE_LOSSES.items() if loss.reference.can_be_precomputed]
-            raise ValueError(
+            raise InputError(
                 f"precompute_ref_log_probs=True with loss_type={self.loss_type!r}: this loss needs "
                 f"{reference_loss.reference.value}, which cannot be cached per example. Set "
                 "precompute_ref_log_probs=False (the reference then runs a forward each step), or use a loss that "
                 f"needs only per-example log-probs ({', '.join(precomputable)})."
             )
         if self.precompute_ref_log_probs is True and not self.uses_reference:
-            raise ValueError(
+            raise InputError(
                 f"precompute_ref_log_probs=True with loss_type={self.loss_type!r} and log_deviation=False: there is "
                 "no reference to precompute. Drop precompute_ref_log_probs, or set log_deviation=True."
             )
         if self.neftune_noise_alpha is not None and self.uses_reference:
-            raise ValueError(
+            raise InputError(
                 f"neftune_noise_alpha={self.neftune_noise_alpha} with loss_type={self.loss_type!r}: NEFTune adds "
                 "noise to the policy's input embeddings in training forwards only, and the reference scores clean "
                 "ones, so log(pi_theta / pi_ref), the weights and `deviation` are noise from the first step. Use "
@@ -263,7 +264,7 @@ class MinorSFTConfig(SFTConfig):
         self._check_drift_settings()
         self._check_trackers_installed()
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
-            raise ValueError(f"precompute_ref_batch_size must be >= 1, got {self.precompute_ref_batch_size}.")
+            raise InputError(f"precompute_ref_batch_size must be >= 1, got {self.precompute_ref_batch_size}.")
 
     def _check_sizes(self) -> None:
         """Values that transformers accepts and only trips over once training starts (a division by zero, a NaN
@@ -271,13 +272,13 @@ class MinorSFTConfig(SFTConfig):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+                raise InputError(f"{name} must be an integer >= 1, got {value!r}.")
         if (
             not isinstance(self.learning_rate, (int, float))
             or not math.isfinite(self.learning_rate)
             or self.learning_rate < 0
         ):
-            raise ValueError(
+            raise InputError(
                 f"learning_rate must be a finite number >= 0, got {self.learning_rate!r}. The paper's best for Minor "
                 "SFT is 2e-5."
             )
@@ -288,7 +289,7 @@ class MinorSFTConfig(SFTConfig):
         if "tensorboard" in (self.report_to or []) and not any(
             importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")
         ):
-            raise ValueError(
+            raise InputError(
                 "report_to includes 'tensorboard', which is not installed: `pip install 'minorsft_trl[tensorboard]'` "
                 "(or `pip install tensorboard`), or report to none."
             )
@@ -297,7 +298,7 @@ class MinorSFTConfig(SFTConfig):
         for name in ("drift_num_prompts", "drift_max_new_tokens", "drift_num_texts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+                raise InputError(f"{name} must be an integer >= 1, got {value!r}.")
         if self.max_forward_kl is not None:
             _check_number(
                 "max_forward_kl",
@@ -307,24 +308,24 @@ class MinorSFTConfig(SFTConfig):
                 "budget.",
             )
             if not self.eval_drift:
-                raise ValueError(
+                raise InputError(
                     f"max_forward_kl={self.max_forward_kl} needs the drift measures, but eval_drift=False. Set "
                     "eval_drift=True, or drop max_forward_kl."
                 )
             eval_strategy, save_strategy = (getattr(s, "value", s) for s in (self.eval_strategy, self.save_strategy))
             if eval_strategy == "no":
-                raise ValueError(
+                raise InputError(
                     f"max_forward_kl={self.max_forward_kl} is checked at evaluations, but eval_strategy='no'. Set "
                     "eval_strategy='steps' with eval_steps (and an eval dataset or test_split_size)."
                 )
             if save_strategy == "no":
-                raise ValueError(
+                raise InputError(
                     f"max_forward_kl={self.max_forward_kl} keeps the last checkpoint within budget, but "
                     f"save_strategy='no' saves none. Set save_strategy={eval_strategy!r}, as eval_strategy"
                     + (", with save_steps a multiple of eval_steps." if eval_strategy == "steps" else ".")
                 )
             if save_strategy != eval_strategy or (eval_strategy == "steps" and self.save_steps % self.eval_steps != 0):
-                raise ValueError(
+                raise InputError(
                     f"max_forward_kl keeps the last checkpoint within budget, so checkpoints must be saved at "
                     f"evaluations: save_strategy={self.save_strategy!r}, save_steps={self.save_steps} against "
                     f"eval_strategy={self.eval_strategy!r}, eval_steps={self.eval_steps}. Use the same strategy, "
@@ -370,7 +371,7 @@ def precompute_choice(value) -> bool | str:
         return value
     choice = {"true": True, "false": False, "auto": "auto"}.get(str(value).strip().lower())
     if choice is None:
-        raise ValueError(
+        raise InputError(
             f"precompute_ref_log_probs must be true, false or 'auto', got {value!r}. 'auto' (the default) precomputes "
             "wherever it can serve."
         )
@@ -380,6 +381,6 @@ def precompute_choice(value) -> bool | str:
 def _check_number(name: str, value, positive: bool, hint: str) -> None:
     bound = "> 0" if positive else ">= 0"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number {bound}, got {value!r} ({type(value).__name__}). {hint}")
+        raise InputError(f"{name} must be a number {bound}, got {value!r} ({type(value).__name__}). {hint}")
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value}. {hint}")
+        raise InputError(f"{name} must be a finite number {bound}, got {value}. {hint}")

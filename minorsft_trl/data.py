@@ -30,6 +30,7 @@ from datasets.exceptions import DatasetGenerationError
 from trl import DatasetMixtureConfig, ScriptArguments, get_dataset
 
 from . import bigbench
+from .errors import InputError
 from .file_checks import check_file_records
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -120,23 +121,23 @@ def load_datasets(
         source = repr(script_args.dataset_name)
         train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
     else:
-        raise ValueError(
+        raise InputError(
             "No dataset given: set `dataset_name` (a local .jsonl/.json/.csv/.parquet file or folder, a Hub dataset "
             "id, or `bigbench:<task>`) or a mixture under `datasets:` in the recipe."
         )
 
     if train_split not in splits:
-        raise ValueError(
+        raise InputError(
             f"{source} has no {train_split!r} split (its splits: {', '.join(splits) or 'none'}): set "
             "`dataset_train_split` to one of them, or name the training file train.jsonl (or .json, .csv, .parquet)."
         )
     train = splits[train_split]
     test = splits.get(test_split)
     if isinstance(train, Dataset) and len(train) == 0:
-        raise ValueError(f"The {train_split!r} split of {source} is empty (0 examples): give it training examples.")
+        raise InputError(f"The {train_split!r} split of {source} is empty (0 examples): give it training examples.")
     if test is None and test_size is not None:
         if isinstance(train, IterableDataset):
-            raise ValueError(
+            raise InputError(
                 f"test_split_size={dataset_args.test_split_size} cannot carve a held-out split out of a streamed "
                 f"dataset ({source}): turn streaming off, or give the data a {test_split!r} split."
             )
@@ -154,7 +155,7 @@ def load_datasets(
     if evaluate and test is None:
         others = [name for name in splits if name != train_split]
         hint = f"set `dataset_test_split` to one of {others}, or " if others else ""
-        raise ValueError(
+        raise InputError(
             f"Evaluation is on (`eval_strategy`), but {source} has no {test_split!r} split: {hint}set "
             "`test_split_size` (e.g. 0.1, or 200 examples) to hold out part of the train split, or set "
             '`eval_strategy: "no"`.'
@@ -165,7 +166,7 @@ def load_datasets(
         return DataSplits(train, None)
     test = _capped(test, script_args.max_eval_examples, "max_eval_examples", "eval")
     if isinstance(test, Dataset) and len(test) == 0:
-        raise ValueError(
+        raise InputError(
             f"The eval split of {source} is empty (0 examples; max_eval_examples={script_args.max_eval_examples}): "
             'give it examples, or set `eval_strategy: "no"`.'
         )
@@ -200,11 +201,11 @@ def load_named(script_args: MinorSFTScriptArguments, where: str = "dataset_name"
         check_folder(path, where)
         return _load_local(path, where, str(path), streaming=streaming)
     if looks_like_path(name):
-        raise ValueError(_missing_path(name, where))
+        raise InputError(_missing_path(name, where))
     try:
         return load_dataset(name, name=script_args.dataset_config, streaming=streaming)
     except (FileNotFoundError, ConnectionError) as error:
-        raise ValueError(
+        raise InputError(
             f"{where} {name!r} is neither a local file or folder (relative paths are read from "
             f"{os.getcwd()}) nor a dataset `datasets` could load from the Hub: {error}"
         ) from error
@@ -221,7 +222,7 @@ def load_mixture(dataset_args: DatasetMixtureConfig) -> DatasetDict:
     for index, config in enumerate(dataset_args.datasets):
         where = f"datasets[{index}].path"
         if config.path.startswith(bigbench.SCHEME):
-            raise ValueError(
+            raise InputError(
                 f"{where} {config.path!r}: a `bigbench:` task cannot be part of a mixture; use it as `dataset_name`."
             )
         path = Path(config.path).expanduser()
@@ -234,25 +235,25 @@ def load_mixture(dataset_args: DatasetMixtureConfig) -> DatasetDict:
             config = replace(config, path=builder, name=None, data_dir=None, data_files={split_name: str(path)})
         elif path.is_dir():
             if is_saved_dataset(path):
-                raise ValueError(
+                raise InputError(
                     f"{where} {config.path!r} was written by `save_to_disk`, which a mixture cannot read: export "
                     "it with `dataset.to_json('data.jsonl')` (or `.to_parquet`) and give that file."
                 )
             check_folder(path, where)
         elif looks_like_path(config.path):
-            raise ValueError(_missing_path(config.path, where))
+            raise InputError(_missing_path(config.path, where))
         resolved.append(config)
     try:
         with csv_read_as_text("datasets[].path"):
             return get_dataset(replace(dataset_args, datasets=resolved, test_split_size=None))
     except (ValueError, DatasetGenerationError) as error:
         if isinstance(error.__cause__, UnicodeDecodeError):
-            raise ValueError(
+            raise InputError(
                 f"A file of the mixture is not UTF-8 text ({error.__cause__}): save every file as UTF-8."
             ) from error
         if "can't be aligned" not in str(error):
             raise
-        raise ValueError(
+        raise InputError(
             f"The datasets of the mixture cannot be joined: a column has different types in different datasets "
             f"({error}). Select the same columns in each (`columns:`), holding the same kind of values; files of "
             "one type join best."
@@ -273,7 +274,7 @@ def carve_test_split(dataset: Dataset, test_size: int | float, seed: int = 0) ->
     total = len(dataset)
     count = math.ceil(test_size * total) if isinstance(test_size, float) else test_size
     if count >= total:
-        raise ValueError(
+        raise InputError(
             f"test_split_size={test_size} holds out {count} examples, but the train split has only {total}: at least "
             "one must stay for training. Use a smaller count or a smaller fraction."
         )
@@ -300,12 +301,12 @@ def file_builder(path: Path, where: str) -> str:
     """The `datasets` builder that reads the local file `path`; `where` names the setting in errors."""
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(
+        raise InputError(
             f"{where} {str(path)!r}: cannot read {path.suffix or 'extension-less'} files; give a {_SUPPORTED} file "
             "(e.g. write your rows with `Dataset.from_list(rows).to_json('data.jsonl')`)."
         )
     if path.stat().st_size == 0:
-        raise ValueError(f"{where} {str(path)!r} is an empty file: write at least one example in it.")
+        raise InputError(f"{where} {str(path)!r} is an empty file: write at least one example in it.")
     return builder
 
 
@@ -325,13 +326,13 @@ def check_folder(path: Path, where: str) -> None:
     `datasets` fails on with a bare `StopIteration`)."""
     files = data_files_in(path)
     if not files:
-        raise ValueError(
+        raise InputError(
             f"{where} {str(path)!r} is a folder with no {_SUPPORTED} file: put the data in train.jsonl (and "
             "optionally test.jsonl) there, or give the file itself."
         )
     empty = [str(file) for file in files if file.stat().st_size == 0]
     if empty:
-        raise ValueError(f"{where} {str(path)!r} holds empty data files: {', '.join(empty)}; fill or remove them.")
+        raise InputError(f"{where} {str(path)!r} holds empty data files: {', '.join(empty)}; fill or remove them.")
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -360,7 +361,7 @@ def csv_text_features(files: list[Path], where: str) -> Features | None:
         with open(files[0], newline="", encoding="utf-8") as csv_file:
             header = next(csv.reader(csv_file), [])
     except UnicodeDecodeError as error:
-        raise ValueError(_not_utf8(files[0], where, error)) from error
+        raise InputError(_not_utf8(files[0], where, error)) from error
     return Features({name: Value("string") for name in header})
 
 
@@ -396,11 +397,11 @@ def _load_local(path: Path, where: str, *args, **kwargs):
         return load_dataset(*args, **kwargs)
     except (ValueError, DatasetGenerationError) as error:
         if isinstance(error.__cause__, UnicodeDecodeError):
-            raise ValueError(_not_utf8(path, where, error.__cause__)) from error
+            raise InputError(_not_utf8(path, where, error.__cause__)) from error
         if isinstance(error, ValueError) and "corresponds to no data" not in str(error):
             raise
         cause = f": {error.__cause__}" if error.__cause__ is not None else ""
-        raise ValueError(
+        raise InputError(
             f"{where} {str(path)!r}: `datasets` could not read it ({error}{cause}). A file may hold no rows (a "
             "CSV with only its header, an empty Parquet file) or malformed ones: give every file at least one valid "
             "example, or remove it."
@@ -420,7 +421,7 @@ def check_utf8(files: list[Path], where: str) -> None:
                 try:
                     decoder.decode(chunk)
                 except UnicodeDecodeError as error:
-                    raise ValueError(_not_utf8(file, where, error, offset)) from error
+                    raise InputError(_not_utf8(file, where, error, offset)) from error
                 offset += len(chunk)
 
 
@@ -440,7 +441,7 @@ def check_data_paths(script_args: MinorSFTScriptArguments, dataset_args: Dataset
     named += [(f"datasets[{index}].path", config.path) for index, config in enumerate(mixture)]
     for where, name in named:
         if not name.startswith(bigbench.SCHEME) and looks_like_path(name) and not Path(name).expanduser().exists():
-            raise ValueError(_missing_path(name, where))
+            raise InputError(_missing_path(name, where))
 
 
 def _missing_path(name: str, where: str) -> str:
@@ -456,11 +457,11 @@ def _check_test_split_size(value) -> int | float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"test_split_size must be a fraction in (0, 1) or a number of examples, got {value!r}.")
+        raise InputError(f"test_split_size must be a fraction in (0, 1) or a number of examples, got {value!r}.")
     if isinstance(value, float) and value >= 1 and value.is_integer():
         value = int(value)
     if isinstance(value, float) and not 0 < value < 1 or isinstance(value, int) and value < 1:
-        raise ValueError(
+        raise InputError(
             f"test_split_size={value} is neither a fraction in (0, 1) nor a number of examples of at least 1: use "
             "e.g. 0.1 (a tenth of the train split) or 200 (examples)."
         )

@@ -13,6 +13,8 @@ import transformers
 from datasets import Dataset
 from trl.data_utils import is_conversational_from_value
 
+from .errors import InputError
+
 logger = transformers.utils.logging.get_logger(__name__)
 
 # Rows named in an error, at most
@@ -40,7 +42,7 @@ def check_dataset(dataset, name: str, text_field: str) -> None:
             check_dataset(part, f"{name}[{split!r}]", text_field)
         return
     if isinstance(dataset, Dataset) and len(dataset) == 0:
-        raise ValueError(f"`{name}` is empty (0 examples): pass a dataset with at least one example.")
+        raise InputError(f"`{name}` is empty (0 examples): pass a dataset with at least one example.")
     first_row = next(iter(dataset), {})
     columns = dataset.column_names if dataset.column_names is not None else list(first_row)
     formats = {fmt: needed for fmt, needed in dataset_formats(text_field).items() if set(needed) <= set(columns)}
@@ -48,7 +50,7 @@ def check_dataset(dataset, name: str, text_field: str) -> None:
         # TRL converts `conversations` only when its turns are `from`/`value` dicts, and reads nothing else of it
         formats.pop("conversational (ShareGPT)")
     if not formats:
-        raise ValueError(
+        raise InputError(
             f"`{name}` has the columns {sorted(columns)}, and SFTTrainer reads a `{text_field}` column (language "
             "modelling), `messages` (conversations of `role`/`content` turns), `conversations` (ShareGPT: turns of "
             "`from`/`value`), `prompt` and `completion` (prompt-completion) or `input_ids` (tokenised). Rename the "
@@ -81,7 +83,7 @@ def _raise_incomplete(name: str, table, present: dict, formats: dict) -> None:
         missing = pc.indices_nonzero(pc.invert(rows)).to_pylist()
         described.append(f"{fmt} ({', '.join(formats[fmt])}) is missing in rows {missing[:_SHOWN]}")
     mixed = sum(pc.any(rows).as_py() for rows in present.values()) > 1
-    raise ValueError(
+    raise InputError(
         f"`{name}` has rows of {'several formats' if mixed else 'missing values'}: "
         + "; ".join(described)
         + (

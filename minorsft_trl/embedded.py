@@ -9,6 +9,7 @@ import importlib.util
 from pathlib import Path
 
 from .cache import cache_root, cached_directory, file_sha256
+from .errors import InputError
 
 SCHEME = "embedded:"
 EMBEDDED_MODELS = {
@@ -28,7 +29,7 @@ def resolve_model(name_or_path: str) -> str:
 def embedded_model_dir(name: str) -> Path:
     """The cached transformers checkpoint of the embedded model `name`, converted from its GGUF file if needed."""
     if name not in EMBEDDED_MODELS:
-        raise ValueError(
+        raise InputError(
             f"Unknown embedded model {name!r}. Embedded models: {', '.join(SCHEME + n for n in EMBEDDED_MODELS)}."
         )
     package, gguf_name, requirement = EMBEDDED_MODELS[name]

@@ -14,6 +14,8 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import InputError
+
 # Other records with a problem named in an error, at most
 _SHOWN = 5
 # The columns each format needs, and the kind of value each holds: "text" (a string), "turns" (a list of dicts),
@@ -51,7 +53,7 @@ def check_file_records(path: Path, where: str, columns: list[str] | None = None)
     if problems:
         (location, problem), others = problems[0], [location for location, _ in problems[1:]]
         also = f" (and {', '.join(others[:_SHOWN])}{', ...' if len(others) > _SHOWN else ''})" if others else ""
-        raise ValueError(f"{where} {str(path)!r}, {location}{also}: {problem}")
+        raise InputError(f"{where} {str(path)!r}, {location}{also}: {problem}")
 
 
 def _format_of(record: dict) -> dict[str, str] | None:
@@ -111,7 +113,7 @@ def _json_lines(stream, path: Path, where: str) -> Iterator[tuple[str, dict]]:
         if line.strip():
             record = _parse(line, path, where, f"line {number}")
             if not isinstance(record, dict):
-                raise ValueError(
+                raise InputError(
                     f"{where} {str(path)!r}, line {number}: a record must be a JSON object "
                     f'(`{{"prompt": ..., "completion": ...}}`), not {type(record).__name__}.'
                 )
@@ -122,7 +124,7 @@ def _parse(text: str, path: Path, where: str, location: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where} {str(path)!r}, {location}: not valid JSON ({error}). Fix or remove it.") from error
+        raise InputError(f"{where} {str(path)!r}, {location}: not valid JSON ({error}). Fix or remove it.") from error
 
 
 def _csv_records(path: Path) -> Iterator[tuple[str, dict]]:

@@ -8,6 +8,8 @@ The files are kept once, at the repository's top level (`recipes/<Model>/<method
 
 from pathlib import Path
 
+from .errors import InputError
+
 _PACKAGE = Path(__file__).resolve().parent
 RECIPE_GLOB = "*/*/config_*.yaml"
 
@@ -43,7 +45,7 @@ def find_recipe(name: str) -> Path:
         return Path(name)
     key = name.removeprefix("recipes/").removesuffix(".yaml")
     if key not in recipe_names():
-        raise ValueError(
+        raise InputError(
             f"Recipe {name!r} is neither a file nor a packaged recipe. Packaged recipes (`minorsft-trl recipes`): "
             f"{', '.join(recipe_names())}."
         )

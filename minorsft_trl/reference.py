@@ -22,6 +22,8 @@ from torch import nn
 from transformers import AutoTokenizer
 from trl.trainer.utils import disable_dropout_in_model
 
+from .errors import InputError
+
 REF_ADAPTER = "ref"
 
 # The files a saved tokenizer has one of
@@ -210,7 +212,7 @@ def check_same_vocabulary(policy: nn.Module, reference: nn.Module, explicit: boo
             else "The policy's embeddings were resized after loading (e.g. by `chat_template_path`): resize the saved "
             "model first and train from that, or set `precompute_ref_log_probs=True`."
         )
-        raise ValueError(
+        raise InputError(
             f"The reference model has a vocabulary of {ref_vocab} tokens but the policy has {policy_vocab}: their "
             f"log-probabilities cannot be compared. {fix}"
         )
@@ -237,7 +239,7 @@ def check_same_tokenizer(tokenizer, ref_path: str) -> None:
     vocabulary sizes do not make the log-probabilities comparable."""
     differing = tokens_mapped_differently(tokenizer, ref_path, added_tokens_count=True)
     if differing:
-        raise ValueError(
+        raise InputError(
             f"The reference {ref_path!r} has another tokenizer than the policy: {len(differing)} tokens differ (e.g. "
             f"{differing[:3]}), so its log-probabilities score other tokens. Use a reference trained with the "
             "policy's tokenizer (the model the policy was initialised from)."
@@ -249,7 +251,7 @@ def check_model_tokenizer(tokenizer, model_path: str) -> None:
     (another tokenizer family of the same vocabulary size); tokens it adds are not a difference."""
     differing = tokens_mapped_differently(tokenizer, model_path, added_tokens_count=False)
     if differing:
-        raise ValueError(
+        raise InputError(
             f"`processing_class` maps tokens to other ids than the tokenizer saved with the model {model_path!r}: "
             f"{len(differing)} tokens differ (e.g. {differing[:3]}), so the model would read every example as other "
             "tokens. Pass the model's own tokenizer (`AutoTokenizer.from_pretrained(model_path)`)."

@@ -12,6 +12,8 @@ import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
 from trl.data_utils import is_conversational_from_value
 
+from .errors import InputError
+
 # What each ShareGPT role is in a chat template (LLaMA-Factory: human, gpt, system, observation; axolotl and FastChat
 # also write user, assistant, chatgpt and tool)
 ROLES = {
@@ -61,9 +63,9 @@ def _to_messages(row: dict, name: str) -> dict:
     return {"messages": messages}
 
 
-def _unknown_role(name: str, roles: list, row: int | None) -> ValueError:
+def _unknown_role(name: str, roles: list, row: int | None) -> InputError:
     where = f" (first in row {row})" if row is not None else ""
-    return ValueError(
+    return InputError(
         f"`{name}` has ShareGPT turns from {', '.join(repr(role) for role in roles)}{where}, which no chat template "
         f"renders: the roles read are {', '.join(repr(role) for role in ROLES)}. Rename those turns' `from`, or "
         "convert the data to `messages` with the roles your chat template renders."

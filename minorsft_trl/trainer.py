@@ -40,6 +40,7 @@ from .drift.card import drift_section
 from .drift.data import first_conversations
 from .drift.live import DriftCallback, DriftMixin, drift_log_history
 from .engines import destroy_if_engine, parameter_bytes, runnable_before_training
+from .errors import InputError
 from .examples import ExampleIndex, PackedRowsApart
 from .fingerprint import (
     dataset_fingerprint,
@@ -375,7 +376,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
                 # ZeRO-3 partitions the weights at load time: a copy would hold empty shards, so load them again
                 ref_model = get_config_model_id(policy.config)
                 if not ref_model:
-                    raise ValueError(
+                    raise InputError(
                         f"loss_type={self.args.loss_type!r} under DeepSpeed ZeRO-3 loads the reference from the "
                         "policy's path, but this model has none (`config._name_or_path` is empty). Pass `ref_model` "
                         "(a path or a model), or set `precompute_ref_log_probs=True`."
@@ -406,7 +407,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             return starting
         names = list(starting.parameters)
         if is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
-            raise ValueError(
+            raise InputError(
                 f"The PEFT adapter trains {len(names)} parameters of the base model besides its own (e.g. "
                 f"{names[0]!r}: `bias='all'` or `'lora_only'`), which the base model seen with the adapters disabled "
                 "(the reference) must keep at their starting values; under FSDP or ZeRO-3 they are sharded and "
@@ -455,7 +456,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         With `hidden_states=True`, also its `(batch, seq_len, hidden)` last hidden states and its LM head's weight and
         bias (read inside the reference's context: disabling the adapters may swap the head)."""
         if self._reference_released:
-            raise ValueError(
+            raise InputError(
                 "The reference model was released after its log-probs were precomputed for the datasets given at "
                 f"init (precompute_ref_log_probs=True), and this batch has none. {RELEASED_REFERENCE_FIX}"
             )
@@ -774,7 +775,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
         missing = [name for name, dataset in datasets.items() if REF_LOGPS not in (dataset.column_names or [])]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"evaluate(eval_dataset=...): the reference log-probs of {', '.join(map(repr, missing))} were not "
                 "precomputed, and precompute_ref_log_probs=True released the reference model that would score them. "
                 f"{RELEASED_REFERENCE_FIX}"
@@ -871,7 +872,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "latest"):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(
+                raise InputError(
                     f"resume_from_checkpoint: there is no complete checkpoint in {self.args.output_dir!r}. Drop "
                     "`resume_from_checkpoint` to start from scratch, or pass the path of a checkpoint."
                 )
@@ -880,7 +881,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             and has_manifest(resume_from_checkpoint)
             and not is_complete(resume_from_checkpoint)
         ):
-            raise ValueError(
+            raise InputError(
                 f"resume_from_checkpoint={resume_from_checkpoint!r} is incomplete (killed while saving, or files "
                 f"removed since). The last complete one is {last_complete_checkpoint(self.args.output_dir)!r}."
             )
@@ -966,7 +967,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             return
         num_dropped = len(train_dataset) - len(self.train_dataset)
         if len(self.train_dataset) == 0:
-            raise ValueError(
+            raise InputError(
                 f"All {len(train_dataset)} training examples lost their answer tokens to truncation at "
                 f"max_length={self.args.max_length}: nothing is left to train on. Raise `max_length` (or set it to "
                 "None), or shorten the prompts."

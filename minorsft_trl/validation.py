@@ -13,6 +13,7 @@ from .cache import cache_root
 from .config import REFERENCE_LOSS_TYPES
 from .data import looks_like_path
 from .dataset_checks import check_dataset
+from .errors import InputError
 from .reference import check_model_tokenizer
 
 
@@ -30,7 +31,7 @@ def check_output_dir(output_dir: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".minorsft-write-check-"):
             pass
     except OSError as error:
-        raise ValueError(
+        raise InputError(
             f"output_dir={str(output_dir)!r} cannot be written ({error.strerror or error}: {str(existing)!r}): the "
             "run would fail at its first save. Choose a writable `output_dir`."
         ) from error
@@ -49,7 +50,7 @@ def check_no_run_overwritten(output_dir: Path, resume_from_checkpoint, overwrite
     found = sorted(path.name for path in output_dir.iterdir() if path.name in RUN_FILES)
     found += sorted((path.name for path in output_dir.glob("checkpoint-*") if path.is_dir()), key=len)[:2]
     if found:
-        raise ValueError(
+        raise InputError(
             f"output_dir={str(output_dir)!r} holds a run ({', '.join(found)}): pass --resume_from_checkpoint true to "
             "continue it, --overwrite_output_dir true to train over it, or another --output_dir."
         )
@@ -70,7 +71,7 @@ def check_writable(directory: Path) -> None:
     """Refuse a reference cache directory that cannot be created or written."""
     reason = unwritable(directory)
     if reason is not None:
-        raise ValueError(
+        raise InputError(
             f"The reference cache directory {str(directory)!r} is not writable ({reason}). Set `ref_cache_dir` (or "
             "the MINORSFT_TRL_CACHE environment variable) to a writable directory."
         )
@@ -87,7 +88,7 @@ def _check_drift_has_an_eval_split(args, eval_dataset) -> None:
     }
     if named:
         settings = ", ".join(f"{k}={v!r}" for k, v in named.items())
-        raise ValueError(
+        raise InputError(
             f"{settings}: the drift measures run at evaluations, and this run has no eval dataset. Pass "
             "`eval_dataset` (in a recipe: a test split, or `test_split_size`) with `eval_strategy`, or drop them."
         )
@@ -110,7 +111,7 @@ def check_inputs(
     check_launch(args)
     if ref_model is not None and ref_model is model:
         # Checked on the objects as given: `get_peft_model` would inject the adapters into this very model
-        raise ValueError("`ref_model` is the model being trained. Leave `ref_model` unset to get a frozen reference.")
+        raise InputError("`ref_model` is the model being trained. Leave `ref_model` unset to get a frozen reference.")
     check_output_dir(Path(args.output_dir))
     _check_drift_has_an_eval_split(args, eval_dataset)
     for where, value in (
@@ -134,7 +135,7 @@ def check_inputs(
         and args.chat_template_path is None
         and is_conversational(next(iter(train_dataset)))
     ):
-        raise ValueError(
+        raise InputError(
             "The dataset is conversational but the tokenizer has no chat template to render it. Set "
             "`chat_template_path` (a .jinja file, or a tokenizer that has a template), or "
             "`processing_class.chat_template`."
@@ -147,7 +148,7 @@ def check_inputs(
         or getattr(model, "is_loaded_in_8bit", False)
     )
     if quantized and peft_config is None and not is_peft_model_or_path(model):
-        raise ValueError(
+        raise InputError(
             "The model is quantized (4-bit or 8-bit) but no `peft_config` was given: quantized weights cannot be "
             "trained directly. Pass a `peft_config` (e.g. `peft.LoraConfig(...)`, or `--use_peft` in a recipe) to "
             "train LoRA adapters on top of it (QLoRA)."
@@ -159,16 +160,16 @@ def check_inputs(
             for d in (eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])
         )
     ):
-        raise ValueError(
+        raise InputError(
             "precompute_ref_log_probs=True needs map-style datasets: a streaming (IterableDataset) dataset cannot be "
             "gone through before training. Load the data without streaming, or set precompute_ref_log_probs=False."
         )
     if ref_model is not None and args.ref_model_name_or_path is not None:
-        raise ValueError(
+        raise InputError(
             f"Both `ref_model` and `ref_model_name_or_path={args.ref_model_name_or_path!r}` are set: keep one."
         )
     if args.uses_reference and args.packing and args.packing_strategy != "bfd":
-        raise ValueError(
+        raise InputError(
             f"packing_strategy={args.packing_strategy!r} splits examples that do not fit into fragments (or cuts them "
             f"mid-sequence), and loss_type={args.loss_type!r} would count each fragment as an example. Use "
             "packing_strategy='bfd' (the default), which packs whole examples and truncates over-long ones."
@@ -176,11 +177,11 @@ def check_inputs(
     if args.loss_type not in REFERENCE_LOSS_TYPES:
         return
     if compute_loss_func is not None:
-        raise ValueError(
+        raise InputError(
             f"`compute_loss_func` replaces the loss, which contradicts loss_type={args.loss_type!r}. Drop one of them."
         )
     if args.label_smoothing_factor > 0:
-        raise ValueError(
+        raise InputError(
             f"label_smoothing_factor={args.label_smoothing_factor} is not supported with loss_type="
             f"{args.loss_type!r}. Set `label_smoothing_factor=0`."
         )
@@ -194,7 +195,7 @@ def check_parallelism(args, parallelism) -> None:
     if args.loss_type not in REFERENCE_LOSS_TYPES or parallelism is None:
         return
     if parallelism.tp_enabled or parallelism.cp_enabled or parallelism.sp_enabled:
-        raise ValueError(
+        raise InputError(
             f"loss_type={args.loss_type!r} does not support tensor, context or sequence parallelism, which split one "
             f"example across processes (got tp_size={parallelism.tp_size}, cp_size={parallelism.cp_size}, "
             f"sp_size={parallelism.sp_size}). Use data parallelism (DDP, FSDP, DeepSpeed ZeRO): remove "
@@ -208,11 +209,11 @@ def check_assistant_only_loss(first_row: dict, text_field: str) -> None:
     if is_conversational(first_row):
         return
     if "prompt" in first_row and "completion" in first_row:
-        raise ValueError(
+        raise InputError(
             "assistant_only_loss=True needs conversations, and this dataset is prompt-completion, where the loss is "
             "already on the completion alone (`completion_only_loss`, on by default): drop `assistant_only_loss`."
         )
-    raise ValueError(
+    raise InputError(
         f"assistant_only_loss=True needs conversations (a `messages` column of role/content turns, or ShareGPT's "
         f"`conversations`), and this dataset has {sorted(first_row)}: convert it to `messages` (the loss then falls "
         f"on the assistant turns), or drop `assistant_only_loss` to train on every token of `{text_field}`."
@@ -222,7 +223,7 @@ def check_assistant_only_loss(first_row: dict, text_field: str) -> None:
 def check_model_path(where: str, value) -> None:
     """Refuse a model named by a local path that does not exist, which transformers reports as a malformed Hub id."""
     if isinstance(value, str) and looks_like_path(value) and not Path(value).expanduser().exists():
-        raise ValueError(
+        raise InputError(
             f"{where}={value!r}: no such folder (relative paths are read from {os.getcwd()}). Give the folder "
             "`save_pretrained` wrote (with its config.json), or a Hub model id such as 'org/name'."
         )
@@ -240,7 +241,7 @@ def check_adapter_targets(model: "torch.nn.Module") -> None:
     if missing:
         adapters = set(model.peft_config)
         modules = [(name, module) for name, module in model.named_modules() if not adapters & set(name.split("."))]
-        raise ValueError(_unmatched_targets(config.peft_type.value, targets, missing, modules))
+        raise InputError(_unmatched_targets(config.peft_type.value, targets, missing, modules))
 
 
 def check_lora_targets_before_loading(model_name_or_path: str, model_args) -> None:
@@ -262,7 +263,7 @@ def check_lora_targets_before_loading(model_name_or_path: str, model_args) -> No
     names = [name for name, _ in skeleton.named_modules()]
     missing = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
     if missing:
-        raise ValueError(_unmatched_targets("LORA", targets, missing, list(skeleton.named_modules())))
+        raise InputError(_unmatched_targets("LORA", targets, missing, list(skeleton.named_modules())))
 
 
 def _unmatched_targets(peft_type: str, targets, missing: list[str], modules) -> str:
@@ -290,7 +291,7 @@ def check_launch(args) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     distributed_type = args.distributed_state.distributed_type
     if launched > 1 and (args.world_size == 1 or distributed_type == DistributedType.NO):
-        raise ValueError(
+        raise InputError(
             f"This process is one of {launched} launched processes (WORLD_SIZE={launched}), but it trains alone "
             f"(world size {args.world_size}, distributed type {distributed_type.value}): each process would train on "
             "all the data and write the same output directory. On a machine without GPUs set `use_cpu: true` in the "
@@ -298,7 +299,7 @@ def check_launch(args) -> None:
             "process sees its device."
         )
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and distributed_type != DistributedType.FSDP:
-        raise ValueError(
+        raise InputError(
             f"The accelerate config asks for FSDP, but accelerate runs FSDP on GPUs (and other accelerators) only: "
             f"here it would run distributed type {distributed_type.value}, every process holding the whole model, "
             "without a word. On a machine without GPUs launch with `--config_file accelerate_configs/ddp.yaml` for "
@@ -312,7 +313,7 @@ def check_launch(args) -> None:
             recipe_fix = (
                 f"`{launched_precision}: true`" if launched_precision != "no" else "`bf16: false` and `fp16: false`"
             )
-            raise ValueError(
+            raise InputError(
                 f"DeepSpeed trains in the accelerate config's mixed_precision={launched_precision!r}, and the "
                 f"training arguments say bf16={args.bf16}, fp16={args.fp16}: DeepSpeed would stop at the first step "
                 f"on the mismatch. Pass `--mixed_precision {requested}` to `accelerate launch` (or set "
@@ -331,7 +332,7 @@ def check_recipe_keys(path: str) -> None:
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
-                    raise ValueError(
+                    raise InputError(
                         f"The recipe {path} sets `{key}` twice (line {key_node.start_mark.line + 1} repeats it): "
                         "YAML would keep only the last value. Keep one."
                     )
@@ -345,6 +346,6 @@ def check_recipe_keys(path: str) -> None:
             mark = error.problem_mark
             where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
             tab = " YAML indents with spaces, never tabs: replace the tab." if "\\t" in str(error.problem) else ""
-            raise ValueError(
+            raise InputError(
                 f"The recipe {path} is not valid YAML at {where}: {error.problem}.{tab} Each line is `key: value`."
             ) from error

@@ -14,6 +14,8 @@ from accelerate.utils import is_peft_model
 from torch.distributed.tensor import DTensor
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
+from .errors import InputError
+
 # Tokens per call of the kernel: its buffers hold `(KL_TOKEN_CHUNK, 32768)` fp32 tiles of both models, 128 MiB each
 KL_TOKEN_CHUNK = 1024
 
@@ -38,7 +40,7 @@ def check_plain_logits(model: torch.nn.Module, loss_type: str) -> None:
     config = causal_lm(model).config.get_text_config()
     transforms = {name: getattr(config, name) for name in LOGIT_TRANSFORM_FIELDS if getattr(config, name, None)}
     if transforms:
-        raise ValueError(
+        raise InputError(
             f"loss_type={loss_type!r} computes its KL anchor from the LM head's outputs, but this model transforms "
             f"its logits ({', '.join(f'{k}={v}' for k, v in transforms.items())}), which the anchor does not apply. "
             "Use loss_type='minor_sft' or 'iw_sft', which need only the log-probs of the answers."

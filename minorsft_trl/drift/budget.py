@@ -20,6 +20,7 @@ import transformers
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..errors import InputError
 from .live import FORWARD_KL, FORWARD_KL_SAMPLED
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -52,7 +53,7 @@ class DriftBudgetCallback(TrainerCallback):
         name, value = measured_forward_kl(self.trainer._drift_metrics(), prefix="")
         if value > self.max_forward_kl:
             start = f"the checkpoint it resumes from, {resumed_from}," if resumed_from else "the model it starts from"
-            raise ValueError(
+            raise InputError(
                 f"max_forward_kl={self.max_forward_kl:g}: {start} is already over the drift budget ({name}="
                 f"{value:.4g} against its reference), so no model within it could be kept. Raise max_forward_kl, or "
                 "give the reference the run should stay close to (ref_model_name_or_path)."

@@ -7,6 +7,7 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 
 from ..data import MinorSFTScriptArguments, load_named
+from ..errors import InputError
 from ..sharegpt import sharegpt_to_messages
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -49,7 +50,7 @@ def prompt_ids_from_prepared(
         )
         prompts = [ids[: len(ids) // 2] for ids in unmarked if len(ids) >= 2]
     if not prompts:
-        raise ValueError(
+        raise InputError(
             "The drift measures found no prompt in the eval dataset (no example has tokens before its answer). Name "
             "prompts with `drift_prompts`, or set eval_drift=False."
         )
@@ -105,7 +106,7 @@ def prompt_ids_from_dataset(name: str, tokenizer, count: int) -> list[list[int]]
     elif "messages" in dataset.column_names:
         prompts = [_before_last_assistant_turn(m) for m in dataset["messages"]]
     else:
-        raise ValueError(
+        raise InputError(
             f"drift_prompts {name!r} has the columns {dataset.column_names}: give it a `prompt` column (text or a "
             "conversation) or a `messages` column."
         )
@@ -117,7 +118,7 @@ def text_ids_from_dataset(name: str, tokenizer, count: int, max_length: int | No
     chat template), each cut to `max_length` tokens; texts of fewer than 2 tokens are refused."""
     dataset = load_drift_dataset(name, "drift_text_dataset", count)
     if not {"text", "messages"} & set(dataset.column_names):
-        raise ValueError(
+        raise InputError(
             f"drift_text_dataset {name!r} has the columns {dataset.column_names}: give it a `text` column (or "
             "`messages`)."
         )
@@ -125,7 +126,7 @@ def text_ids_from_dataset(name: str, tokenizer, count: int, max_length: int | No
     ids = [_token_ids(tokenizer, {key: value}, "text")[:max_length] for value in dataset[key]]
     short = [i for i, t in enumerate(ids) if len(t) < 2]
     if short:
-        raise ValueError(
+        raise InputError(
             f"drift_text_dataset {name!r}: rows {short[:5]} have fewer than 2 tokens, which leaves nothing to score. "
             "Remove the empty texts."
         )
@@ -139,7 +140,7 @@ def load_drift_dataset(name: str, where: str, count: int) -> Dataset:
     splits = load_named(MinorSFTScriptArguments(dataset_name=name), where=where)
     dataset = splits["train"] if "train" in splits else next(iter(splits.values()))
     if len(dataset) == 0:
-        raise ValueError(f"{where} {name!r} has no rows: give it at least one.")
+        raise InputError(f"{where} {name!r} has no rows: give it at least one.")
     return sharegpt_to_messages(dataset.select(range(min(count, len(dataset)))), where)
 
 
@@ -159,7 +160,7 @@ def _token_ids(tokenizer, example: dict, rendered_key: str) -> list[int]:
     if not is_conversational(example):
         return tokenizer(next(iter(example.values())))["input_ids"]
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
+        raise InputError(
             "A drift dataset holds conversations, but the tokenizer has no chat template. Set `chat_template_path`, "
             "or give plain text."
         )

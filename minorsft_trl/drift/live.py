@@ -37,6 +37,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
 
 from ..cache import cache_root, cached_directory, is_complete
+from ..errors import InputError
 from ..reference import reference_mode
 from ..vocabulary_kl import lm_head_weights
 from .data import (
@@ -194,7 +195,7 @@ class DriftMixin:
             prompts = prompt_ids_from_dataset(args.drift_prompts, self.processing_class, args.drift_num_prompts)
             too_long = [len(p) for p in prompts if args.max_length is not None and len(p) > args.max_length]
             if too_long:
-                raise ValueError(
+                raise InputError(
                     f"drift_prompts {args.drift_prompts!r}: {len(too_long)} of {len(prompts)} prompts are longer than "
                     f"max_length={args.max_length} tokens (up to {max(too_long)}). Shorten them, or raise max_length."
                 )

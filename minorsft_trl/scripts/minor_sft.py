@@ -175,7 +175,7 @@ def check_types(*configs) -> None:
             accepted = allowed + ((int,) if float in allowed else ())
             if isinstance(value, bool) and bool not in allowed or not isinstance(value, accepted):
                 names = " or ".join(t.__name__ for t in allowed)
-                raise ValueError(
+                raise InputError(
                     f"`{config_field.name}` must be {names}, got {value!r} ({type(value).__name__}): fix it in the "
                     "recipe or on the command line."
                 )
