@@ -56,9 +56,10 @@ def runnable_before_training(model: torch.nn.Module, accelerator) -> Iterator[No
 def destroy_if_engine(module: torch.nn.Module | None) -> None:
     """Destroy `module` if it is a DeepSpeed engine (the training engine, a separate reference's from TRL's
     `prepare_deepspeed`, the one `runnable_before_training` builds), and let go of what DeepSpeed keeps of it after
-    its own `destroy` (0.19): its forward hooks on the model (closures over the engine) and, under ZeRO-3, the model
-    on DeepSpeed's global module stack and its parameter coordinator in a cache on the class. Otherwise every engine,
-    with its process groups and buffers, lives to interpreter exit, after the process group is destroyed."""
+    its own `destroy` (0.19): its forward hooks on the model (closures over the engine) and, under ZeRO-3, its
+    backward functions on each module (which an engine built later on the model would otherwise run), the model's
+    modules on DeepSpeed's global module stack and its parameter coordinator in a cache on the class. Otherwise every
+    engine, with its process groups and buffers, lives to interpreter exit, after the process group is destroyed."""
     if not is_deepspeed_available():
         return
     from deepspeed import DeepSpeedEngine
@@ -68,14 +69,18 @@ def destroy_if_engine(module: torch.nn.Module | None) -> None:
     if not isinstance(module, DeepSpeedEngine):
         return
     module.destroy()
+    forget_backward_functions(module.module)
     for hook in ("module_forward_pre_hook", "module_forward_post_hook"):
         if getattr(module, hook, None) is not None:
             getattr(module, hook).remove()
             setattr(module, hook, None)
     # What follows reads DeepSpeed 0.19's internals (the version the tests pin); another version may keep nothing of
     # the kind, and the run has ended well either way: whatever is not found is left to interpreter exit
+    # The model, and those of its modules whose forward never returned: activation checkpointing stops a forward it
+    # recomputes in the backward as soon as it holds what the backward needs, before DeepSpeed's hooks pop the module
     stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
-    stack[:] = [entry for entry in stack if entry is not module.module]
+    modules = set(module.module.modules())
+    stack[:] = [entry for entry in stack if entry not in modules]
     # The ZeRO-3 parameter coordinator's `__params_to_release`, an `lru_cache` on the class, keys on the coordinator
     # and so keeps it, the parameters it traced, their optimizer and engine (and its process groups)
     cached = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
@@ -83,3 +88,20 @@ def destroy_if_engine(module: torch.nn.Module | None) -> None:
         cached = inspect.getclosurevars(cached).nonlocals.get("func")
     if hasattr(cached, "cache_clear"):
         cached.cache_clear()
+
+
+def forget_backward_functions(model: torch.nn.Module) -> None:
+    """Remove from each module of `model` the functions through which a ZeRO-3 engine fetches and releases the
+    module's parameters in the backward (DeepSpeed 0.19's `pre_bwd_fn` / `post_bwd_fn`), once that engine is
+    destroyed.
+
+    DeepSpeed defines them on a module only where the module has none, bound to the engine that defines them, and never
+    removes them. An engine built later on the same model (the training engine after `runnable_before_training`'s)
+    then runs its forwards with its own parameter coordinator and its backwards with the destroyed engine's. Under
+    activation checkpointing with frozen base weights (LoRA, QLoRA), the training engine's coordinator, which never
+    saw a backward, meets the forward recomputed inside the backward out of its recorded order, drops its trace and
+    releases every parameter of each module after it, the persistent ones too: the recomputed tensors are empty where
+    the first forward saved whole weights (`CheckpointError: Recomputed values ... have different metadata`)."""
+    for submodule in model.modules():
+        for name in ("pre_bwd_fn", "post_bwd_fn"):
+            submodule.__dict__.pop(name, None)

@@ -12,14 +12,16 @@ the frozen copy of the policy) or `explicit` (LoRA, the model's own path as `ref
 `precompute` (bool); `per_device_train_batch_size`; optionally `model_dir` (another model), `four_bit` (QLoRA: the
 model loaded in 4-bit NF4), `lora_bias` (PEFT's `bias`), `drift_prompts` and `drift_texts`
 (the drift measures at each step, on these files), `gradient_accumulation_steps`, `resume` (one step with a
-checkpoint, where process 1 writes a part of its own 1 s late, then a second trainer resumes from it) and
+checkpoint, where process 1 writes a part of its own 1 s late, then a second trainer resumes from it),
 `broken_reference` (the reference's final norm moved by 0.5 before it is prepared: the reference check must stop the
-run). A cell the trainer refuses reports the reason (`refused`). Every cell trains 2 SGD steps over the 8 examples
-without clipping, so the weights after them are a function of the gradients alone.
+run), `activation_checkpointing` and `partitioned` (under ZeRO-3, no parameter kept whole between its uses: see
+`partition_every_parameter`). A cell the trainer refuses reports the reason (`refused`). Every cell trains 2 SGD steps
+over the 8 examples without clipping, so the weights after them are a function of the gradients alone.
 
 Written by the main process: `<out_dir>/<name>.json` (the engine, the logged losses, `deviation` and `kl`, each
 process's precompute forwards and the bytes of its separate reference (held between forwards, whole, and of its
-ZeRO-3 partitions), or the error that stopped the cell) and
+ZeRO-3 partitions), the main process's forwards under activation checkpointing and, under ZeRO-3, the number of the
+policy's parameters kept whole between uses; or the error that stopped the cell) and
 `<out_dir>/<name>.pt` (the trainable weights before and after training, whole).
 """
 
@@ -37,19 +39,28 @@ from peft import LoraConfig
 from tiny import cpu_args, prompt_completion_dataset
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoTokenizer, BitsAndBytesConfig, Trainer
+from transformers import AutoTokenizer, BitsAndBytesConfig, Trainer, modeling_utils
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.drift.live import drift_log_history
 from minorsft_trl.engines import parameter_bytes
 
-SEEN = {"forwards": 0, "reference_bytes": None}  # by this process, while the trainer of the current cell is built
+# By this process: reference forwards and reference bytes while the trainer of the current cell is built, forwards run
+# under activation checkpointing while it trains
+SEEN = {"forwards": 0, "reference_bytes": None, "checkpointed": 0}
 BROKEN_REFERENCE = {"on": False}
 SAVE_OPTIMIZER = Trainer._save_optimizer_and_scheduler
 REFERENCE_LOGPS = MinorSFTTrainer._reference_logps
 LOAD_REFERENCE = MinorSFTTrainer._load_reference
 PREPARE_REFERENCE = MinorSFTTrainer._prepare_reference
+CHECKPOINT = modeling_utils.checkpoint
+
+
+def counting_checkpoint(*args, **kwargs):
+    """transformers' activation checkpointing of one layer's forward (torch's `checkpoint`), counted."""
+    SEEN["checkpointed"] += 1
+    return CHECKPOINT(*args, **kwargs)
 
 
 def counting_reference_logps(self, *args):
@@ -88,6 +99,7 @@ MinorSFTTrainer._reference_logps = counting_reference_logps
 MinorSFTTrainer._load_reference = load_reference_maybe_broken
 MinorSFTTrainer._prepare_reference = measuring_prepare_reference
 Trainer._save_optimizer_and_scheduler = saving_a_late_part
+modeling_utils.checkpoint = counting_checkpoint  # what `activation_checkpointing_enable` binds each layer to
 
 
 def whole_parameters(params, modifier_rank=None):
@@ -121,6 +133,17 @@ def with_fsdp_on_the_cpu(version: int) -> None:
     MinorSFTTrainer.create_accelerator_and_postprocess = create_accelerator_with_fsdp
 
 
+def partition_every_parameter(plugin) -> None:
+    """Under ZeRO-3, no parameter stays whole between its uses: each is gathered for its module's forward (and
+    backward, and the recomputation of activation checkpointing) and released after it, as a real model's weight
+    matrices are. DeepSpeed keeps a parameter whole once used if it has at most `stage3_param_persistence_threshold`
+    values (1e5 by default), which is every parameter of the tiny models. Set before the model loads: the threshold is
+    read both as it is partitioned at load (`zero3_init_flag`, through the config `set_deepspeed_weakref` publishes)
+    and by the training engine."""
+    plugin.deepspeed_config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
+    plugin.set_deepspeed_weakref()
+
+
 def build(model_dir: str, out_dir: Path, cell: dict, **overrides) -> MinorSFTTrainer:
     settings = dict(
         max_steps=2,
@@ -135,6 +158,8 @@ def build(model_dir: str, out_dir: Path, cell: dict, **overrides) -> MinorSFTTra
     )
     if cell["loss_type"] in ("asft", "sft_kl"):
         settings["kl_coef"] = 100.0
+    if cell.get("activation_checkpointing"):
+        settings["activation_checkpointing"] = True
     if cell["reference"] == "explicit":
         settings["ref_model_name_or_path"] = model_dir
     if cell["precompute"]:
@@ -151,10 +176,13 @@ def build(model_dir: str, out_dir: Path, cell: dict, **overrides) -> MinorSFTTra
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias=cell.get("lora_bias", "none"))
     model_dir = cell.get("model_dir", model_dir)
     four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    args = cpu_args(out_dir / cell["name"], **{**settings, **overrides})
+    if cell.get("partitioned") and args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
+        partition_every_parameter(args.deepspeed_plugin)
     return MinorSFTTrainer(
         model_dir,
         quantization_config=four_bit if cell.get("four_bit") else None,
-        args=cpu_args(out_dir / cell["name"], **{**settings, **overrides}),
+        args=args,
         train_dataset=prompt_completion_dataset(),
         eval_dataset=prompt_completion_dataset() if cell.get("drift_prompts") else None,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
@@ -175,7 +203,7 @@ def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def run(model_dir: str, out_dir: Path, cell: dict) -> MinorSFTTrainer | None:
     """Train the cell and write its report; `None` if the trainer refused the cell (the reason is reported)."""
-    SEEN.update(forwards=0, reference_bytes=None)
+    SEEN.update(forwards=0, reference_bytes=None, checkpointed=0)
     BROKEN_REFERENCE["on"] = cell.get("broken_reference", False)
     # Resumed: trained to step 1 with a checkpoint there, and a second trainer resumes from it to step 2
     first = dict(max_steps=1, save_strategy="steps", save_steps=1) if cell.get("resume") else {}
@@ -207,6 +235,11 @@ def run(model_dir: str, out_dir: Path, cell: dict) -> MinorSFTTrainer | None:
     history = trainer.state.log_history
     report.update(
         engine=type(trainer.model_wrapped).__name__,
+        checkpointed_forwards=SEEN["checkpointed"],
+        # Under ZeRO-3: how many of the policy's parameters DeepSpeed keeps whole between their uses
+        persistent_parameters=sum(getattr(p, "ds_persist", False) for p in trainer.model.parameters())
+        if is_deepspeed_zero3_enabled()
+        else None,
         losses=[log["loss"] for log in history if "loss" in log],
         deviation=[log["deviation"] for log in history if "deviation" in log],
         kl=[log["kl"] for log in history if "kl" in log],
