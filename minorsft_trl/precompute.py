@@ -185,15 +185,13 @@ class PrecomputedReferenceMixin:
                 batches, total=len(share), desc=f"Reference log-probs ({name})",
                 disable=not self.accelerator.is_local_main_process,
             )  # fmt: skip
-            # A repeat of the padding overwrites its original with the same values
+            # A repeat of the padding within this process overwrites its original with the same values
             computed = {i: self._batch_ref_logps(batch)[0] for (i, _), batch in zip(share, progress, strict=True)}
         local = torch.cat(list(computed.values())).to(self.accelerator.device)
         if self.accelerator.num_processes == 1:
             return local.cpu().numpy()
-        # Tensors, not `gather_object`: all_gather_object over gloo leaves the process to abort at exit
-        lengths = self.accelerator.gather(torch.tensor([local.numel()], device=local.device)).tolist()
-        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0)).view(len(lengths), -1)
-        return torch.cat([row[:length] for row, length in zip(gathered, lengths, strict=True)]).cpu().numpy()
+        batch_ids = torch.cat([torch.full((values.numel(),), i) for i, values in computed.items()]).to(local.device)
+        return _in_batch_order(self.accelerator, local, batch_ids, len(starts))
 
     def _sample_agrees(self, name, cached: list[list[float]], live, num_tokens, rows: list[int]) -> bool:
         """Whether the live reference log-probs of the sampled `rows` equal the cached ones, to float noise."""
@@ -216,6 +214,26 @@ class PrecomputedReferenceMixin:
         super()._set_signature_columns_if_needed()
         if self.args.precompute_ref_log_probs and REF_LOGPS not in self._signature_columns:
             self._signature_columns.append(REF_LOGPS)
+
+
+def _in_batch_order(accelerator, values: torch.Tensor, batch_ids: torch.Tensor, num_batches: int) -> np.ndarray:
+    """Every process's `values` (the examples of its batches, `batch_ids` naming each value's batch), gathered on
+    every process, in batch order, each batch once: a process whose share was padded with repeats of another's batches
+    (fewer batches than processes, or a share one short) holds copies that must not be counted twice."""
+    # Tensors, not `gather_object`: all_gather_object over gloo leaves the process to abort at exit
+    lengths = accelerator.gather(torch.tensor([values.numel()], device=values.device)).tolist()
+    gathered_values = accelerator.gather(accelerator.pad_across_processes(values, dim=0)).view(len(lengths), -1)
+    gathered_ids = accelerator.gather(accelerator.pad_across_processes(batch_ids, dim=0, pad_index=-1))
+    by_batch = {}
+    for row, ids, length in zip(gathered_values, gathered_ids.view(len(lengths), -1), lengths, strict=True):
+        of_process = {}
+        for value, batch in zip(row[:length].tolist(), ids[:length].tolist(), strict=True):
+            of_process.setdefault(batch, []).append(value)
+        for batch, batch_values in of_process.items():
+            by_batch.setdefault(batch, batch_values)
+    if sorted(by_batch) != list(range(num_batches)):
+        raise RuntimeError(f"The precompute gathered batches {sorted(by_batch)} of {num_batches}.")
+    return np.array([value for batch in range(num_batches) for value in by_batch[batch]], dtype=np.float32)
 
 
 def _sample_rows(dataset: Dataset, batch_size: int) -> list[int]:

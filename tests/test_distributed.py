@@ -84,9 +84,13 @@ def assert_same_weights(two: dict, one: dict) -> None:
 
 def test_examples_are_counted_across_processes_even_without_averaging_tokens_across_devices(tmp_path, tiny_recipe):
     """8 examples packed at max_length 80 make two rows of 3 and 5 examples: one row per process is a per-rank mean
-    of 3 and of 5 examples unless the example count spans both processes (the paper's mean over the global batch)."""
+    of 3 and of 5 examples unless the example count spans both processes (the paper's mean over the global batch).
+    The reference is precomputed in one batch of both rows, which the second process repeats and must not count."""
     packed = ["--packing", "true", "--max_length", 80, "--average_tokens_across_devices", "false"]
-    assert_same_weights(*two_processes_and_one(tmp_path, tiny_recipe, 1, *packed))
+    # The precompute in one batch of both rows: fewer batches than processes, the second process's share a repeat
+    precomputed = ["--precompute_ref_log_probs", "true", "--precompute_ref_batch_size", 8]
+    precomputed += ["--ref_cache_dir", tmp_path / "ref-cache"]
+    assert_same_weights(*two_processes_and_one(tmp_path, tiny_recipe, 1, *packed, *precomputed))
 
 
 @pytest.mark.parametrize("loss_type", ["asft", "sft_kl", "iw_sft"])

@@ -195,7 +195,9 @@ def assert_trains_as_one_process(
     # The precompute: 4 batches, 2 reference forwards on each process
     assert report["precompute_forwards"] == ([2, 2] if cell["precompute"] else [0, 0])
     assert report["losses"] == pytest.approx(expected_report["losses"], rel=1e-4)
-    assert report["deviation"] == pytest.approx(expected_report["deviation"], rel=1e-4, abs=1e-7)
+    # The deviation is a difference of per-token log-probs of about -5 summed in float32 over another batch layout: its
+    # absolute noise (layout noise, README "The reference": up to 3.8e-6 per example) does not shrink with its size
+    assert report["deviation"] == pytest.approx(expected_report["deviation"], rel=1e-4, abs=1e-6)
     if cell.get("drift"):  # at steps 0, 1, 2: 0 before training, then equal to one process's
         assert [row[0] for row in report["drift"]] == [0, 1, 2] and report["drift"][-1][1] > 1e-6
         assert report["drift"][0][1] == pytest.approx(0.0, abs=1e-7)
