@@ -146,6 +146,24 @@ def test_each_method_at_its_best_learning_rate_against_sft_at_its_own():
     assert report.summarise(tied, grid)["best"][0]["learning_rate"] == 5e-4
 
 
+def test_steps_clipped_are_reported_as_a_percentage_of_the_steps():
+    grid = make_grid(("sft", "minor_sft"), (1e-3,), (0, 1, 2), step_control=False)
+    runs = synthetic_runs("sft", 1e-3, [2.0, 2.1, 2.2], [0.3, 0.4, 0.5]) + synthetic_runs(
+        "minor_sft", 1e-3, [2.5, 2.4, 2.3], [0.1, 0.2, 0.3]
+    )
+    for run, clipped in zip(runs, [1.0, 0.92, 0.96, 0.7, 0.62, 0.66], strict=True):
+        run["clipped_fraction"] = run["grad_norm_over_1"] = clipped
+    summary = report.summarise(runs, grid)
+    assert summary["configurations"][0]["clipped_fraction"]["mean"] == pytest.approx(96.0)
+    assert summary["paired"][0]["clipped_fraction"]["mean"] == pytest.approx(-30.0)  # percentage points
+    table = report.markdown({"runs": runs}, summary, grid).splitlines()
+    header = next(line for line in table if line.startswith("| method |"))
+    assert "| steps clipped (%) |" in header and "| steps with grad norm > 1 (%) |" in header
+    sft_row = next(line for line in table if line.startswith("| SFT |"))
+    cells = dict(zip(header.split(" | "), sft_row.split(" | "), strict=True))
+    assert cells["steps clipped (%)"].startswith("96 ["), cells
+
+
 def test_the_log_history_says_how_often_clipping_bound_and_how_often_the_default_would_have():
     history = [
         {"loss": 1.0, "grad_norm": 0.5, "step": 1, "minor_weight": 0.9},

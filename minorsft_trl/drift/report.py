@@ -30,9 +30,11 @@ MEASURES = {  # key: (title, higher is better)
     "heldout_deviation": ("held-out m_theta", False),
     "nll_change": ("NLL change on held-out text", False),
     "train_deviation": ("train deviation", False),
-    "clipped_fraction": ("steps clipped", False),
-    "grad_norm_over_1": ("steps with grad norm > 1", False),
+    "clipped_fraction": ("steps clipped (%)", False),
+    "grad_norm_over_1": ("steps with grad norm > 1 (%)", False),
 }
+# Shares reported in % (their differences in percentage points); a run records them as fractions
+PERCENTS = ("accuracy", "clipped_fraction", "grad_norm_over_1")
 DRIFTS = ("forward_kl", "forward_kl_sampled", "heldout_deviation", "nll_change")
 # The trainer's metric a run's forward KL came from (`forward_kl_source`) -> the measure it is reported as
 KL_ESTIMATORS = {"eval_forward_kl": "forward_kl", "eval_forward_kl_sampled": "forward_kl_sampled"}
@@ -72,7 +74,8 @@ def present(runs: list[dict]) -> list[str]:
 
 
 def per_seed(runs: list[dict], measure: str) -> dict[int, float | None]:
-    scale = 100 if measure == "accuracy" else 1
+    """The measure of each run by its seed, shares in %."""
+    scale = 100 if measure in PERCENTS else 1
     return {r["seed"]: None if r.get(measure) is None else r[measure] * scale for r in runs}
 
 
@@ -241,7 +244,8 @@ def _finite(value) -> bool:
 
 
 def interval_text(interval: dict, measure: str = "") -> str:
-    digits = {"accuracy": 1, "forward_kl": 4}.get(measure, 3)  # a forward KL of 0.001 nats/token is already drift
+    # A forward KL of 0.001 nats/token is already drift; a share of steps needs no decimals
+    digits = {"accuracy": 1, "forward_kl": 4, "clipped_fraction": 0, "grad_norm_over_1": 0}.get(measure, 3)
     return Interval(**interval).format(digits=digits)
 
 
