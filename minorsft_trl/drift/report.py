@@ -401,9 +401,8 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
 # ------------------------------------------------------------------ plot and files
 
 
-def plot(summary: dict, path: Path, title: str = "") -> Path | None:
-    """Gain against each drift measure, a point per configuration (a method's points are its learning rates), with
-    95% interval bars when there are several seeds. None when matplotlib is not installed."""
+def pyplot():
+    """matplotlib's pyplot drawing to files (the Agg backend), or None when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
@@ -411,6 +410,29 @@ def plot(summary: dict, path: Path, title: str = "") -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save(figure, path: Path) -> Path | None:
+    """Write `figure` to `path` and release it; None for no figure."""
+    if figure is None:
+        return None
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
+def plot(summary: dict, path: Path, title: str = "") -> Path | None:
+    """The gain-vs-drift figure saved to `path`; None when matplotlib is not installed."""
+    return save(gain_vs_drift_figure(summary, title), path)
+
+
+def gain_vs_drift_figure(summary: dict, title: str = ""):
+    """Gain against each drift measure, a point per configuration (a method's points are its learning rates), with
+    95% interval bars when there are several seeds. None when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return None
     gain = summary["gain"]
     drifts = [d for d in DRIFTS if d in summary["measures"]]
     figure, axes = plt.subplots(1, len(drifts), figsize=(5 * len(drifts), 4.2), sharey=True, squeeze=False)
@@ -437,29 +459,26 @@ def plot(summary: dict, path: Path, title: str = "") -> Path | None:
     axes[0][-1].legend(fontsize=7)
     figure.suptitle(title or "mean over seeds, 95% intervals; a method's points are its learning rates")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
 CURVES = {"loss": "train loss", "grad_norm": "gradient norm (before clipping)", "minor_weight": "mean minor weight"}
 
 
 def plot_curves(runs: list[dict], path: Path, max_grad_norm: float | None = None) -> Path | None:
+    """The training-curves figure saved to `path`; None without matplotlib or curves."""
+    return save(curves_figure(runs, max_grad_norm), path)
+
+
+def curves_figure(runs: list[dict], max_grad_norm: float | None = None):
     """The training curves of every configuration over the steps, a line per (method, learning rate) from its first
     seed: the loss, the gradient norm (with the clipping bound) and Minor SFT's mean weight, the panels the runs
     logged. Shows where over a long run the brake acts and how often clipping binds. None without matplotlib or
     curves."""
     panels = [key for key in CURVES if any(key in point for r in runs for point in r.get("curve") or [])]
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None or not panels:
         return None
-    if not panels:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     first = {}
     for run in runs:
@@ -481,9 +500,7 @@ def plot_curves(runs: list[dict], path: Path, max_grad_norm: float | None = None
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)  # the loss panel draws every configuration
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def plot_name(summary: dict) -> str:
