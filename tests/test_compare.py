@@ -192,6 +192,21 @@ def test_the_training_curves_of_the_runs_are_drawn_when_they_were_logged(tmp_pat
     assert (tmp_path / "curves" / "training_curves.png").stat().st_size > 0
 
 
+def test_the_step_size_control_is_named_once_by_the_learning_rate_it_trained_at(tmp_path):
+    """The control of Minor SFT at lr 5e-4 trains at 5e-4 times Minor SFT's mean weight, 4.8e-4: its table row and
+    its legend say 0.00048, once, and never the grid's 0.0005."""
+    grid = make_grid(("sft", "minor_sft"), (5e-4,), (0,))
+    runs = synthetic_runs("sft", 5e-4, [2.0], [0.3]) + synthetic_runs("minor_sft", 5e-4, [2.5], [0.1])
+    runs += synthetic_runs("step_control", 5e-4, [2.2], [0.2], trained_lr=4.8e-4)
+    for run in runs:
+        run["curve"] = [{"step": step, "loss": 1 / step} for step in (1, 2)]
+    table = report.write_outputs({"runs": runs}, grid, tmp_path).splitlines()
+    row = next(line for line in table if "mean step" in line)
+    assert row.count("0.00048") == 1 and "0.0005 " not in row, row
+    legend = [text.get_text() for text in report.curves_figure(runs).axes[0].get_legend().get_texts()]
+    assert legend[-1] == "SFT at Minor SFT's mean step lr 0.00048", legend
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -278,7 +293,7 @@ def test_the_grid_file_and_the_command_line_which_wins(recipe, tmp_path):
         1,
         1e-3,
     )
-    assert training_args.output_dir == f"o/runs/{run.name}"
+    assert training_args.output_dir == "o/runs/sft_kl-lr0.001-seed1"
     assert training_args.save_strategy == "no" and training_args.eval_strategy == "steps"  # evaluated once, at the end
 
 
@@ -314,8 +329,10 @@ def test_a_second_invocation_reads_every_run_from_the_cache(recipe, tmp_path, mo
     argv = compare_argv(recipe, tmp_path / "out", tmp_path / "c", "1e-3")
     assert cli.main(argv) == 0
     assert len(calls) == 6  # 2 methods x 2 seeds, and the control x 2 seeds
-    control = [args for args in calls if args.output_dir.endswith("step_control-lr0.001-seed0")][0]
-    assert control.loss_type == "nll" and control.learning_rate == pytest.approx(0.5e-3)  # Minor SFT's mean step
+    # The control trains at Minor SFT's mean step, 0.001 x 0.5: its folder is named by it, not by 0.001
+    control = [args for args in calls if args.loss_type == "nll" and args.learning_rate < 1e-3][0]
+    assert control.learning_rate == pytest.approx(0.5e-3)
+    assert control.output_dir.endswith("/runs/step_control-lr0.0005-seed0"), control.output_dir
     first = json.loads((tmp_path / "out" / "results.json").read_text())
     monkeypatch.setattr(compare, "run_and_measure", lambda *a: pytest.fail("trained again"))
     assert cli.main(argv) == 0

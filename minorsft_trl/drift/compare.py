@@ -96,7 +96,12 @@ class Run:
 
     @property
     def name(self) -> str:
+        """The run's place in the grid, which names its cache entry: known before the control's rate is."""
         return f"{self.method}-lr{self.learning_rate:g}-seed{self.seed}"
+
+    def folder(self, trained_lr: float) -> str:
+        """The run's folder under `runs/`, named by the learning rate it trains at, as the report names it."""
+        return f"{self.method}-lr{trained_lr:.3g}-seed{self.seed}"
 
 
 # ------------------------------------------------------------------ the grid
@@ -263,7 +268,7 @@ def run_overrides(run: Run, grid: Grid, base, output_dir: Path, learning_rate: f
     args = [
         "--loss_type", method.loss_type, "--learning_rate", repr(learning_rate),
         "--seed", str(run.seed), "--data_seed", str(run.seed),
-        "--output_dir", str(output_dir / "runs" / run.name), "--save_strategy", "no", "--report_to", "none",
+        "--output_dir", str(run_dir(output_dir, run, learning_rate)), "--save_strategy", "no", "--report_to", "none",
         "--overwrite_output_dir", "true",  # the comparison's own run folder: a run not served from the cache redoes it
     ]  # fmt: skip
     if base_args.eval_strategy == "no":
@@ -272,6 +277,11 @@ def run_overrides(run: Run, grid: Grid, base, output_dir: Path, learning_rate: f
     for key, value in settings.items():
         args += [f"--{key}", json.dumps(value) if isinstance(value, list | dict) else str(value)]
     return args
+
+
+def run_dir(output_dir: Path, run: Run, learning_rate: float) -> Path:
+    """Where the run trained at `learning_rate` writes its model, curves and log."""
+    return output_dir / "runs" / run.folder(learning_rate)
 
 
 def needs_reference_distribution(loss_type: str) -> bool:

@@ -249,9 +249,9 @@ def interval_text(interval: dict, measure: str = "") -> str:
     return Interval(**interval).format(digits=digits)
 
 
-def label(method: str, trained_lr: float | None = None) -> str:
-    text = LABELS[method]
-    return f"{text} (lr {trained_lr:.3g})" if method == STEP_CONTROL and trained_lr is not None else text
+def label(method: str, trained_lr: float) -> str:
+    """A configuration, named once by the learning rate it trained at (the control's is the computed one)."""
+    return f"{LABELS[method]} lr {trained_lr:.3g}"
 
 
 def best_label(row: dict) -> tuple[str, float, dict]:
@@ -294,7 +294,7 @@ def estimator_note(runs: list[dict]) -> str:
             "(`eval_forward_kl_sampled`: no run kept its reference model), unbiased and noisier than the "
             "full-vocabulary one."
         )
-    configurations = "; ".join(dict.fromkeys(f"{label(r['method'])} lr {r['trained_lr']:.3g}" for r in sampled))
+    configurations = "; ".join(dict.fromkeys(label(r["method"], r["trained_lr"]) for r in sampled))
     return (
         "Forward KL from two estimators, each its own column: the sampled-token estimate (`eval_forward_kl_sampled`) "
         f"for {configurations}, which kept no reference model, and the full-vocabulary one for the others. No "
@@ -337,9 +337,7 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
     if results.get("base", {}).get("accuracy") is not None:
         lines += ["", f"Base model: held-out accuracy {100 * results['base']['accuracy']:.1f}%."]
     lines += [""]
-    lines += measures_table(
-        [(label(c["method"], c["trained_lr"]), c["trained_lr"], c) for c in summary["configurations"]], measures
-    )
+    lines += measures_table([(LABELS[c["method"]], c["trained_lr"], c) for c in summary["configurations"]], measures)
     if summary["paired"]:
         lines += [
             "",
@@ -383,7 +381,7 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
             "|" + "---|" * len(measures),
             "| " + " | ".join(interval_text(control[m], m) for m in measures) + " |",
         ]
-    front = ", ".join(f"{label(m)} lr {lr:.3g}" for m, lr in summary["pareto_front"])
+    front = ", ".join(label(method, lr) for method, lr in summary["pareto_front"])
     direction = "up" if MEASURES[gain][1] else "(NLL) down"
     if summary["pareto_kl"] is None and len(kl_measures(measures)) > 1:
         lines += [
@@ -490,7 +488,7 @@ def curves_figure(runs: list[dict], max_grad_norm: float | None = None):
             if points:
                 axis.plot(
                     [point["step"] for point in points], [point[key] for point in points], linewidth=widths[lr],
-                    color=COLOURS.get(method), alpha=0.8, label=f"{label(method, run['trained_lr'])} lr {lr:g}",
+                    color=COLOURS.get(method), alpha=0.8, label=label(method, run["trained_lr"]),
                 )  # fmt: skip
         if key == "grad_norm":
             axis.set_yscale("log")
