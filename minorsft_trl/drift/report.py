@@ -431,6 +431,8 @@ def gain_vs_drift_figure(summary: dict, title: str = ""):
     plt = pyplot()
     if plt is None:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     gain = summary["gain"]
     drifts = [d for d in DRIFTS if d in summary["measures"]]
     figure, axes = plt.subplots(1, len(drifts), figsize=(5 * len(drifts), 4.2), sharey=True, squeeze=False)
@@ -452,6 +454,9 @@ def gain_vs_drift_figure(summary: dict, title: str = ""):
                 color=COLOURS.get(method), label=LABELS[method],
             )  # fmt: skip
         axis.set(xlabel=MEASURES[drift][0])
+        # At most 5 ticks at round steps: matplotlib's default fits up to 10 on a 5-inch panel, whose labels run into
+        # each other on a narrow range of small values (0.00315, 0.00320, ...)
+        axis.xaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel(MEASURES[gain][0] + ("" if MEASURES[gain][1] else " (lower is better)"))
     axes[0][-1].legend(fontsize=7)
