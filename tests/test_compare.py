@@ -3,6 +3,7 @@ a comparison end to end on a local `.jsonl` with a tiny model, resumed from its 
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -162,6 +163,14 @@ def test_steps_clipped_are_reported_as_a_percentage_of_the_steps():
     sft_row = next(line for line in table if line.startswith("| SFT |"))
     cells = dict(zip(header.split(" | "), sft_row.split(" | "), strict=True))
     assert cells["steps clipped (%)"].startswith("96 ["), cells
+
+
+def test_the_wall_time_keeps_the_runs_own_and_says_which_were_trained_earlier():
+    runs = [{"wall_seconds": 120.0, "from_cache": True}, {"wall_seconds": 60.0, "from_cache": False}]
+    assert report.wall_time(runs, 66.0) == (
+        "Wall time of the runs: 3.0 min (1 of the 2 runs, 2.0 min of it, trained earlier and read from the cache); "
+        "of this call: 1.1 min."
+    )
 
 
 def test_the_log_history_says_how_often_clipping_bound_and_how_often_the_default_would_have():
@@ -344,7 +353,7 @@ def fake_measures(configs, eval_dataset, accuracy_kind):
         "forward_kl": args.learning_rate * (1 + args.seed), "forward_kl_source": "eval_forward_kl",
         "answer_nll": 3.0 - args.learning_rate,
         "heldout_deviation": 0.1, "nll_change": None, "train_deviation": 0.2, "clipped_fraction": 0.5,
-        "mean_minor_weight": 0.5 if args.loss_type == "minor_sft" else None, "wall_seconds": 1.0,
+        "mean_minor_weight": 0.5 if args.loss_type == "minor_sft" else None, "wall_seconds": 30.0,
     }  # fmt: skip
 
 
@@ -367,10 +376,16 @@ def test_a_second_invocation_reads_every_run_from_the_cache(recipe, tmp_path, mo
     assert control.learning_rate == pytest.approx(0.5e-3)
     assert control.output_dir.endswith("/runs/step_control-lr0.0005-seed0"), control.output_dir
     first = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "Wall time of the runs: 3.0 min; of this call: " in (tmp_path / "out" / "results.md").read_text()
     monkeypatch.setattr(compare, "run_and_measure", lambda *a: pytest.fail("trained again"))
     assert cli.main(argv) == 0
     assert capsys.readouterr().out.count(": from the cache") == 6
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"] == first["runs"]
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [{**run, "from_cache": False} for run in again["runs"]] == first["runs"]
+    assert all(run["from_cache"] for run in again["runs"]) and again["wall_seconds_of_runs"] == 6 * 30.0
+    # The runs' own 3 minutes, as they were trained, and this call's, apart
+    wall_time = re.search(r"Wall time of the runs: .*", (tmp_path / "out" / "results.md").read_text()).group()
+    assert wall_time.startswith("Wall time of the runs: 3.0 min (trained earlier, read from the cache); of this call:")
 
 
 def test_compare_end_to_end_on_a_local_jsonl_and_resumed(recipe, tmp_path, monkeypatch, capsys):

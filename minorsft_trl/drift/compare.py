@@ -611,7 +611,10 @@ class Comparison:
             )
             where = "trained" if computed else "from the cache"
             log(f"[{number}/{len(planned)}] {run.method} lr={learning_rate:.3g} seed={run.seed}: {where}")
-            results["runs"].append({**dataclasses.asdict(run), **result, "trained_lr": learning_rate})
+            # `wall_seconds` is the run's own, stored in its cache entry: the time it took when it was trained
+            results["runs"].append(
+                {**dataclasses.asdict(run), **result, "trained_lr": learning_rate, "from_cache": not computed}
+            )
         return results
 
     @staticmethod

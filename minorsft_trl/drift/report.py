@@ -391,9 +391,26 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
     else:
         lines += ["", f"Pareto front (gain {direction}, forward KL down): {front or 'none'}."]
     if wall_seconds is not None:
-        trained = sum(r.get("wall_seconds") or 0 for r in runs)
-        lines += ["", f"Wall time of the runs: {trained / 60:.1f} min; of this call: {wall_seconds / 60:.1f} min."]
+        lines += ["", wall_time(runs, wall_seconds)]
     return "\n".join(lines) + "\n"
+
+
+def wall_time(runs: list[dict], wall_seconds: float) -> str:
+    """The runs' own wall time, as they took when they were trained (read from the cache for the runs trained by an
+    earlier call), and this call's."""
+    trained = sum(r.get("wall_seconds") or 0 for r in runs)
+    cached = [r for r in runs if r.get("from_cache")]
+    if not cached:
+        where = ""
+    elif len(cached) == len(runs):
+        where = " (trained earlier, read from the cache)"
+    else:
+        earlier = sum(r.get("wall_seconds") or 0 for r in cached)
+        where = (
+            f" ({len(cached)} of the {len(runs)} runs, {earlier / 60:.1f} min of it, trained earlier and read from "
+            "the cache)"
+        )
+    return f"Wall time of the runs: {trained / 60:.1f} min{where}; of this call: {wall_seconds / 60:.1f} min."
 
 
 # ------------------------------------------------------------------ plot and files
