@@ -13,6 +13,7 @@ from tiny import CHATML_TEMPLATE, prompt_completion_dataset, write_recipe
 from minorsft_trl import cli
 from minorsft_trl.drift import compare, report, stats
 from minorsft_trl.drift.compare import make_grid
+from minorsft_trl.errors import InputError
 
 
 def synthetic_runs(method, lr, answer_nll, drift, accuracy=None, trained_lr=None):
@@ -377,9 +378,15 @@ def test_a_second_invocation_reads_every_run_from_the_cache(recipe, tmp_path, mo
     assert control.output_dir.endswith("/runs/step_control-lr0.0005-seed0"), control.output_dir
     first = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "Wall time of the runs: 3.0 min; of this call: " in (tmp_path / "out" / "results.md").read_text()
+    # One line per run: which run, its gain and forward KL, and its own time
+    line = "[1/6] sft lr=0.001 seed=0: answer NLL 2.999, forward KL 0.0010; "
+    assert f"\n{line}trained in 30 s\n" in capsys.readouterr().out
     monkeypatch.setattr(compare, "run_and_measure", lambda *a: pytest.fail("trained again"))
     assert cli.main(argv) == 0
-    assert capsys.readouterr().out.count(": from the cache") == 6
+    out = capsys.readouterr().out
+    assert (
+        out.count("; from the cache (trained in 30 s)") == 6 and f"\n{line}from the cache (trained in 30 s)\n" in out
+    )
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [{**run, "from_cache": False} for run in again["runs"]] == first["runs"]
     assert all(run["from_cache"] for run in again["runs"]) and again["wall_seconds_of_runs"] == 6 * 30.0
@@ -417,7 +424,51 @@ def test_compare_end_to_end_on_a_local_jsonl_and_resumed(recipe, tmp_path, monke
     monkeypatch.setattr(compare, "train", no_training)
     capsys.readouterr()
     assert cli.main(argv) == 0
-    assert capsys.readouterr().out.count(": from the cache") == 10
+    assert capsys.readouterr().out.count("; from the cache (trained in ") == 10
+
+
+def test_a_run_prints_one_line_on_the_console_and_its_training_log_to_its_folder(recipe, tmp_path, capfd):
+    out = tmp_path / "out"
+    argv = [
+        "compare", "--config", str(recipe), "--methods", "sft", "--seeds", "0", "--learning_rates", "1e-2",
+        "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    console = capfd.readouterr()
+    log = out / "runs" / "sft-lr0.01-seed0" / "train.log"
+    assert f"each run's own log goes to {out}/runs/<run>/train.log" in console.out
+    assert re.search(
+        r"\n\[1/1\] sft lr=0\.01 seed=0: answer NLL \d\.\d{3}, forward KL \d\.\d{4}; trained in \d+ s\n", console.out
+    )
+    # The trainer's per-step log and progress bars are the run's, in its folder
+    assert "'loss'" not in console.out and "it/s]" not in console.err, console
+    assert "'loss'" in log.read_text() and "Model saved to" in log.read_text()
+
+
+def failing_run(error: BaseException):
+    def run(*args):
+        print("the run's own output", flush=True)
+        raise error
+
+    return run
+
+
+def test_an_input_error_in_a_run_ends_as_one_sentence(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "run_and_measure", failing_run(InputError("max_length must be > 0, got 0: fix it.")))
+    assert cli.main(compare_argv(recipe, tmp_path / "out", tmp_path / "cache", "1e-3")) == 2
+    console = capsys.readouterr()
+    assert console.err.endswith("\nminorsft-trl compare: error: max_length must be > 0, got 0: fix it.\n")
+    assert "Traceback" not in console.err
+    log = tmp_path / "out" / "runs" / "sft-lr0.001-seed0" / "train.log"
+    assert f"[1/6] sft lr=0.001 seed=0: failed (its log: {log})" in console.out
+    assert "the run's own output" not in console.out and "the run's own output" in log.read_text()
+
+
+def test_an_error_in_a_run_reaches_the_user_with_where_its_log_is(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "run_and_measure", failing_run(RuntimeError("CUDA out of memory")))
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        cli.main(compare_argv(recipe, tmp_path / "out", tmp_path / "cache", "1e-3"))
+    assert "[1/6] sft lr=0.001 seed=0: failed (its log: " in capsys.readouterr().out
 
 
 def test_a_run_whose_recipe_evaluates_at_its_last_step_is_not_evaluated_again(recipe, tmp_path, monkeypatch):
@@ -504,7 +555,7 @@ def test_an_edited_chat_template_trains_the_runs_again(own_files, tmp_path, monk
     capsys.readouterr()
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count(": trained") == 4 and ": from the cache" not in out, out
+    assert out.count("; trained in ") == 4 and "from the cache" not in out, out
 
 
 def test_a_packaged_recipe_on_the_users_data_drops_its_caps_as_train_does(tmp_path, warnings_of_minorsft):
