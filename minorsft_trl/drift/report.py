@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from minorsft_trl.drift import verdict
 from minorsft_trl.drift.compare import LABELS, STEP_CONTROL, Grid
 from minorsft_trl.drift.stats import (
     Interval,
@@ -181,7 +182,7 @@ def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list
     ranges over learning rates, interpolated seed by seed between the method's learning rates, where the smallest
     rate that reaches it does. The overlap and the interpolation do not depend on which direction of the gain is
     better. A seed whose learning rates do not bracket the target has no value there: each row counts the seeds it
-    rests on (`seeds_reaching`, out of `seeds`)."""
+    rests on (`seeds_reaching`, out of `seeds`), and keeps each seed's value (`by_seed`) to pair methods on."""
     methods = [m for m in grid.methods if all((m, lr) in groups for lr in grid.learning_rates)]
     if not methods:
         return []
@@ -196,7 +197,7 @@ def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list
     rows = []
     for method in methods:
         seeds = sorted({r["seed"] for lr in grid.learning_rates for r in groups[(method, lr)]})
-        row = {"method": method, "target": target, "gain": gain, "seeds": len(seeds)}
+        row = {"method": method, "target": target, "gain": gain, "seeds": len(seeds), "by_seed": {}}
         for drift in drifts:
             values = []
             for seed in seeds:
@@ -208,6 +209,7 @@ def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list
                 ]
                 values.append(interpolate_at(seed_points, target))
             row[drift] = t_interval(values).to_dict()
+            row["by_seed"][drift] = dict(zip(seeds, values, strict=True))
         # The seeds whose learning rates bracket the target, on the measure they have (one forward KL estimator)
         row["seeds_reaching"] = max((row[drift]["n"] for drift in drifts), default=0)
         rows.append(row)
@@ -392,6 +394,7 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
         lines += ["", f"Pareto front (gain {direction}, forward KL down): {front or 'none'}."]
     if wall_seconds is not None:
         lines += ["", wall_time(runs, wall_seconds)]
+    lines += ["", *verdict.section(summary, grid, results.get("base", {}).get("accuracy"))]
     return "\n".join(lines) + "\n"
 
 
