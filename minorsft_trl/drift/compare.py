@@ -15,7 +15,10 @@ one wherever a method needs the reference model kept.
 
 Every run is cached as it finishes, keyed by the run's resolved recipe, the method, learning rate and seed, and the
 content of every local file it reads (model and data folders, the chat template): an interrupted comparison resumes
-where it stopped. Runs are in process, one after the other, on one process (no `accelerate launch`).
+where it stopped. Runs are in process, one after the other, on one process (no `accelerate launch`). The console shows
+a line per run; what a run prints (the trainer's per-step log, warnings) goes to `runs/<run>/train.log`, the run's
+folder named by the learning rate it trained at. `results.md` ends with what the comparison says in plain words
+(`minorsft_trl.drift.verdict`).
 """
 
 import argparse
@@ -726,7 +729,8 @@ def make_parser(prog: str = "minorsft-trl compare") -> argparse.ArgumentParser:
         "and measured (gain, drift from the reference), with 95% t intervals over seeds, differences paired by "
         "seed against SFT, drift at matched gain, the Pareto front and the step-size control. Runs in process, "
         "one after the other, on one process (no `accelerate launch`); every run is cached as it finishes. Any "
-        "other `--key value` is a recipe override applied to every run.",
+        "other `--key value` is a recipe override applied to every run. A line per run on the console, its own log "
+        "in runs/<run>/train.log; results.md ends with what the numbers say, in plain words.",
     )
     parser.add_argument("--config", required=True, help="a recipe YAML file or a packaged recipe's name")
     parser.add_argument(
@@ -745,7 +749,9 @@ def make_parser(prog: str = "minorsft-trl compare") -> argparse.ArgumentParser:
         help="a YAML file with methods, learning_rates, seeds, step_control, "
         "method_settings (e.g. {minor_sft: {beta: 0.04}}); the command line wins",
     )
-    parser.add_argument("--output_dir", required=True, help="where results.md, results.json, the plot and runs/ go")
+    parser.add_argument(
+        "--output_dir", required=True, help="where results.md, results.json, the plots and runs/ (a folder per run) go"
+    )
     parser.add_argument("--cache_dir", help="the run cache (default: $MINORSFT_TRL_CACHE/comparison)")
     return parser
 
