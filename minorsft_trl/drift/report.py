@@ -474,9 +474,9 @@ def gain_vs_drift_figure(summary: dict, title: str = ""):
                 color=COLOURS.get(method), label=LABELS[method],
             )  # fmt: skip
         axis.set(xlabel=MEASURES[drift][0])
-        # At most 5 ticks at round steps: matplotlib's default fits up to 10 on a 5-inch panel, whose labels run into
+        # 3 to 6 ticks at round steps: matplotlib's default fits up to 10 on a 5-inch panel, whose labels run into
         # each other on a narrow range of small values (0.00315, 0.00320, ...)
-        axis.xaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
+        axis.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10], min_n_ticks=3))
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel(MEASURES[gain][0] + ("" if MEASURES[gain][1] else " (lower is better)"))
     axes[0][-1].legend(fontsize=7)
