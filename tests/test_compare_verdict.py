@@ -165,3 +165,22 @@ def test_results_md_ends_with_what_it_says(tmp_path):
         f"- {sentence}" for sentence in sentences(runs, grid)
     ]
     assert text.endswith(section) and (tmp_path / "results.md").read_text() == text
+
+
+def test_no_sentence_compares_forward_kls_of_two_estimators():
+    grid = make_grid(("sft", "sft_kl"), (1e-3,), (0, 1, 2))
+    sft = synthetic_runs("sft", 1e-3, [2.0, 2.1, 2.2], [-0.043, -0.040, -0.046])
+    kl = synthetic_runs("sft_kl", 1e-3, [1.9, 1.95, 2.05], [0.182, 0.180, 0.184])
+    for run in sft:
+        run["forward_kl_source"] = "eval_forward_kl_sampled"
+    said = sentences(sft + kl, grid)
+    # NLL by seed -0.10, -0.15, -0.15: mean -0.133, sd 0.029, half-width 0.072
+    assert said[0] == (
+        "SFT + KL against SFT at lr 0.001: held-out answer NLL -0.133 nats/token (95% interval -0.205 to -0.062), "
+        "better, beyond noise."
+    )
+    assert said[1].endswith(
+        "-0.133 nats/token (95% interval -0.205 to -0.062); its forward KL is not compared with SFT's, taken by "
+        "another estimator (see the note above)."
+    )
+    assert not any("forward KL 0." in sentence or "forward KL -0." in sentence for sentence in said)

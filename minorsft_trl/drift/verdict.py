@@ -61,6 +61,7 @@ class Option:
 
     @property
     def name(self) -> str:
+        """`SFT + KL at lr 0.001`."""
         return f"{LABELS[self.method]} at lr {self.learning_rate:.3g}"
 
 
@@ -68,6 +69,7 @@ class Option:
 
 
 def has_interval(interval: dict) -> bool:
+    """Whether an interval's dict (`Interval.to_dict()`, NaN or None bounds for one value) has bounds."""
     return interval["n"] >= 2 and _finite(interval.get("low")) and _finite(interval.get("high"))
 
 
@@ -91,6 +93,7 @@ def decimals(scale: float, significant: int) -> int:
 
 
 def signed(value: float, places: int) -> str:
+    """`+0.017`, `-4.9`; `+0.0` for what rounds to 0 (never `-0.0`)."""
     return f"{0.0 if round(value, places) == 0 else value:+.{places}f}"
 
 
@@ -126,10 +129,12 @@ def places_of(difference: dict, measure: str) -> int:
 
 
 def half_width(interval: dict) -> float:
+    """Half the width of an interval; 0 without one."""
     return (interval["high"] - interval["low"]) / 2 if has_interval(interval) else 0.0
 
 
 def verdict_text(said: str, is_drift: bool) -> str:
+    """What a verdict reads as, after a difference of the gain or of a drift."""
     if said == BETTER:
         return "less drift, beyond noise" if is_drift else "better, beyond noise"
     if said == WORSE:
@@ -265,18 +270,18 @@ def options_of(summary: dict) -> list[Option]:
     ]
 
 
-def pick_lines(summary: dict, reading: Reading) -> list[str]:
+def pick_line(summary: dict, reading: Reading) -> str | None:
     """Which method to pick on this data, and why, from the differences against SFT: one that beats SFT beyond noise
     on gain or drift and loses on neither; else SFT, the simplest, when nothing beats it; else the trade-off, or
     with one seed, no pick."""
     options = options_of(summary)
     if not options:
-        return []
+        return None
     if len(options) == 1:
-        return [single_method_line(options[0], reading)]
+        return single_method_line(options[0], reading)
     sft = next((option for option in options if option.method == "sft"), None)
     if sft is None:
-        return [no_sft_line(options, reading)]
+        return no_sft_line(options, reading)
     judged = [(option, *judge(option, reading)) for option in options if option is not sft and option.against_sft]
     winners = [
         (option, gain, drift)
@@ -289,18 +294,18 @@ def pick_lines(summary: dict, reading: Reading) -> list[str]:
         option, gain, drift = max(
             winners, key=lambda w: (w[1] == BETTER, w[2] == BETTER, sign * w[0].values[reading.gain]["mean"])
         )
-        return [winner_line(option, sft, gain, drift, reading) + notes(option, summary, reading)]
+        return winner_line(option, sft, gain, drift, reading) + notes(option, summary, reading)
     if any(NO_INTERVAL in (gain, drift) for _, gain, drift in judged):
-        return [unsettled_line(options, reading)]
+        return unsettled_line(options, reading)
     trades = [(o, g, d) for o, g, d in judged if {g, d} == {BETTER, WORSE}]
     if trades:
-        return [trade_line(trades, sft, reading)]
+        return trade_line(trades, sft, reading)
     drift = f" or {WORDS[reading.kl][0]}" if reading.kl else ""
-    return [
+    return (
         f"Pick SFT at lr {sft.learning_rate:.3g} on this data: no method beats it beyond noise on "
         f"{WORDS[reading.gain][0]}{drift}, and its loss is the simplest (it needs no reference model)."
         + notes(sft, summary, reading)
-    ]
+    )
 
 
 def judge(option: Option, reading: Reading) -> tuple[str, str]:
@@ -321,7 +326,7 @@ def winner_line(option: Option, sft: Option, gain: str, drift: str, reading: Rea
             kl_difference = difference_text(option.against_sft[reading.kl], reading.kl)
             reason += f"; for no more {WORDS[reading.kl][0]} beyond noise, {kl_difference}"
         else:
-            reason += " (no difference in forward KL from SFT's to compare: see the estimator note above)"
+            reason += "; its forward KL is not compared with SFT's, taken by another estimator (see the note above)"
     else:
         gain_difference = option.against_sft[reading.gain]
         if half_width(gain_difference) == 0 and gain_difference["mean"] == 0:
@@ -385,6 +390,7 @@ def unsettled_line(options: list[Option], reading: Reading) -> str:
 
 
 def single_method_line(option: Option, reading: Reading) -> str:
+    """One method: nothing to pick between, its best learning rate where there are several."""
     text = f"One method ({LABELS[option.method]}): nothing to pick between."
     if len(reading.grid.learning_rates) > 1:
         text += (
@@ -483,10 +489,10 @@ def more_seeds_line(summary: dict, reading: Reading) -> str | None:
 def within_noise(summary: dict, reading: Reading) -> list[tuple[str, str, dict]]:
     """The differences the pick rests on (each method against SFT, Minor SFT against its step-size control) that
     are within noise, and not the same on every seed: (what it compares, the measure, the difference)."""
-    compared = [(f"{o.name} against SFT", o.against_sft) for o in options_of(summary) if o.against_sft]
-    compared += [("Minor SFT against its step-size control", row) for row in summary["control"]]
+    comparisons = [(f"{o.name} against SFT", o.against_sft) for o in options_of(summary) if o.against_sft]
+    comparisons += [("Minor SFT against its step-size control", row) for row in summary["control"]]
     pending = []
-    for what, differences in compared:
+    for what, differences in comparisons:
         for measure in (reading.gain, reading.kl) if reading.kl else (reading.gain,):
             difference = differences.get(measure)
             # Within noise either way (the direction of better does not matter); a zero-width one has nothing to settle
@@ -504,7 +510,7 @@ def plain_words(summary: dict, grid: Grid, base_accuracy: float | None = None) -
     base = None if base_accuracy is None else 100 * base_accuracy
     reading = Reading(summary["gain"], kl, drifts, grid, base)
     sentences = [*noise_lines(summary, reading), *control_lines(summary, reading), matched_line(summary, reading)]
-    sentences += [*pick_lines(summary, reading), more_seeds_line(summary, reading)]
+    sentences += [pick_line(summary, reading), more_seeds_line(summary, reading)]
     return [sentence for sentence in sentences if sentence]
 
 
