@@ -3,6 +3,7 @@ a comparison end to end on a local `.jsonl` with a tiny model, resumed from its 
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ from tiny import CHATML_TEMPLATE, prompt_completion_dataset, write_recipe
 from minorsft_trl import cli
 from minorsft_trl.drift import compare, report, stats
 from minorsft_trl.drift.compare import make_grid
+from minorsft_trl.errors import InputError
 
 
 def synthetic_runs(method, lr, answer_nll, drift, accuracy=None, trained_lr=None):
@@ -146,6 +148,32 @@ def test_each_method_at_its_best_learning_rate_against_sft_at_its_own():
     assert report.summarise(tied, grid)["best"][0]["learning_rate"] == 5e-4
 
 
+def test_steps_clipped_are_reported_as_a_percentage_of_the_steps():
+    grid = make_grid(("sft", "minor_sft"), (1e-3,), (0, 1, 2), step_control=False)
+    runs = synthetic_runs("sft", 1e-3, [2.0, 2.1, 2.2], [0.3, 0.4, 0.5]) + synthetic_runs(
+        "minor_sft", 1e-3, [2.5, 2.4, 2.3], [0.1, 0.2, 0.3]
+    )
+    for run, clipped in zip(runs, [1.0, 0.92, 0.96, 0.7, 0.62, 0.66], strict=True):
+        run["clipped_fraction"] = run["grad_norm_over_1"] = clipped
+    summary = report.summarise(runs, grid)
+    assert summary["configurations"][0]["clipped_fraction"]["mean"] == pytest.approx(96.0)
+    assert summary["paired"][0]["clipped_fraction"]["mean"] == pytest.approx(-30.0)  # percentage points
+    table = report.markdown({"runs": runs}, summary, grid).splitlines()
+    header = next(line for line in table if line.startswith("| method |"))
+    assert "| steps clipped (%) |" in header and "| steps with grad norm > 1 (%) |" in header
+    sft_row = next(line for line in table if line.startswith("| SFT |"))
+    cells = dict(zip(header.split(" | "), sft_row.split(" | "), strict=True))
+    assert cells["steps clipped (%)"].startswith("96 ["), cells
+
+
+def test_the_wall_time_keeps_the_runs_own_and_says_which_were_trained_earlier():
+    runs = [{"wall_seconds": 120.0, "from_cache": True}, {"wall_seconds": 60.0, "from_cache": False}]
+    assert report.wall_time(runs, 66.0) == (
+        "Wall time of the runs: 3.0 min (1 of the 2 runs, 2.0 min of it, trained earlier and read from the cache); "
+        "of this call: 1.1 min."
+    )
+
+
 def test_the_log_history_says_how_often_clipping_bound_and_how_often_the_default_would_have():
     history = [
         {"loss": 1.0, "grad_norm": 0.5, "step": 1, "minor_weight": 0.9},
@@ -172,6 +200,66 @@ def test_the_training_curves_of_the_runs_are_drawn_when_they_were_logged(tmp_pat
     runs[1]["curve"][0]["minor_weight"] = 0.9
     report.write_outputs({"runs": runs}, grid, tmp_path / "curves", max_grad_norm=1.0)
     assert (tmp_path / "curves" / "training_curves.png").stat().st_size > 0
+
+
+def test_the_step_size_control_is_named_once_by_the_learning_rate_it_trained_at(tmp_path):
+    """The control of Minor SFT at lr 5e-4 trains at 5e-4 times Minor SFT's mean weight, 4.8e-4: its table row and
+    its legend say 0.00048, once, and never the grid's 0.0005."""
+    grid = make_grid(("sft", "minor_sft"), (5e-4,), (0,))
+    runs = synthetic_runs("sft", 5e-4, [2.0], [0.3]) + synthetic_runs("minor_sft", 5e-4, [2.5], [0.1])
+    runs += synthetic_runs("step_control", 5e-4, [2.2], [0.2], trained_lr=4.8e-4)
+    for run in runs:
+        run["curve"] = [{"step": step, "loss": 1 / step} for step in (1, 2)]
+    table = report.write_outputs({"runs": runs}, grid, tmp_path).splitlines()
+    row = next(line for line in table if "mean step" in line)
+    assert row.count("0.00048") == 1 and "0.0005 " not in row, row
+    legend = [text.get_text() for text in report.curves_figure(runs).axes[0].get_legend().get_texts()]
+    assert legend[-1] == "SFT at Minor SFT's mean step lr 0.00048", legend
+
+
+def shown_tick_labels(axis) -> list:
+    """The x tick labels a drawn panel shows: within its limits."""
+    low, high = sorted(axis.get_xlim())
+    return [
+        label
+        for label in axis.get_xticklabels()
+        if label.get_visible() and label.get_text() and low <= label.get_position()[0] <= high
+    ]
+
+
+def overlapping_tick_labels(axis) -> list[tuple[str, str]]:
+    """The neighbouring x tick labels of a drawn panel whose boxes overlap."""
+    renderer = axis.figure.canvas.get_renderer()
+    labels = shown_tick_labels(axis)
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    return [
+        (labels[i].get_text(), labels[i + 1].get_text())
+        for i in range(len(boxes) - 1)
+        if boxes[i].overlaps(boxes[i + 1])
+    ]
+
+
+def test_no_tick_labels_of_the_gain_vs_drift_plot_overlap():
+    """Three panels side by side, the third a narrow range of small values (an NLL change of 0.0032-0.0036 nats/token):
+    matplotlib's default ticks there (0.00315, 0.00320, ... every 0.00005) ran into each other. Nor are they so few
+    that a panel has no scale to read (a forward KL of 3.9-13.6 once showed only 5 and 10)."""
+    grid = make_grid(("sft", "minor_sft"), (1e-4, 1e-3), (0, 1, 2), step_control=False)
+    runs = (
+        synthetic_runs("sft", 1e-4, [3.0, 3.1, 3.2], [0.1, 0.2, 0.3])
+        + synthetic_runs("sft", 1e-3, [2.0, 2.1, 2.2], [0.5, 0.6, 0.7])
+        + synthetic_runs("minor_sft", 1e-4, [3.5, 3.6, 3.7], [0.15, 0.25, 0.35])
+        + synthetic_runs("minor_sft", 1e-3, [2.5, 2.6, 2.7], [0.3, 0.4, 0.5])
+    )
+    for number, run in enumerate(runs):
+        run["forward_kl"] = 3.9 + 9.7 * (number // 3) / 3  # the same on each seed of a configuration: no error bars
+        run["nll_change"] = 0.0032 + 0.0004 * number / len(runs)
+        run["heldout_deviation"] = 0.0001234 + 0.0000065 * number / len(runs)
+    figure = report.gain_vs_drift_figure(report.summarise(runs, grid))
+    figure.canvas.draw()
+    assert [axis.get_xlabel() for axis in figure.axes][2] == "NLL change on held-out text"
+    for axis in figure.axes:
+        assert len(shown_tick_labels(axis)) >= 3, (axis.get_xlabel(), shown_tick_labels(axis))  # a scale to read
+        assert overlapping_tick_labels(axis) == [], axis.get_xlabel()
 
 
 # ------------------------------------------------------------------ bad input
@@ -260,7 +348,7 @@ def test_the_grid_file_and_the_command_line_which_wins(recipe, tmp_path):
         1,
         1e-3,
     )
-    assert training_args.output_dir == f"o/runs/{run.name}"
+    assert training_args.output_dir == "o/runs/sft_kl-lr0.001-seed1"
     assert training_args.save_strategy == "no" and training_args.eval_strategy == "steps"  # evaluated once, at the end
 
 
@@ -278,7 +366,7 @@ def fake_measures(configs, eval_dataset, accuracy_kind):
         "forward_kl": args.learning_rate * (1 + args.seed), "forward_kl_source": "eval_forward_kl",
         "answer_nll": 3.0 - args.learning_rate,
         "heldout_deviation": 0.1, "nll_change": None, "train_deviation": 0.2, "clipped_fraction": 0.5,
-        "mean_minor_weight": 0.5 if args.loss_type == "minor_sft" else None, "wall_seconds": 1.0,
+        "mean_minor_weight": 0.5 if args.loss_type == "minor_sft" else None, "wall_seconds": 30.0,
     }  # fmt: skip
 
 
@@ -296,13 +384,27 @@ def test_a_second_invocation_reads_every_run_from_the_cache(recipe, tmp_path, mo
     argv = compare_argv(recipe, tmp_path / "out", tmp_path / "c", "1e-3")
     assert cli.main(argv) == 0
     assert len(calls) == 6  # 2 methods x 2 seeds, and the control x 2 seeds
-    control = [args for args in calls if args.output_dir.endswith("step_control-lr0.001-seed0")][0]
-    assert control.loss_type == "nll" and control.learning_rate == pytest.approx(0.5e-3)  # Minor SFT's mean step
+    # The control trains at Minor SFT's mean step, 0.001 x 0.5: its folder is named by it, not by 0.001
+    control = [args for args in calls if args.loss_type == "nll" and args.learning_rate < 1e-3][0]
+    assert control.learning_rate == pytest.approx(0.5e-3)
+    assert control.output_dir.endswith("/runs/step_control-lr0.0005-seed0"), control.output_dir
     first = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "Wall time of the runs: 3.0 min; of this call: " in (tmp_path / "out" / "results.md").read_text()
+    # One line per run: which run, its gain and forward KL, and its own time
+    line = "[1/6] sft lr=0.001 seed=0: answer NLL 2.999, forward KL 0.0010; "
+    assert f"\n{line}trained in 30 s\n" in capsys.readouterr().out
     monkeypatch.setattr(compare, "run_and_measure", lambda *a: pytest.fail("trained again"))
     assert cli.main(argv) == 0
-    assert capsys.readouterr().out.count(": from the cache") == 6
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"] == first["runs"]
+    out = capsys.readouterr().out
+    assert (
+        out.count("; from the cache (trained in 30 s)") == 6 and f"\n{line}from the cache (trained in 30 s)\n" in out
+    )
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [{**run, "from_cache": False} for run in again["runs"]] == first["runs"]
+    assert all(run["from_cache"] for run in again["runs"]) and again["wall_seconds_of_runs"] == 6 * 30.0
+    # The runs' own 3 minutes, as they were trained, and this call's, apart
+    wall_time = re.search(r"Wall time of the runs: .*", (tmp_path / "out" / "results.md").read_text()).group()
+    assert wall_time.startswith("Wall time of the runs: 3.0 min (trained earlier, read from the cache); of this call:")
 
 
 def test_compare_end_to_end_on_a_local_jsonl_and_resumed(recipe, tmp_path, monkeypatch, capsys):
@@ -334,7 +436,51 @@ def test_compare_end_to_end_on_a_local_jsonl_and_resumed(recipe, tmp_path, monke
     monkeypatch.setattr(compare, "train", no_training)
     capsys.readouterr()
     assert cli.main(argv) == 0
-    assert capsys.readouterr().out.count(": from the cache") == 10
+    assert capsys.readouterr().out.count("; from the cache (trained in ") == 10
+
+
+def test_a_run_prints_one_line_on_the_console_and_its_training_log_to_its_folder(recipe, tmp_path, capfd):
+    out = tmp_path / "out"
+    argv = [
+        "compare", "--config", str(recipe), "--methods", "sft", "--seeds", "0", "--learning_rates", "1e-2",
+        "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    console = capfd.readouterr()
+    log = out / "runs" / "sft-lr0.01-seed0" / "train.log"
+    assert f"each run's own log goes to {out}/runs/<run>/train.log" in console.out
+    assert re.search(
+        r"\n\[1/1\] sft lr=0\.01 seed=0: answer NLL \d\.\d{3}, forward KL \d\.\d{4}; trained in \d+ s\n", console.out
+    )
+    # The trainer's per-step log and progress bars are the run's, in its folder
+    assert "'loss'" not in console.out and "it/s]" not in console.err, console
+    assert "'loss'" in log.read_text() and "Model saved to" in log.read_text()
+
+
+def failing_run(error: BaseException):
+    def run(*args):
+        print("the run's own output", flush=True)
+        raise error
+
+    return run
+
+
+def test_an_input_error_in_a_run_ends_as_one_sentence(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "run_and_measure", failing_run(InputError("max_length must be > 0, got 0: fix it.")))
+    assert cli.main(compare_argv(recipe, tmp_path / "out", tmp_path / "cache", "1e-3")) == 2
+    console = capsys.readouterr()
+    assert console.err.endswith("\nminorsft-trl compare: error: max_length must be > 0, got 0: fix it.\n")
+    assert "Traceback" not in console.err
+    log = tmp_path / "out" / "runs" / "sft-lr0.001-seed0" / "train.log"
+    assert f"[1/6] sft lr=0.001 seed=0: failed (its log: {log})" in console.out
+    assert "the run's own output" not in console.out and "the run's own output" in log.read_text()
+
+
+def test_an_error_in_a_run_reaches_the_user_with_where_its_log_is(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "run_and_measure", failing_run(RuntimeError("CUDA out of memory")))
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        cli.main(compare_argv(recipe, tmp_path / "out", tmp_path / "cache", "1e-3"))
+    assert "[1/6] sft lr=0.001 seed=0: failed (its log: " in capsys.readouterr().out
 
 
 def test_a_run_whose_recipe_evaluates_at_its_last_step_is_not_evaluated_again(recipe, tmp_path, monkeypatch):
@@ -421,7 +567,7 @@ def test_an_edited_chat_template_trains_the_runs_again(own_files, tmp_path, monk
     capsys.readouterr()
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count(": trained") == 4 and ": from the cache" not in out, out
+    assert out.count("; trained in ") == 4 and "from the cache" not in out, out
 
 
 def test_a_packaged_recipe_on_the_users_data_drops_its_caps_as_train_does(tmp_path, warnings_of_minorsft):

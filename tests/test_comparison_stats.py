@@ -7,7 +7,13 @@ import pytest
 
 from minorsft_trl.drift.compare import make_grid
 from minorsft_trl.drift.report import matched_table, summarise
-from minorsft_trl.drift.stats import interpolate_at, paired_difference, pareto_front, t_interval
+from minorsft_trl.drift.stats import (
+    interpolate_at,
+    paired_difference,
+    pareto_front,
+    seeds_to_exclude_zero,
+    t_interval,
+)
 
 
 def test_t_interval_of_three_seeds():
@@ -37,6 +43,19 @@ def test_paired_difference_cancels_what_the_seeds_share():
 
 def test_paired_difference_uses_the_seeds_both_have():
     assert paired_difference({0: 1.0, 1: 2.0, 2: 9.0}, {0: 0.0, 1: 1.0}).n == 2
+
+
+def test_the_seeds_that_would_settle_a_difference_within_noise():
+    # Differences +1, -0.5, +2 over 3 seeds: mean 0.833, sd 1.258 (its interval holds 0). At the same mean and sd, m
+    # seeds leave 0 out once t(m - 1) x 1.258 / sqrt(m) < 0.833: t(10) / sqrt(11) = 0.672 x 1.258 = 0.845 does not,
+    # t(11) / sqrt(12) = (1.96 + 2.4 / 11) / 3.464 = 0.629 x 1.258 = 0.791 does
+    within_noise = t_interval([1.0, -0.5, 2.0])
+    assert within_noise.low < 0 < within_noise.high
+    assert seeds_to_exclude_zero(within_noise) == 12
+    assert seeds_to_exclude_zero(within_noise, most=11) is None  # more than that many: not to be settled by seeds
+    # Nothing to estimate from: one seed, a mean of 0
+    assert seeds_to_exclude_zero(t_interval([1.0])) is None
+    assert seeds_to_exclude_zero(t_interval([1.0, -1.0])) is None
 
 
 def test_interpolation_is_linear_between_points_and_refuses_to_extrapolate():

@@ -15,17 +15,24 @@ one wherever a method needs the reference model kept.
 
 Every run is cached as it finishes, keyed by the run's resolved recipe, the method, learning rate and seed, and the
 content of every local file it reads (model and data folders, the chat template): an interrupted comparison resumes
-where it stopped. Runs are in process, one after the other, on one process (no `accelerate launch`).
+where it stopped. Runs are in process, one after the other, on one process (no `accelerate launch`). The console shows
+a line per run; what a run prints (the trainer's per-step log, warnings) goes to `runs/<run>/train.log`, the run's
+folder named by the learning rate it trained at. `results.md` ends with what the comparison says in plain words
+(`minorsft_trl.drift.verdict`).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import glob
 import hashlib
 import json
 import math
+import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +40,14 @@ from typing import Any
 import yaml
 
 from minorsft_trl.cache import cache_root, cached_directory, file_sha256
+from minorsft_trl.errors import InputError, run_command
 
 # Bump when what a run measures, or how, changes its numbers. 2: the drift prompts end where each answer begins (they
 # were the first half of each row), and the reference samples from its own distribution, not its generation_config
 EVAL_FORMAT = 2
 
 
-class CompareError(ValueError):
+class CompareError(InputError):
     """Bad input to the comparison, refused before any training."""
 
 
@@ -96,7 +104,12 @@ class Run:
 
     @property
     def name(self) -> str:
+        """The run's place in the grid, which names its cache entry: known before the control's rate is."""
         return f"{self.method}-lr{self.learning_rate:g}-seed{self.seed}"
+
+    def folder(self, trained_lr: float) -> str:
+        """The run's folder under `runs/`, named by the learning rate it trains at, as the report names it."""
+        return f"{self.method}-lr{trained_lr:.3g}-seed{self.seed}"
 
 
 # ------------------------------------------------------------------ the grid
@@ -263,8 +276,9 @@ def run_overrides(run: Run, grid: Grid, base, output_dir: Path, learning_rate: f
     args = [
         "--loss_type", method.loss_type, "--learning_rate", repr(learning_rate),
         "--seed", str(run.seed), "--data_seed", str(run.seed),
-        "--output_dir", str(output_dir / "runs" / run.name), "--save_strategy", "no", "--report_to", "none",
+        "--output_dir", str(run_dir(output_dir, run, learning_rate)), "--save_strategy", "no", "--report_to", "none",
         "--overwrite_output_dir", "true",  # the comparison's own run folder: a run not served from the cache redoes it
+        "--disable_tqdm", "true",  # the run's output goes to a file (`RUN_LOG`): a line per log, not a bar's redraws
     ]  # fmt: skip
     if base_args.eval_strategy == "no":
         # The script loads the held-out split only when evaluation is on; measure once, after training, not during
@@ -272,6 +286,11 @@ def run_overrides(run: Run, grid: Grid, base, output_dir: Path, learning_rate: f
     for key, value in settings.items():
         args += [f"--{key}", json.dumps(value) if isinstance(value, list | dict) else str(value)]
     return args
+
+
+def run_dir(output_dir: Path, run: Run, learning_rate: float) -> Path:
+    """Where the run trained at `learning_rate` writes its model, curves and log."""
+    return output_dir / "runs" / run.folder(learning_rate)
 
 
 def needs_reference_distribution(loss_type: str) -> bool:
@@ -479,6 +498,56 @@ def read_log_history(log_history: list[dict], max_grad_norm: float | None) -> di
     }
 
 
+# Each trained run's own output, in its folder
+RUN_LOG = "train.log"
+
+
+@contextlib.contextmanager
+def output_to(path: Path):
+    """Send all that is written to stdout and stderr meanwhile to the file `path`: the trainer's per-step log, progress
+    bars, warnings, library loggers. Below Python (file descriptors 1 and 2), because a logger's handler keeps the
+    stream it found at import; and in `sys.stdout` / `sys.stderr`, which need not write to those descriptors (a
+    test's capture)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    streams = sys.stdout, sys.stderr
+    descriptors = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        with open(path, "w") as log:
+            for fd in descriptors:
+                os.dup2(log.fileno(), fd)
+            # Never closed: what a library keeps of them writes to descriptors 1 and 2, the console again, afterwards
+            sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in descriptors)  # noqa: SIM115
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+        for fd, saved in descriptors.items():
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def progress(result: dict, computed: bool) -> str:
+    """What a run's line on the console says after its name: its gain, its forward KL, and the time it trained."""
+    numbers = []
+    if result.get("accuracy") is not None:
+        numbers.append(f"accuracy {100 * result['accuracy']:.1f}%")
+    elif result.get("answer_nll") is not None:
+        numbers.append(f"answer NLL {result['answer_nll']:.3f}")
+    if result.get("forward_kl") is not None:
+        sampled = result.get("forward_kl_source") == "eval_forward_kl_sampled"
+        numbers.append(f"forward KL {result['forward_kl']:.4f}" + (" (sampled-token estimate)" if sampled else ""))
+    seconds = result.get("wall_seconds")
+    took = None if seconds is None else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    if computed:
+        when = f"trained in {took}" if took else "trained"
+    else:
+        when = f"from the cache (trained in {took})" if took else "from the cache"
+    return ", ".join(numbers) + "; " + when
+
+
 def train(configs):
     """One training run: the training script's `main`, which returns the trainer."""
     from minorsft_trl.scripts import minor_sft
@@ -575,34 +644,58 @@ class Comparison:
         base_key = {"format": EVAL_FORMAT, "base": recipe_key(self.base)}
         if self.accuracy_kind is not None:
             base_key["base"]["training"] = {}  # the base model's accuracy does not depend on training settings
-            value, _ = cached_result(
-                self.cache_dir, "base", base_key, lambda: {"accuracy": base_accuracy(self.base, self.eval_dataset)}
-            )
+            value, _ = cached_result(self.cache_dir, "base", base_key, self.measure_base)
             results["base"]["accuracy"] = value["accuracy"]
             log(f"base model: held-out accuracy {100 * value['accuracy']:.1f}%")
+        log(f"One line per run; each run's own log goes to {self.output_dir}/runs/<run>/{RUN_LOG}.")
         planned = plan(self.grid)
         for number, run in enumerate(planned, start=1):
             learning_rate = run.learning_rate
             if run.method == STEP_CONTROL:
                 learning_rate *= self.mean_minor_weight(results["runs"], run.learning_rate)
-            configs = self.run_configs(run, learning_rate)
-            key = {
-                "format": EVAL_FORMAT,
-                "method": run.method,
-                "lr": learning_rate,
-                "seed": run.seed,
-                "recipe": recipe_key(configs),
-            }
-            result, computed = cached_result(
-                self.cache_dir,
-                run.name,
-                key,
-                lambda c=configs: run_and_measure(c, self.eval_dataset, self.accuracy_kind),
+            heading = f"[{number}/{len(planned)}] {run.method} lr={learning_rate:.3g} seed={run.seed}"
+            result, computed = self.train_or_read(run, learning_rate, heading, log)
+            log(f"{heading}: {progress(result, computed)}")
+            # `wall_seconds` is the run's own, stored in its cache entry: the time it took when it was trained
+            results["runs"].append(
+                {**dataclasses.asdict(run), **result, "trained_lr": learning_rate, "from_cache": not computed}
             )
-            where = "trained" if computed else "from the cache"
-            log(f"[{number}/{len(planned)}] {run.method} lr={learning_rate:.3g} seed={run.seed}: {where}")
-            results["runs"].append({**dataclasses.asdict(run), **result, "trained_lr": learning_rate})
         return results
+
+    def measure_base(self) -> dict:
+        """The base model's held-out accuracy, its output (model loading, evaluation) in `runs/base_model.log`."""
+        with output_to(self.output_dir / "runs" / "base_model.log"):
+            return {"accuracy": base_accuracy(self.base, self.eval_dataset)}
+
+    def train_or_read(self, run: Run, learning_rate: float, heading: str, log) -> tuple[dict, bool]:
+        """The run's result, read from the cache or trained now with all it prints in its folder's log, and whether
+        it was trained now. A run that fails says so, and where its log is, before its error goes on."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # `prepare` parsed every run's recipe and showed its warnings once
+            configs = self.run_configs(run, learning_rate)
+        key = {
+            "format": EVAL_FORMAT,
+            "method": run.method,
+            "lr": learning_rate,
+            "seed": run.seed,
+            "recipe": recipe_key(configs),
+        }
+        log_file = run_dir(self.output_dir, run, learning_rate) / RUN_LOG
+
+        def train_and_measure() -> dict:
+            try:
+                with output_to(log_file):
+                    return run_and_measure(configs, self.eval_dataset, self.accuracy_kind)
+            except (KeyboardInterrupt, SystemExit):
+                log(
+                    f"{heading}: interrupted (its log: {log_file}); the runs done are cached, the same command resumes"
+                )
+                raise
+            except BaseException:
+                log(f"{heading}: failed (its log: {log_file})")
+                raise
+
+        return cached_result(self.cache_dir, run.name, key, train_and_measure)
 
     @staticmethod
     def mean_minor_weight(runs: list[dict], learning_rate: float) -> float:
@@ -636,7 +729,8 @@ def make_parser(prog: str = "minorsft-trl compare") -> argparse.ArgumentParser:
         "and measured (gain, drift from the reference), with 95% t intervals over seeds, differences paired by "
         "seed against SFT, drift at matched gain, the Pareto front and the step-size control. Runs in process, "
         "one after the other, on one process (no `accelerate launch`); every run is cached as it finishes. Any "
-        "other `--key value` is a recipe override applied to every run.",
+        "other `--key value` is a recipe override applied to every run. A line per run on the console, its own log "
+        "in runs/<run>/train.log; results.md ends with what the numbers say, in plain words.",
     )
     parser.add_argument("--config", required=True, help="a recipe YAML file or a packaged recipe's name")
     parser.add_argument(
@@ -655,7 +749,9 @@ def make_parser(prog: str = "minorsft-trl compare") -> argparse.ArgumentParser:
         help="a YAML file with methods, learning_rates, seeds, step_control, "
         "method_settings (e.g. {minor_sft: {beta: 0.04}}); the command line wins",
     )
-    parser.add_argument("--output_dir", required=True, help="where results.md, results.json, the plot and runs/ go")
+    parser.add_argument(
+        "--output_dir", required=True, help="where results.md, results.json, the plots and runs/ (a folder per run) go"
+    )
     parser.add_argument("--cache_dir", help="the run cache (default: $MINORSFT_TRL_CACHE/comparison)")
     return parser
 
@@ -714,21 +810,21 @@ def _is_number(text: str) -> bool:
 
 
 def main(argv: list[str], prog: str = "minorsft-trl compare") -> int:
-    """Run `minorsft-trl compare` (the arguments after `compare`); 2 and a one-line error for bad input."""
-    import sys
+    """Run `minorsft-trl compare` (the arguments after `compare`): 0 when it ends; 2 and one sentence on stderr for
+    bad input, refused before any training (`CompareError`) or met by a run (`InputError`); any other error keeps its
+    traceback."""
+    return run_command(prog, lambda: run_comparison(argv, prog))
 
+
+def run_comparison(argv: list[str], prog: str) -> None:
+    """Prepare, train or read every run (a line each on the console), write the outputs and print `results.md`,
+    which ends with what it says in plain words."""
     from minorsft_trl.drift import report
 
     started = time.perf_counter()
-    try:
-        comparison = comparison_from_args(argv, prog)
-        comparison.prepare()
-    except CompareError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+    comparison = comparison_from_args(argv, prog)
+    comparison.prepare()
     if len(comparison.grid.seeds) == 1:
         print(report.ONE_SEED_QUESTIONS if comparison.accuracy_kind else report.ONE_SEED, flush=True)
     results = comparison.run(log=lambda line: print(line, flush=True))
-    text = report.write(results, comparison, time.perf_counter() - started)
-    print(text)
-    return 0
+    print(report.write(results, comparison, time.perf_counter() - started), flush=True)

@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from minorsft_trl.drift import verdict
 from minorsft_trl.drift.compare import LABELS, STEP_CONTROL, Grid
 from minorsft_trl.drift.stats import (
     Interval,
@@ -30,9 +31,11 @@ MEASURES = {  # key: (title, higher is better)
     "heldout_deviation": ("held-out m_theta", False),
     "nll_change": ("NLL change on held-out text", False),
     "train_deviation": ("train deviation", False),
-    "clipped_fraction": ("steps clipped", False),
-    "grad_norm_over_1": ("steps with grad norm > 1", False),
+    "clipped_fraction": ("steps clipped (%)", False),
+    "grad_norm_over_1": ("steps with grad norm > 1 (%)", False),
 }
+# Shares reported in % (their differences in percentage points); a run records them as fractions
+PERCENTS = ("accuracy", "clipped_fraction", "grad_norm_over_1")
 DRIFTS = ("forward_kl", "forward_kl_sampled", "heldout_deviation", "nll_change")
 # The trainer's metric a run's forward KL came from (`forward_kl_source`) -> the measure it is reported as
 KL_ESTIMATORS = {"eval_forward_kl": "forward_kl", "eval_forward_kl_sampled": "forward_kl_sampled"}
@@ -72,7 +75,8 @@ def present(runs: list[dict]) -> list[str]:
 
 
 def per_seed(runs: list[dict], measure: str) -> dict[int, float | None]:
-    scale = 100 if measure == "accuracy" else 1
+    """The measure of each run by its seed, shares in %."""
+    scale = 100 if measure in PERCENTS else 1
     return {r["seed"]: None if r.get(measure) is None else r[measure] * scale for r in runs}
 
 
@@ -178,7 +182,7 @@ def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list
     ranges over learning rates, interpolated seed by seed between the method's learning rates, where the smallest
     rate that reaches it does. The overlap and the interpolation do not depend on which direction of the gain is
     better. A seed whose learning rates do not bracket the target has no value there: each row counts the seeds it
-    rests on (`seeds_reaching`, out of `seeds`)."""
+    rests on (`seeds_reaching`, out of `seeds`), and keeps each seed's value (`by_seed`) to pair methods on."""
     methods = [m for m in grid.methods if all((m, lr) in groups for lr in grid.learning_rates)]
     if not methods:
         return []
@@ -193,7 +197,7 @@ def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list
     rows = []
     for method in methods:
         seeds = sorted({r["seed"] for lr in grid.learning_rates for r in groups[(method, lr)]})
-        row = {"method": method, "target": target, "gain": gain, "seeds": len(seeds)}
+        row = {"method": method, "target": target, "gain": gain, "seeds": len(seeds), "by_seed": {}}
         for drift in drifts:
             values = []
             for seed in seeds:
@@ -205,6 +209,7 @@ def matched_gain(groups: dict, grid: Grid, gain: str, drifts: list[str]) -> list
                 ]
                 values.append(interpolate_at(seed_points, target))
             row[drift] = t_interval(values).to_dict()
+            row["by_seed"][drift] = dict(zip(seeds, values, strict=True))
         # The seeds whose learning rates bracket the target, on the measure they have (one forward KL estimator)
         row["seeds_reaching"] = max((row[drift]["n"] for drift in drifts), default=0)
         rows.append(row)
@@ -241,13 +246,14 @@ def _finite(value) -> bool:
 
 
 def interval_text(interval: dict, measure: str = "") -> str:
-    digits = {"accuracy": 1, "forward_kl": 4}.get(measure, 3)  # a forward KL of 0.001 nats/token is already drift
+    # A forward KL of 0.001 nats/token is already drift; a share of steps needs no decimals
+    digits = {"accuracy": 1, "forward_kl": 4, "clipped_fraction": 0, "grad_norm_over_1": 0}.get(measure, 3)
     return Interval(**interval).format(digits=digits)
 
 
-def label(method: str, trained_lr: float | None = None) -> str:
-    text = LABELS[method]
-    return f"{text} (lr {trained_lr:.3g})" if method == STEP_CONTROL and trained_lr is not None else text
+def label(method: str, trained_lr: float) -> str:
+    """A configuration, named once by the learning rate it trained at (the control's is the computed one)."""
+    return f"{LABELS[method]} lr {trained_lr:.3g}"
 
 
 def best_label(row: dict) -> tuple[str, float, dict]:
@@ -290,7 +296,7 @@ def estimator_note(runs: list[dict]) -> str:
             "(`eval_forward_kl_sampled`: no run kept its reference model), unbiased and noisier than the "
             "full-vocabulary one."
         )
-    configurations = "; ".join(dict.fromkeys(f"{label(r['method'])} lr {r['trained_lr']:.3g}" for r in sampled))
+    configurations = "; ".join(dict.fromkeys(label(r["method"], r["trained_lr"]) for r in sampled))
     return (
         "Forward KL from two estimators, each its own column: the sampled-token estimate (`eval_forward_kl_sampled`) "
         f"for {configurations}, which kept no reference model, and the full-vocabulary one for the others. No "
@@ -333,9 +339,7 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
     if results.get("base", {}).get("accuracy") is not None:
         lines += ["", f"Base model: held-out accuracy {100 * results['base']['accuracy']:.1f}%."]
     lines += [""]
-    lines += measures_table(
-        [(label(c["method"], c["trained_lr"]), c["trained_lr"], c) for c in summary["configurations"]], measures
-    )
+    lines += measures_table([(LABELS[c["method"]], c["trained_lr"], c) for c in summary["configurations"]], measures)
     if summary["paired"]:
         lines += [
             "",
@@ -379,7 +383,7 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
             "|" + "---|" * len(measures),
             "| " + " | ".join(interval_text(control[m], m) for m in measures) + " |",
         ]
-    front = ", ".join(f"{label(m)} lr {lr:.3g}" for m, lr in summary["pareto_front"])
+    front = ", ".join(label(method, lr) for method, lr in summary["pareto_front"])
     direction = "up" if MEASURES[gain][1] else "(NLL) down"
     if summary["pareto_kl"] is None and len(kl_measures(measures)) > 1:
         lines += [
@@ -389,23 +393,65 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
     else:
         lines += ["", f"Pareto front (gain {direction}, forward KL down): {front or 'none'}."]
     if wall_seconds is not None:
-        trained = sum(r.get("wall_seconds") or 0 for r in runs)
-        lines += ["", f"Wall time of the runs: {trained / 60:.1f} min; of this call: {wall_seconds / 60:.1f} min."]
+        lines += ["", wall_time(runs, wall_seconds)]
+    lines += ["", *verdict.section(summary, grid, results.get("base", {}).get("accuracy"))]
     return "\n".join(lines) + "\n"
+
+
+def wall_time(runs: list[dict], wall_seconds: float) -> str:
+    """The runs' own wall time, as they took when they were trained (read from the cache for the runs trained by an
+    earlier call), and this call's."""
+    trained = sum(r.get("wall_seconds") or 0 for r in runs)
+    cached = [r for r in runs if r.get("from_cache")]
+    if not cached:
+        where = ""
+    elif len(cached) == len(runs):
+        where = " (trained earlier, read from the cache)"
+    else:
+        earlier = sum(r.get("wall_seconds") or 0 for r in cached)
+        where = (
+            f" ({len(cached)} of the {len(runs)} runs, {earlier / 60:.1f} min of it, trained earlier and read from "
+            "the cache)"
+        )
+    return f"Wall time of the runs: {trained / 60:.1f} min{where}; of this call: {wall_seconds / 60:.1f} min."
 
 
 # ------------------------------------------------------------------ plot and files
 
 
-def plot(summary: dict, path: Path, title: str = "") -> Path | None:
-    """Gain against each drift measure, a point per configuration (a method's points are its learning rates), with
-    95% interval bars when there are several seeds. None when matplotlib is not installed."""
+def pyplot():
+    """matplotlib's pyplot drawing to files (the Agg backend), or None when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(figure, path: Path) -> Path | None:
+    """Write `figure` to `path` and release it; None for no figure."""
+    if figure is None:
+        return None
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
+def plot(summary: dict, path: Path, title: str = "") -> Path | None:
+    """The gain-vs-drift figure saved to `path`; None when matplotlib is not installed."""
+    return save(gain_vs_drift_figure(summary, title), path)
+
+
+def gain_vs_drift_figure(summary: dict, title: str = ""):
+    """Gain against each drift measure, a point per configuration (a method's points are its learning rates), with
+    95% interval bars when there are several seeds. None when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    from matplotlib.ticker import MaxNLocator
 
     gain = summary["gain"]
     drifts = [d for d in DRIFTS if d in summary["measures"]]
@@ -428,34 +474,34 @@ def plot(summary: dict, path: Path, title: str = "") -> Path | None:
                 color=COLOURS.get(method), label=LABELS[method],
             )  # fmt: skip
         axis.set(xlabel=MEASURES[drift][0])
+        # 3 to 6 ticks at round steps: matplotlib's default fits up to 10 on a 5-inch panel, whose labels run into
+        # each other on a narrow range of small values (0.00315, 0.00320, ...)
+        axis.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10], min_n_ticks=3))
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel(MEASURES[gain][0] + ("" if MEASURES[gain][1] else " (lower is better)"))
     axes[0][-1].legend(fontsize=7)
     figure.suptitle(title or "mean over seeds, 95% intervals; a method's points are its learning rates")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
 CURVES = {"loss": "train loss", "grad_norm": "gradient norm (before clipping)", "minor_weight": "mean minor weight"}
 
 
 def plot_curves(runs: list[dict], path: Path, max_grad_norm: float | None = None) -> Path | None:
+    """The training-curves figure saved to `path`; None without matplotlib or curves."""
+    return save(curves_figure(runs, max_grad_norm), path)
+
+
+def curves_figure(runs: list[dict], max_grad_norm: float | None = None):
     """The training curves of every configuration over the steps, a line per (method, learning rate) from its first
     seed: the loss, the gradient norm (with the clipping bound) and Minor SFT's mean weight, the panels the runs
     logged. Shows where over a long run the brake acts and how often clipping binds. None without matplotlib or
     curves."""
     panels = [key for key in CURVES if any(key in point for r in runs for point in r.get("curve") or [])]
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None or not panels:
         return None
-    if not panels:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     first = {}
     for run in runs:
@@ -467,7 +513,7 @@ def plot_curves(runs: list[dict], path: Path, max_grad_norm: float | None = None
             if points:
                 axis.plot(
                     [point["step"] for point in points], [point[key] for point in points], linewidth=widths[lr],
-                    color=COLOURS.get(method), alpha=0.8, label=f"{label(method, run['trained_lr'])} lr {lr:g}",
+                    color=COLOURS.get(method), alpha=0.8, label=label(method, run["trained_lr"]),
                 )  # fmt: skip
         if key == "grad_norm":
             axis.set_yscale("log")
@@ -477,9 +523,7 @@ def plot_curves(runs: list[dict], path: Path, max_grad_norm: float | None = None
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)  # the loss panel draws every configuration
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def plot_name(summary: dict) -> str:

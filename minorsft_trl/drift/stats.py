@@ -71,6 +71,20 @@ def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> I
     return t_interval([values[s] - baseline[s] for s in seeds if values[s] is not None and baseline[s] is not None])
 
 
+def seeds_to_exclude_zero(interval: Interval, most: int = 30) -> int | None:
+    """An estimate: how many seeds a 95% t interval that holds 0 would need to leave it out, were its mean and its
+    spread (the standard deviation its `n` seeds show) to hold. The fewest `m > n` with `t(m - 1) * sd / sqrt(m) <
+    |mean|`; None when more than `most` would be needed, or when there is nothing to estimate from (one seed, no
+    interval, a mean of 0)."""
+    if interval.n < 2 or not (math.isfinite(interval.low) and math.isfinite(interval.high)) or interval.mean == 0:
+        return None
+    spread = (interval.high - interval.low) / 2 * math.sqrt(interval.n) / t_quantile(interval.n - 1)
+    for seeds in range(interval.n + 1, most + 1):
+        if t_quantile(seeds - 1) * spread / math.sqrt(seeds) < abs(interval.mean):
+            return seeds
+    return None
+
+
 def interpolate_at(points: list[tuple[float, float]], x: float) -> float | None:
     """The `y` where the piecewise-linear path through the `(x, y)` points, taken in their order (a method's
     learning rates, smallest first), first reaches `x`; `None` if it never does: a method is never credited with a
