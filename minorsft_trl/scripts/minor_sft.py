@@ -39,6 +39,7 @@ from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config, g
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
 from minorsft_trl.checkpoints import last_complete_checkpoint
 from minorsft_trl.data import MinorSFTScriptArguments, check_data_paths, load_datasets
+from minorsft_trl.drift.card import console_summary
 from minorsft_trl.drift.live import drift_log_history
 from minorsft_trl.embedded import resolve_model
 from minorsft_trl.errors import InputError, run_command
@@ -102,15 +103,19 @@ def main(
     trainer.save_state()
     trainer.create_model_card(dataset_name=script_args.dataset_name)
     if trainer.accelerator.is_main_process:
+        # Each on its own line, flushed: a plot's warning (no training loss logged) goes to stderr in between
+        print(f"Model saved to {training_args.output_dir}.", flush=True)
         curves = plot_training_curves(
             drift_log_history(trainer.state),
             os.path.join(training_args.output_dir, "training_curves.png"),
             title=training_args.describe_loss(),
             max_forward_kl=training_args.max_forward_kl,
         )
-        trainer.accelerator.print(
-            f"Model saved to {training_args.output_dir}" + (f"; training curves in {curves}." if curves else ".")
-        )
+        if curves:
+            print(f"Training curves in {curves}.", flush=True)
+        summary = console_summary(drift_log_history(trainer.state))
+        if summary is not None:
+            print(summary, flush=True)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     trainer.end()
