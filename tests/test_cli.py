@@ -11,7 +11,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from tiny import prompt_completion_dataset
+from tiny import prompt_completion_dataset, write_recipe
 
 from minorsft_trl import cli, packaged
 
@@ -254,3 +254,30 @@ def test_train_refuses_an_output_dir_that_holds_a_run_unless_resumed_or_overwrit
     assert cli.main([*argv, "--overwrite_output_dir", "true"]) == 0
     assert cli.main(["train", "--config", RECIPE, "--output_dir", str(tmp_path / "fresh")]) == 0
     assert len(launched) == 3
+
+
+@pytest.mark.parametrize(
+    "door, extra",
+    [("console", []), ("console", ["--num_processes", "2", "--use_cpu", "true"]), ("module", [])],
+    ids=["minorsft-trl train", "minorsft-trl train, 2 processes", "python -m minorsft_trl.scripts.minor_sft"],
+)
+def test_an_input_error_found_by_the_launched_script_ends_in_one_sentence(tmp_path, tiny_model_dir, door, extra):
+    data = tmp_path / "data.jsonl"
+    lines = [json.dumps({"prompt": f"q{i}", "completion": f" a{i}"}) for i in range(8)]
+    lines[3] = '{"prompt": "q3", "completion": Infinity}'
+    data.write_text("\n".join(lines) + "\n")
+    recipe = write_recipe(tmp_path, tiny_model_dir, dataset_name=str(data))
+    command = {
+        "console": [str(Path(sys.executable).parent / "minorsft-trl"), "train"],
+        "module": [sys.executable, "-m", "minorsft_trl.scripts.minor_sft"],
+    }[door]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run([*command, "--config", recipe, *extra], env=env, capture_output=True, text=True, timeout=300)
+    prog = "minorsft-trl train" if door == "console" else "minor_sft"
+    expected = (
+        f"{prog}: error: dataset_name '{data}', line 4: `completion` is Infinity, a number JSON writes without "
+        'quotes, not text. Quote it (`"completion": "Infinity"`) if it is the text, or remove the record.'
+    )
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+    assert run.returncode == 2 and errors and set(errors) == {expected}, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
