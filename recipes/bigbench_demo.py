@@ -22,6 +22,7 @@ from trl import get_quantization_config
 from minorsft_trl.data import load_datasets
 from minorsft_trl.drift.card import MEASURES as DRIFT_MEASURES
 from minorsft_trl.embedded import resolve_model
+from minorsft_trl.errors import InputError, run_command
 from minorsft_trl.evaluation import multiple_choice_accuracy
 
 
@@ -42,7 +43,7 @@ def run(script_args, training_args, model_args, dataset_args=None) -> dict:
     model_path = resolve_model(model_args.model_name_or_path)
     test_split = load_datasets(script_args, dataset_args, evaluate=True).eval
     if "choices" not in test_split.column_names:
-        raise ValueError(
+        raise InputError(
             f"{script_args.dataset_name} has no `choices` column: use a `bigbench:` multiple-choice task."
         )
 
@@ -108,4 +109,4 @@ def run(script_args, training_args, model_args, dataset_args=None) -> dict:
 
 
 if __name__ == "__main__":
-    run(*parse_args())
+    raise SystemExit(run_command("bigbench_demo", lambda: run(*parse_args())))
