@@ -26,11 +26,14 @@ from minorsft_trl.errors import InputError, run_command
 from minorsft_trl.evaluation import multiple_choice_accuracy
 
 
-def generate_with_saved_adapter(adapter_dir: str, prompt: str) -> str:
-    """Reload the adapter the way a user would and let it answer one prompt (greedy)."""
-    from peft import AutoPeftModelForCausalLM
+def generate_with_saved_adapter(base_model_path: str, adapter_dir: str, prompt: str) -> str:
+    """Reload the adapter the way a user would offline and let it answer one prompt (greedy). The adapter names its
+    base model by its Hub id (`HuggingFaceTB/SmolLM2-135M-Instruct` for the embedded model): offline, the base model
+    is loaded from where it is, and the adapter onto it."""
+    from peft import PeftModel
 
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
+    base_model = AutoModelForCausalLM.from_pretrained(base_model_path)
+    model = PeftModel.from_pretrained(base_model, adapter_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
@@ -63,7 +66,7 @@ def run(script_args, training_args, model_args, dataset_args=None) -> dict:
     train_logs = [log for log in trainer.state.log_history if "deviation" in log]
 
     example = test_split[0]
-    answer = generate_with_saved_adapter(training_args.output_dir, example["prompt"])
+    answer = generate_with_saved_adapter(model_path, training_args.output_dir, example["prompt"])
     results = {
         "model": model_args.model_name_or_path,
         "dataset": script_args.dataset_name,
