@@ -7,6 +7,7 @@ None" and the quick start loads `model="None"`. PEFT writes the path the base mo
 there is one (the embedded models'), a local path is named as a path, with no link.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -48,11 +49,14 @@ def named_model_card(card: str, model_path: str, dataset_name: str | None, outpu
     return re.sub(r"^base_model: None$\n?", "" if base_id is None else f"base_model: {base_id}\n", card, flags=re.M)
 
 
-def name_adapters_base_model(model) -> None:
-    """Write the base model's Hub id, where it has one, into the configuration of each adapter of a PEFT `model`
-    (PEFT saves it as `base_model_name_or_path` in `adapter_config.json`): a cache folder of this machine would not
-    load the adapter anywhere else."""
-    for config in getattr(model, "peft_config", {}).values():
-        hub_id = hub_id_of(config.base_model_name_or_path)
-        if hub_id is not None:
-            config.base_model_name_or_path = hub_id
+def name_saved_adapters_base_model(output_dir: str) -> None:
+    """Write the base model's Hub id, where it has one, into the `adapter_config.json` files PEFT saved in
+    `output_dir` (one per adapter): their `base_model_name_or_path` is the folder the base was loaded from, for the
+    embedded model a cache folder of this machine, which would load the adapter nowhere else. Only the saved file
+    changes: while training, PEFT keeps reading the base from where it is."""
+    for config_file in Path(output_dir).glob("**/adapter_config.json"):
+        config = json.loads(config_file.read_text())
+        hub_id = hub_id_of(config.get("base_model_name_or_path"))
+        if hub_id is not None and hub_id != config["base_model_name_or_path"]:
+            config["base_model_name_or_path"] = hub_id
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

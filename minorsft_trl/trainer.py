@@ -53,7 +53,7 @@ from .fingerprint import (
 from .fused_head import labelled_positions_only
 from .loss_types import LossInputs, MeanOver, ReferenceNeed
 from .losses import deviation
-from .model_card import is_hub_dataset_id, name_adapters_base_model, named_model_card
+from .model_card import is_hub_dataset_id, name_saved_adapters_base_model, named_model_card
 from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process, resolve_precompute
 from .reference import (
     StartingBaseParameters,
@@ -254,7 +254,6 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             self._check_prepared_dataset(train_dataset)
             if peft_config is not None:
                 check_adapter_targets(self.accelerator.unwrap_model(self.model))
-            name_adapters_base_model(self.accelerator.unwrap_model(self.model))
             if (
                 args.eval_packing
                 and not args.packing
@@ -832,6 +831,12 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
         card = named_model_card(Path(path).read_text(), model_path, dataset_name, self.args.output_dir)
         section = drift_section(drift_log_history(self.state), self._drift_budget)
         Path(path).write_text(card + ("\n\n" + section if section is not None else ""))
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """`Trainer._save`, with the saved adapter naming its base model by its Hub id (`minorsft_trl.model_card`)."""
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            name_saved_adapters_base_model(output_dir or self.args.output_dir)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation forwards in eval mode without grad: keep 4-bit layers on their training kernels, see

@@ -11,7 +11,7 @@ from tiny import cpu_args, make_model, prompt_completion_dataset
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.drift.card import console_summary
 from minorsft_trl.drift.live import measures_at_start
-from minorsft_trl.model_card import hub_id_of, name_adapters_base_model, named_model_card
+from minorsft_trl.model_card import hub_id_of, name_saved_adapters_base_model, named_model_card
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 # The line TRL's template renders for a local model and a dataset name
@@ -91,15 +91,12 @@ def test_the_embedded_model_is_named_by_its_hub_id_in_the_card_and_the_adapter(t
     assert hub_id_of(str(converted)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert hub_id_of(str(tmp_path)) is None and hub_id_of("org/model") == "org/model"
 
-    class Config:
-        base_model_name_or_path = str(converted)
-
-    class Peft:
-        peft_config = {"default": Config()}
-
-    model = Peft()
-    name_adapters_base_model(model)
-    assert model.peft_config["default"].base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    saved = tmp_path / "run" / "checkpoint-5"
+    saved.mkdir(parents=True)
+    (saved / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(converted), "r": 4}))
+    name_saved_adapters_base_model(str(tmp_path / "run"))
+    adapter = json.loads((saved / "adapter_config.json").read_text())
+    assert adapter == {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "r": 4}
 
 
 def test_a_trained_run_card_names_no_none(tmp_path, tokenizer, tiny_model_dir):
