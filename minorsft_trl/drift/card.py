@@ -55,7 +55,7 @@ FORWARD_KL_SCALE = (
     "in this project's comparisons, learning a task moved it to {learned}; at {lost} the model no longer answered "
     "its task"
 )
-KL_LEARNED, KL_LOST = "0.6-1.8", "about 10"
+KL_LEARNED, KL_LOST = "0.04-1.9", "about 10"
 
 
 def console_summary(log_history: list[dict]) -> str | None:
