@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from datasets import Dataset
 
-from minorsft_trl import bigbench
+from minorsft_trl.data import bigbench
 from minorsft_trl.drift import report
 from minorsft_trl.drift.compare import Comparison, make_grid
 

@@ -24,9 +24,9 @@ from peft import LoraConfig
 from transformers import AutoTokenizer
 
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer, bigbench
-from minorsft_trl.embedded import resolve_model
+from minorsft_trl.data.embedded import resolve_model
 from minorsft_trl.examples import ExampleIndex
-from minorsft_trl.reference_check import deviation_tolerance
+from minorsft_trl.reference.check import deviation_tolerance
 
 ADAPTERS = {
     "LoRA": dict(),

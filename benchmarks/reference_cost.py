@@ -15,7 +15,7 @@ On the embedded SmolLM2-135M-Instruct and BIG-bench si_conversion, with the same
 - `minor_sft precomputed`: reference log-probs computed once before training (timed apart), none during training;
 - `minor_sft default`: what a run gets without setting `precompute_ref_log_probs` ("auto": precomputed here);
 - `asft`, `sft_kl`: the KL anchor, adapters disabled: a reference forward whose hidden states go with the policy's
-  through both LM heads in tiles (`minorsft_trl.vocabulary_kl`), nothing cached;
+  through both LM heads in tiles (`minorsft_trl.reference.vocabulary_kl`), nothing cached;
 - `iw_sft`: importance weights from the adapter-disabled reference (the cost of `minor_sft`'s forward, another weight).
 
 With `--prompt_length` / `--completion_length` (no `--shape`), the embedded model trains on random token sequences of
@@ -101,8 +101,8 @@ SHAPE_OPTIONS = [
 def embedded_model_and_data(spec: dict) -> tuple[str, object, dict]:
     """The embedded SmolLM2-135M-Instruct, its first `batch_size * steps` si_conversion examples (or synthetic ones of
     `prompt_length` + `completion_length` tokens, when given), and their length."""
-    from minorsft_trl import bigbench
-    from minorsft_trl.embedded import resolve_model
+    from minorsft_trl.data import bigbench
+    from minorsft_trl.data.embedded import resolve_model
 
     model_path = resolve_model("embedded:SmolLM2-135M-Instruct")
     if spec.get("completion_length"):

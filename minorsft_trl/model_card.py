@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from .cache import cache_root
-from .embedded import EMBEDDED_MODELS
+from .data.embedded import EMBEDDED_MODELS
 
 # The line of TRL's model card template that names the base model and the dataset
 _FINE_TUNED_LINE = re.compile(r"^This model is a fine-tuned version of .*$", re.M)

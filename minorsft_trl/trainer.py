@@ -36,6 +36,7 @@ from .checkpoints import (
     write_run_identity,
 )
 from .config import TRL_LOSS_TYPES, MinorSFTConfig
+from .data.sharegpt import sharegpt_to_messages
 from .drift.budget import DriftBudgetCallback
 from .drift.card import drift_section
 from .drift.data import first_conversations
@@ -43,19 +44,19 @@ from .drift.live import DriftCallback, DriftMixin, drift_log_history
 from .engines import destroy_if_engine, parameter_bytes, runnable_before_training
 from .errors import InputError
 from .examples import ExampleIndex, PackedRowsApart
-from .fingerprint import (
+from .fused_head import labelled_positions_only
+from .loss_types import LossInputs, MeanOver, ReferenceNeed
+from .losses import deviation
+from .model_card import is_hub_dataset_id, name_saved_adapters_base_model, named_model_card
+from .reference.check import ReferenceCheck, deviation_tolerance
+from .reference.identity import (
     dataset_fingerprint,
     model_identity,
     module_fingerprint,
     peft_reference_name,
     trained_adapter_settings,
 )
-from .fused_head import labelled_positions_only
-from .loss_types import LossInputs, MeanOver, ReferenceNeed
-from .losses import deviation
-from .model_card import is_hub_dataset_id, name_saved_adapters_base_model, named_model_card
-from .precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process, resolve_precompute
-from .reference import (
+from .reference.models import (
     StartingBaseParameters,
     active_dropouts,
     add_reference_adapter,
@@ -68,10 +69,8 @@ from .reference import (
     reference_adapter_name,
     reference_mode,
 )
-from .reference_check import ReferenceCheck, deviation_tolerance
-from .sharegpt import sharegpt_to_messages
-from .validation import check_adapter_targets, check_inputs, check_parallelism, is_peft_model_or_path
-from .vocabulary_kl import (
+from .reference.precompute import REF_LOGPS, PrecomputedReferenceMixin, from_main_process, resolve_precompute
+from .reference.vocabulary_kl import (
     answer_hidden_states,
     captured_hidden_states,
     check_plain_logits,
@@ -79,6 +78,7 @@ from .vocabulary_kl import (
     reference_head,
     token_kl,
 )
+from .validation import check_adapter_targets, check_inputs, check_parallelism, is_peft_model_or_path
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -157,7 +157,7 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
             The reference. Defaults to `args.ref_model_name_or_path`; if neither is set, a PEFT model is its own
             reference with its adapters disabled (a frozen `"ref"` copy of the adapter when the model arrives with
             one), and full fine-tuning uses a frozen copy of the policy as training starts. Before the first update the
-            reference is checked against the policy's starting point (see `minorsft_trl.reference_check`).
+            reference is checked against the policy's starting point (see `minorsft_trl.reference.check`).
 
     Logged on train and eval, next to TRL's metrics: `deviation` (the paper's m_theta, eq. 8), `log_ratio` (mean of
     `log(pi_theta(y|x) / pi_ref(y|x))`) and, for `minor_sft`, `minor_weight` with `minor_weight_min` and
@@ -332,9 +332,9 @@ class MinorSFTTrainer(DriftMixin, PrecomputedReferenceMixin, SFTTrainer):
     def _load_reference(
         self, ref_model, quantization_config, policy_has_own_adapter: bool
     ) -> tuple[torch.nn.Module | None, ReferenceCheck]:
-        """Resolve the reference (see `minorsft_trl.reference`): the separate model, not yet prepared (`None` when the
-        policy itself is the reference, adapters disabled or its `"ref"` adapter), and what the reference check
-        expects of it."""
+        """Resolve the reference (see `minorsft_trl.reference.models`): the separate model, not yet prepared
+        (`None` when the policy itself is the reference, adapters disabled or its `"ref"` adapter), and what the
+        reference check expects of it."""
         ref_model = ref_model if ref_model is not None else self.args.ref_model_name_or_path
         explicit = ref_model is not None
         policy = self.accelerator.unwrap_model(self.model)

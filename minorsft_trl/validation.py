@@ -11,10 +11,10 @@ from trl.data_utils import is_conversational
 
 from .cache import cache_root
 from .config import REFERENCE_LOSS_TYPES
-from .data import looks_like_path
-from .dataset_checks import check_dataset
+from .data.dataset_checks import check_dataset
+from .data.sources import looks_like_path
 from .errors import InputError
-from .reference import check_model_tokenizer
+from .reference.models import check_model_tokenizer
 
 
 def is_peft_model_or_path(model: "str | torch.nn.Module") -> bool:

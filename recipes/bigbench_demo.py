@@ -19,11 +19,11 @@ from minor_sft import main, parse_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import get_quantization_config
 
-from minorsft_trl.data import load_datasets
+from minorsft_trl.data.embedded import resolve_model
+from minorsft_trl.data.evaluation import multiple_choice_accuracy
+from minorsft_trl.data.sources import load_datasets
 from minorsft_trl.drift.card import MEASURES as DRIFT_MEASURES
-from minorsft_trl.embedded import resolve_model
 from minorsft_trl.errors import InputError, run_command
-from minorsft_trl.evaluation import multiple_choice_accuracy
 
 
 def generate_with_saved_adapter(base_model_path: str, adapter_dir: str, prompt: str) -> str:

@@ -124,7 +124,7 @@ def tensorboard_not_installed(c):
 
 
 def latin1_jsonl(c):
-    from minorsft_trl.data import MinorSFTScriptArguments, load_datasets
+    from minorsft_trl.data.sources import MinorSFTScriptArguments, load_datasets
 
     path = c.tmp_path / "latin1.jsonl"
     path.write_bytes('{"prompt": "caf\u00e9 =", "completion": " ok"}\n'.encode("latin-1"))

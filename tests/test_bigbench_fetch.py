@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from minorsft_trl import bigbench
-from minorsft_trl.package_index import JSON_PAGE, package_indexes
+from minorsft_trl.data import bigbench
+from minorsft_trl.data.package_index import JSON_PAGE, package_indexes
 
 NAME = bigbench.TARBALL_NAME
 TASK = {

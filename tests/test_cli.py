@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from tiny import prompt_completion_dataset, write_recipe
 
-from minorsft_trl import cli, packaged
+from minorsft_trl.cli import command as cli
+from minorsft_trl.cli import packaged
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "SmolLM2-135M-Instruct/minor_sft/config_lora"  # the embedded model; its BIG-bench data is swapped below

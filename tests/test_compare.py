@@ -10,7 +10,7 @@ import pytest
 import yaml
 from tiny import CHATML_TEMPLATE, prompt_completion_dataset, write_recipe
 
-from minorsft_trl import cli
+from minorsft_trl.cli import command as cli
 from minorsft_trl.drift import compare, report, stats
 from minorsft_trl.drift.compare import make_grid
 from minorsft_trl.errors import InputError

@@ -4,7 +4,7 @@ answers: no training."""
 from test_compare import synthetic_runs
 
 from minorsft_trl.drift import report
-from minorsft_trl.drift.compare import make_grid
+from minorsft_trl.drift.grid import make_grid
 from minorsft_trl.drift.verdict import plain_words
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from minorsft_trl.drift.compare import make_grid
+from minorsft_trl.drift.grid import make_grid
 from minorsft_trl.drift.report import matched_table, summarise
 from minorsft_trl.drift.stats import (
     interpolate_at,

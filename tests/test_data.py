@@ -8,9 +8,9 @@ import pytest
 import torch
 from tiny import make_model
 
-from minorsft_trl import bigbench, embedded
 from minorsft_trl.cache import cached_directory
-from minorsft_trl.evaluation import choice_log_likelihoods, multiple_choice_accuracy
+from minorsft_trl.data import bigbench, embedded
+from minorsft_trl.data.evaluation import choice_log_likelihoods, multiple_choice_accuracy
 
 
 @pytest.fixture(autouse=True)
@@ -173,7 +173,7 @@ def test_multiple_choice_accuracy_counts_argmax_hits(tokenizer):
 def test_exact_match_compares_the_greedy_answer_with_every_target(tokenizer):
     from datasets import Dataset
 
-    from minorsft_trl.evaluation import exact_match_accuracy
+    from minorsft_trl.data.evaluation import exact_match_accuracy
 
     model = make_model(tokenizer).eval()
     prompts = ["2+2=", "sky colour is a long prompt"]
@@ -190,7 +190,7 @@ def test_exact_match_compares_the_greedy_answer_with_every_target(tokenizer):
 
 
 def test_mean_token_nll_matches_a_direct_computation_and_ignores_padding(tokenizer):
-    from minorsft_trl.evaluation import mean_token_nll
+    from minorsft_trl.data.evaluation import mean_token_nll
 
     model = make_model(tokenizer).eval()
     texts = ["a short text", "a somewhat longer text than the first one", "mid length text"]

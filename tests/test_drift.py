@@ -448,7 +448,7 @@ def test_a_peft_model_without_trainer_peft_config_measures_against_its_frozen_ad
 def test_the_curves_and_the_model_card_show_the_drift_and_the_budget(tmp_path, tokenizer):
     from matplotlib.image import imread
 
-    from minorsft_trl.plotting import plot_training_curves
+    from minorsft_trl.drift.curves import plot_training_curves
 
     trainer = make_trainer(tmp_path, tokenizer, max_forward_kl=1e-9, save_strategy="steps", save_steps=2)
     trainer.train()

@@ -12,7 +12,7 @@ from trl import SFTConfig, SFTTrainer
 
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.drift.live import drift_log_history
-from minorsft_trl.reference import active_dropouts
+from minorsft_trl.reference.models import active_dropouts
 
 
 def sharegpt_dataset() -> Dataset:
@@ -101,7 +101,7 @@ def test_with_nll_every_dataset_stock_sft_trainer_reads_is_read_and_no_other(tmp
 
     if shape == "ShareGPT conversations, assistant only":
         # TRL checks for conversations before it converts ShareGPT's ("the dataset is not conversational"); the roles
-        # are mapped to `messages` before TRL sees the data here (`minorsft_trl.sharegpt`), so it reads
+        # are mapped to `messages` before TRL sees the data here (`minorsft_trl.data.sharegpt`), so it reads
         assert reads(ours) and not reads(stock)
     else:
         assert reads(ours) == reads(stock)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from minorsft_trl.data import MinorSFTScriptArguments, load_named
-from minorsft_trl.file_checks import check_file_records
+from minorsft_trl.data.file_checks import check_file_records
+from minorsft_trl.data.sources import MinorSFTScriptArguments, load_named
 
 GOOD = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
 

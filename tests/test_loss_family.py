@@ -19,10 +19,10 @@ from test_reference import four_bit_config, fused_logps, pristine_in_training_ke
 from tiny import cpu_args, make_model, prompt_completion_dataset
 from trl import SFTConfig, SFTTrainer
 
-import minorsft_trl.vocabulary_kl as vocabulary_kl
+import minorsft_trl.reference.vocabulary_kl as vocabulary_kl
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.losses import asft_loss, dft_token_loss, iw_sft_loss, iw_sft_weight, sft_kl_loss
-from minorsft_trl.vocabulary_kl import captured_hidden_states, token_kl
+from minorsft_trl.reference.vocabulary_kl import captured_hidden_states, token_kl
 
 KL_COEF = 0.5
 
@@ -310,7 +310,7 @@ def test_the_training_curves_show_the_weights_and_the_kl_of_the_loss(tmp_path, m
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from minorsft_trl.plotting import plot_training_curves
+    from minorsft_trl.drift.curves import plot_training_curves
 
     figures = []
     subplots = plt.subplots

@@ -7,7 +7,7 @@ from test_gradients import lora_config
 from tiny import cpu_args, make_model, prompt_completion_dataset
 
 from minorsft_trl import MinorSFTTrainer
-from minorsft_trl.plotting import plot_training_curves
+from minorsft_trl.drift.curves import plot_training_curves
 
 
 def trainer(tmp_path, tokenizer, dataset=None, **overrides):

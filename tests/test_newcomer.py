@@ -10,8 +10,8 @@ from tiny import cpu_args, make_model, make_tokenizer, prompt_completion_dataset
 from transformers import AutoModelForCausalLM
 
 from minorsft_trl import MinorSFTTrainer
-from minorsft_trl.data import MinorSFTScriptArguments, load_datasets
-from minorsft_trl.scripts.minor_sft import parse_args
+from minorsft_trl.cli.train import parse_args
+from minorsft_trl.data.sources import MinorSFTScriptArguments, load_datasets
 
 
 def test_a_recipes_example_caps_do_not_cut_the_data_the_command_line_names(

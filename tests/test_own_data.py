@@ -17,7 +17,7 @@ from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 from trl.scripts.utils import DatasetConfig
 
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer, bigbench, data
-from minorsft_trl.data import MinorSFTScriptArguments, carve_test_split, load_datasets
+from minorsft_trl.data.sources import MinorSFTScriptArguments, carve_test_split, load_datasets
 
 EXTENSIONS = ["jsonl", "json", "csv", "parquet"]
 
@@ -97,7 +97,7 @@ def test_test_split_size_carves_disjoint_deterministic_splits(tmp_path, caplog, 
     write(tmp_path / "data" / "train.jsonl", rows(10))
     args = script_args(tmp_path / "data")
     mixture = DatasetMixtureConfig(test_split_size=test_split_size)
-    with caplog.at_level(logging.WARNING, logger="minorsft_trl.data"):
+    with caplog.at_level(logging.WARNING, logger="minorsft_trl.data.sources"):
         train, eval_dataset = load_datasets(args, mixture, evaluate=True)
     assert (len(train), len(eval_dataset)) == (10 - held_out, held_out)
     prompts, held_out_prompts = set(train["prompt"]), set(eval_dataset["prompt"])
@@ -129,7 +129,7 @@ def test_the_carved_split_does_not_depend_on_evaluation_and_caps_apply_after_it(
 def test_an_existing_test_split_wins_over_test_split_size(tmp_path, caplog):
     write(tmp_path / "data" / "train.jsonl", rows(6))
     write(tmp_path / "data" / "test.jsonl", rows(2, start=50))
-    with caplog.at_level(logging.WARNING, logger="minorsft_trl.data"):
+    with caplog.at_level(logging.WARNING, logger="minorsft_trl.data.sources"):
         train, eval_dataset = load_datasets(
             script_args(tmp_path / "data"), DatasetMixtureConfig(test_split_size=0.5), evaluate=True
         )

@@ -14,7 +14,7 @@ from tiny import conversational_dataset, cpu_args, make_model, make_tokenizer, p
 from trl import SFTConfig
 from trl.trainer.utils import add_fused_lm_head
 
-import minorsft_trl.reference as reference_module
+import minorsft_trl.reference.models as reference_module
 import minorsft_trl.trainer as trainer_module
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
 

@@ -6,7 +6,7 @@ from datasets import Dataset
 from tiny import COMPLETIONS, PROMPTS, cpu_args, make_model
 
 from minorsft_trl import MinorSFTTrainer
-from minorsft_trl.sharegpt import sharegpt_to_messages
+from minorsft_trl.data.sharegpt import sharegpt_to_messages
 
 SYSTEM = "Answer briefly."
 

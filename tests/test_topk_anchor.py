@@ -1,11 +1,11 @@
-"""The KL anchor coarsened to the reference's top-k tokens (`minorsft_trl.topk_anchor`) against brute force on full
-`(tokens, vocab)` distributions in float64: equal to the full KL with k = the vocabulary, below it and equal to the
-coarsening computed by hand for small k, with the full KL's gradient where they are equal."""
+"""The KL anchor coarsened to the reference's top-k tokens (`minorsft_trl.reference.topk_anchor`) against brute
+force on full `(tokens, vocab)` distributions in float64: equal to the full KL with k = the vocabulary, below it and
+equal to the coarsening computed by hand for small k, with the full KL's gradient where they are equal."""
 
 import pytest
 import torch
 
-from minorsft_trl.topk_anchor import coarsened_kl, gathered_logits, reference_topk
+from minorsft_trl.reference.topk_anchor import coarsened_kl, gathered_logits, reference_topk
 
 VOCAB, HIDDEN, TOKENS = 48, 16, 10
 

@@ -6,9 +6,9 @@ import transformers
 from datasets import Dataset, IterableDataset
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 
-from ..data import MinorSFTScriptArguments, load_named
+from ..data.sharegpt import sharegpt_to_messages
+from ..data.sources import MinorSFTScriptArguments, load_named
 from ..errors import InputError
-from ..sharegpt import sharegpt_to_messages
 
 logger = transformers.utils.logging.get_logger(__name__)
 

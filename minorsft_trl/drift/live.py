@@ -39,9 +39,9 @@ from transformers.trainer_callback import ExportableState
 from ..cache import cache_root, cached_directory, is_complete
 from ..errors import InputError
 from ..examples import ExampleIndex
-from ..precompute import REF_LOGPS
-from ..reference import reference_mode
-from ..vocabulary_kl import lm_head_weights
+from ..reference.models import reference_mode
+from ..reference.precompute import REF_LOGPS
+from ..reference.vocabulary_kl import lm_head_weights
 from .data import (
     prompt_ids_from_conversations,
     prompt_ids_from_dataset,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, GenerationMixin
 
-from ..vocabulary_kl import answer_hidden_states, captured_hidden_states, lm_head_weights, token_kl
+from ..reference.vocabulary_kl import answer_hidden_states, captured_hidden_states, lm_head_weights, token_kl
 
 
 @dataclass(frozen=True)

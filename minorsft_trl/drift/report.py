@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from minorsft_trl.drift import verdict
-from minorsft_trl.drift.compare import LABELS, STEP_CONTROL, Grid
+from minorsft_trl.drift.grid import LABELS, STEP_CONTROL, Grid
 from minorsft_trl.drift.stats import (
     Interval,
     interpolate_at,

@@ -11,7 +11,7 @@ held-out answer NLL (lower is better); drift is the forward KL the comparison me
 import math
 from dataclasses import dataclass
 
-from minorsft_trl.drift.compare import LABELS, STEP_CONTROL, Grid
+from minorsft_trl.drift.grid import LABELS, STEP_CONTROL, Grid
 from minorsft_trl.drift.stats import Interval, paired_difference, seeds_to_exclude_zero
 
 # What a difference says: better or worse beyond noise, within noise, no interval (one seed), or nothing to compare

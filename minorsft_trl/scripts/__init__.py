@@ -1,1 +1,2 @@
-"""Training scripts run by the `minorsft-trl` console command (and by `accelerate launch`)."""
+"""The documented path of the training script, `python -m minorsft_trl.scripts.minor_sft`; its code is
+`minorsft_trl.cli.train`."""

@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 # Other records with a problem named in an error, at most
 _SHOWN = 5

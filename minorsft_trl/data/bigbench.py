@@ -13,8 +13,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from .cache import cache_root, cached_directory, file_sha256
-from .errors import InputError
+from ..cache import cache_root, cached_directory, file_sha256
+from ..errors import InputError
 from .package_index import download_from_index
 
 SCHEME = "bigbench:"

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoTokenizer
 from trl.trainer.utils import disable_dropout_in_model
 
-from .errors import InputError
+from ..errors import InputError
 
 REF_ADAPTER = "ref"
 

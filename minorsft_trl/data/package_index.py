@@ -16,7 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urldefrag, urljoin, urlsplit
 
-from .cache import file_sha256
+from ..cache import file_sha256
 
 JSON_PAGE = "application/vnd.pypi.simple.v1+json"  # PEP 691; otherwise the page is PEP 503 HTML
 CHOOSE_INDEX = "PIP_INDEX_URL (or `pip config set global.index-url URL`) chooses another index"

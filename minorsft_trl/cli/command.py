@@ -8,7 +8,7 @@ training script and `accelerate launch`).
     minorsft-trl compare --config <recipe> --methods sft minor_sft --learning_rates 2.5e-4 1e-3 --seeds 0 1 2 \
         --output_dir compare_out [--grid grid.yaml] [--key value ...]   # the method comparison, in process
 
-`train` launches `minorsft_trl/scripts/minor_sft.py` through `accelerate launch`, as `trl sft` launches TRL's `sft.py`:
+`train` launches `minorsft_trl/cli/train.py` through `accelerate launch`, as `trl sft` launches TRL's `sft.py`:
 options that are not recipe keys (`--num_processes 2`, `--cpu`, `--mixed_precision no`) go to `accelerate launch`.
 """
 
@@ -25,9 +25,8 @@ from unittest.mock import patch
 import yaml
 from trl.cli.commands.base import Command, CommandContext
 
-from minorsft_trl import packaged
-
-from .errors import InputError
+from minorsft_trl.cli import packaged
+from minorsft_trl.errors import InputError
 
 PROG = "minorsft-trl"
 EXAMPLES = """examples:
@@ -53,7 +52,7 @@ class TrainCommand(Command):
         from accelerate.commands.launch import launch_command, launch_command_parser
         from trl.cli.commands.training import _subtract_subsequence
 
-        from minorsft_trl.scripts import minor_sft
+        from minorsft_trl.cli import train as minor_sft
 
         parser = minor_sft.make_parser(prog=f"{PROG} {self.name}")
         argv = context.argv_after(self.name)

@@ -23,12 +23,12 @@ from accelerate.utils import broadcast_object_list
 from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from .cache import cache_root, cached_directory
-from .engines import destroy_if_engine
-from .examples import ExampleIndex
-from .fingerprint import batches_fingerprint
-from .reference_check import deviation_tolerance
-from .validation import unwritable
+from ..cache import cache_root, cached_directory
+from ..engines import destroy_if_engine
+from ..examples import ExampleIndex
+from ..validation import unwritable
+from .check import deviation_tolerance
+from .identity import batches_fingerprint
 
 logger = transformers.utils.logging.get_logger(__name__)
 

@@ -8,7 +8,7 @@ The files are kept once, at the repository's top level (`recipes/<Model>/<method
 
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 _PACKAGE = Path(__file__).resolve().parent
 RECIPE_GLOB = "*/*/config_*.yaml"

@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset
 from torch.distributed.tensor import DTensor
 
-from .reference import belongs_to_adapter
+from .models import belongs_to_adapter
 
 # Configuration entries that say where a model came from, or set forward options the reference pass overrides
 # (TRL turns `use_cache` off on the policy), not what it computes

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
 from trl.data_utils import is_conversational_from_value
 
-from .errors import InputError
+from ..errors import InputError
 
 # What each ShareGPT role is in a chat template (LLaMA-Factory: human, gpt, system, observation; axolotl and FastChat
 # also write user, assistant, chatgpt and tool)

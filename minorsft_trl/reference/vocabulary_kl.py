@@ -14,7 +14,7 @@ from accelerate.utils import is_peft_model
 from torch.distributed.tensor import DTensor
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-from .errors import InputError
+from ..errors import InputError
 
 # Tokens per call of the kernel: its buffers hold `(KL_TOKEN_CHUNK, 32768)` fp32 tiles of both models, 128 MiB each
 KL_TOKEN_CHUNK = 1024

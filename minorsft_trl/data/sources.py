@@ -1,7 +1,7 @@
 """The train and eval datasets of the Minor SFT script, from wherever the data is.
 
 `dataset_name` may be a local file (`.jsonl`, `.json`, `.csv`, `.parquet`), a local folder of such files (or one
-written by `save_to_disk`), a `bigbench:<task>` (see `minorsft_trl.bigbench`) or anything `datasets.load_dataset`
+written by `save_to_disk`), a `bigbench:<task>` (see `minorsft_trl.data.bigbench`) or anything `datasets.load_dataset`
 reads (a Hub dataset id). A mixture of several datasets is TRL's own: its `DatasetMixtureConfig` (the `datasets:`,
 `streaming:` and `test_split_size:` recipe keys of TRL's `sft.py`) loaded by its `get_dataset`; local files are
 accepted there too.
@@ -29,8 +29,8 @@ from datasets import Dataset, DatasetDict, Features, IterableDataset, Value, loa
 from datasets.exceptions import DatasetGenerationError
 from trl import DatasetMixtureConfig, ScriptArguments, get_dataset
 
+from ..errors import InputError
 from . import bigbench
-from .errors import InputError
 from .file_checks import check_file_records
 
 logger = transformers.utils.logging.get_logger(__name__)

@@ -84,7 +84,7 @@ def choice_log_likelihoods(model, tokenizer, prompts, choices, batch_size: int =
 
 
 def multiple_choice_accuracy(model, tokenizer, dataset, batch_size: int = 32, desc: str = "Scoring") -> Accuracy:
-    """Accuracy on a dataset with `prompt`, `choices` and `answer` columns (see `minorsft_trl.bigbench`)."""
+    """Accuracy on a dataset with `prompt`, `choices` and `answer` columns (see `minorsft_trl.data.bigbench`)."""
     scores = choice_log_likelihoods(model, tokenizer, dataset["prompt"], dataset["choices"], batch_size, desc)
     answers = dataset["answer"]
     outcomes = tuple(max(range(len(s)), key=s.__getitem__) == a for s, a in zip(scores, answers, strict=True))

@@ -13,7 +13,7 @@ import transformers
 from datasets import Dataset
 from trl.data_utils import is_conversational_from_value
 
-from .errors import InputError
+from ..errors import InputError
 
 logger = transformers.utils.logging.get_logger(__name__)
 
