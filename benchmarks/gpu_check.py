@@ -53,11 +53,13 @@ SETTINGS = {
 def measure_layout_noise(spec: dict) -> dict:
     """The largest per-example difference of the reference's log-probs per answer token between a batch of 8 and
     batches of 3 + 5, under the training precision, and the tolerance the start-of-run check applies to it."""
+    from minorsft_trl.precision import half_precision
     from minorsft_trl.reference.check import deviation_tolerance
 
     trainer = build_trainer("minor_sft adapter-disabled", "qlora", {**spec, "steps": spec["layout_examples"]})
     largest = layout_differences(trainer, spec["layout_examples"]).abs().max().item()
-    return {"layout_noise": largest, "tolerance": deviation_tolerance(trainer._half_precision(), same_batch=False)}
+    half = half_precision(trainer.accelerator, trainer.model, trainer.reference)
+    return {"layout_noise": largest, "tolerance": deviation_tolerance(half, same_batch=False)}
 
 
 def run_recipe(spec: dict, device: str, scratch: str, timeout: float) -> dict:

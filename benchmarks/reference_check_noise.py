@@ -23,10 +23,12 @@ from accelerate.state import AcceleratorState
 from peft import LoraConfig
 from transformers import AutoTokenizer
 
-from minorsft_trl import MinorSFTConfig, MinorSFTTrainer, bigbench
+from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
+from minorsft_trl.data import bigbench
 from minorsft_trl.data.embedded import resolve_model
 from minorsft_trl.examples import ExampleIndex
 from minorsft_trl.reference.check import deviation_tolerance
+from minorsft_trl.reference.precompute import ReferencePrecompute
 
 ADAPTERS = {
     "LoRA": dict(),
@@ -49,19 +51,20 @@ def same_batch_log_ratios(trainer: MinorSFTTrainer, num_examples: int) -> torch.
         batch = trainer._prepare_inputs(trainer.data_collator(rows))
         index = ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
         with trainer.accelerator.autocast():
-            ref_logps = trainer._reference_logps(batch, index)
-            ratios.append(trainer._start_log_ratios(trainer.model, batch, index, ref_logps).float().cpu())
+            ref_logps = trainer.reference.logps(batch, index)
+            ratios.append(trainer.reference.start_log_ratios(trainer.model, batch, index, ref_logps).float().cpu())
     return torch.cat(ratios)
 
 
 def layout_differences(trainer: MinorSFTTrainer, num_examples: int) -> torch.Tensor:
     """`delta log-prob / answer length` per example between a batch of 8 and batches of 3 + 5."""
     differences = []
+    precompute = ReferencePrecompute(trainer, reference_identity=None)
     for rows in batches(trainer, num_examples, 8):
-        together, num_tokens = trainer._batch_ref_logps(trainer.data_collator(rows))
+        together, num_tokens = precompute.batch_ref_logps(trainer.data_collator(rows))
         apart = torch.cat(
-            [trainer._batch_ref_logps(trainer.data_collator(rows[:3]))[0],
-             trainer._batch_ref_logps(trainer.data_collator(rows[3:]))[0]]
+            [precompute.batch_ref_logps(trainer.data_collator(rows[:3]))[0],
+             precompute.batch_ref_logps(trainer.data_collator(rows[3:]))[0]]
         )  # fmt: skip
         differences.append((together - apart) / num_tokens)
     return torch.cat(differences)

@@ -207,20 +207,20 @@ def synchronizer(device: str):
 
 def measure_step_times(spec: dict) -> dict:
     """Every mode's optimizer steps, interleaved round by round on the same batches."""
-    from minorsft_trl import MinorSFTTrainer
+    from minorsft_trl.reference.precompute import ReferencePrecompute
 
     synchronize = synchronizer(spec.get("device", "cpu"))
     precompute_seconds = {}
-    original = MinorSFTTrainer._compute_ref_logps
+    original = ReferencePrecompute.compute_ref_logps
 
     def timed(self, *args, **kwargs):
         synchronize()
         begin = time.perf_counter()
         values = original(self, *args, **kwargs)  # numpy arrays: the device is done
-        precompute_seconds[self.args.output_dir] = time.perf_counter() - begin
+        precompute_seconds[self.trainer.args.output_dir] = time.perf_counter() - begin
         return values
 
-    MinorSFTTrainer._compute_ref_logps = timed  # this process only measures
+    ReferencePrecompute.compute_ref_logps = timed  # this process only measures
     modes = spec.get("modes", list(MODES))
     trainers = {mode: build_trainer(mode, spec["quantization"], spec) for mode in modes}
     steps = {}

@@ -123,3 +123,27 @@ def check_run_identity(checkpoint: str | Path, identity: dict) -> None:
 def _changed_entries(before: dict, after: dict) -> str:
     keys = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
     return ", ".join(f"{key}={before.get(key)!r} there, {after.get(key)!r} here" for key in keys)
+
+
+def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | bool | None:
+    """The checkpoint `Trainer.train` resumes from, only a complete one: `True` (or `"true"`, `"latest"`, as a recipe
+    passes it) becomes the last checkpoint of `output_dir` whose files were all written; an incomplete one is
+    refused."""
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "latest"):
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise InputError(
+                f"resume_from_checkpoint: there is no complete checkpoint in {output_dir!r}. Drop "
+                "`resume_from_checkpoint` to start from scratch, or pass the path of a checkpoint."
+            )
+        return checkpoint
+    if (
+        isinstance(resume_from_checkpoint, str)
+        and has_manifest(resume_from_checkpoint)
+        and not is_complete(resume_from_checkpoint)
+    ):
+        raise InputError(
+            f"resume_from_checkpoint={resume_from_checkpoint!r} is incomplete (killed while saving, or files "
+            f"removed since). The last complete one is {last_complete_checkpoint(output_dir)!r}."
+        )
+    return resume_from_checkpoint

@@ -3,12 +3,13 @@
 import argparse
 import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import transformers
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig
+from trl.trainer.utils import get_config_model_id
 
 from .errors import InputError
 from .loss_types import REFERENCE_LOSSES, LossType
@@ -384,3 +385,23 @@ def _check_number(name: str, value, positive: bool, hint: str) -> None:
         raise InputError(f"{name} must be a number {bound}, got {value!r} ({type(value).__name__}). {hint}")
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise InputError(f"{name} must be a finite number {bound}, got {value}. {hint}")
+
+
+def as_minor_sft_config(args, model) -> MinorSFTConfig:
+    """`None`, a plain `TrainingArguments` or an `SFTConfig` become a `MinorSFTConfig` (as `SFTTrainer` does)."""
+    if args is None:
+        model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return MinorSFTConfig(f"{model_name.split('/')[-1]}-MinorSFT")
+    if isinstance(args, MinorSFTConfig):
+        return args
+    # Field by field: `to_dict` masks every `*_token` field, `eos_token` and `pad_token` included
+    values = {f.name: getattr(args, f.name) for f in fields(args) if f.init}
+    if isinstance(args, SFTConfig):
+        # An `SFTConfig` always carries a loss type, "nll" by default: kept as is, it would train plain SFT
+        sft_loss_type = values.pop("loss_type")
+        logger.warning(
+            f"MinorSFTTrainer got an `SFTConfig` (loss_type={sft_loss_type!r}, which has no reference): training "
+            "Minor SFT with loss_type='minor_sft' and beta=0.04. Pass a `MinorSFTConfig` to choose the loss and beta "
+            "(`MinorSFTConfig(loss_type='nll')` trains plain SFT)."
+        )
+    return MinorSFTConfig(**values)

@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from unittest.mock import patch
 
+import torch
 import trl.trainer.utils as trl_utils
+
+from .reference.vocabulary_kl import captured_hidden_states
 
 # Device types whose kernels are compiled per shape: there TRL's choice (every position) stands
 _PER_SHAPE_COMPILED = ("xla", "neuron")
@@ -31,3 +34,27 @@ def labelled_positions_only() -> Iterator[None]:
 
     with patch.object(trl_utils, "_use_triton", compact):
         yield
+
+
+class FusedForwardRecorder:
+    """Calls a model and keeps the outputs of its fused-LM-head forward, so that `SFTTrainer.compute_loss` computes
+    its metrics (`entropy`, `mean_token_accuracy`, `num_tokens`, `aux_loss`) from the very forward whose per-token
+    log-probs our loss uses; given `unwrapped` (the model without its DDP / FSDP wrapper), also that forward's last
+    hidden states (the LM head input)."""
+
+    def __init__(self, model: torch.nn.Module, unwrapped: torch.nn.Module | None = None):
+        self.model = model
+        self.unwrapped = unwrapped
+        self.outputs = None
+        self.hidden_states = None
+
+    def __call__(self, *args, **kwargs):
+        if not (kwargs.get("fused_lm_head") and self.unwrapped is not None):
+            outputs = self.model(*args, **kwargs)
+        else:
+            with captured_hidden_states(self.unwrapped) as captured:
+                outputs = self.model(*args, **kwargs)
+            self.hidden_states = captured[-1]
+        if kwargs.get("fused_lm_head"):
+            self.outputs = outputs
+        return outputs

@@ -5,6 +5,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate.utils import DistributedType, is_peft_model, parse_choice_from_env, parse_flag_from_env
 from datasets import IterableDataset
 from trl.data_utils import is_conversational
@@ -15,6 +16,8 @@ from .data.dataset_checks import check_dataset
 from .data.sources import looks_like_path
 from .errors import InputError
 from .reference.models import check_model_tokenizer
+
+logger = transformers.utils.logging.get_logger(__name__)
 
 
 def is_peft_model_or_path(model: "str | torch.nn.Module") -> bool:
@@ -353,3 +356,19 @@ def check_recipe_keys(path: str) -> None:
             raise InputError(
                 f"The recipe {path} is not valid YAML at {where}: {error.problem}.{tab} Each line is `key: value`."
             ) from error
+
+
+def check_prepared_dataset(given, prepared, max_length) -> None:
+    """TRL drops the examples that truncation leaves without answer tokens: say so, and stop if none is left.
+    `given`: the training dataset as the trainer got it; `prepared`: as TRL prepared it (neither packed)."""
+    num_dropped = len(given) - len(prepared)
+    if len(prepared) == 0:
+        raise InputError(
+            f"All {len(given)} training examples lost their answer tokens to truncation at max_length={max_length}: "
+            "nothing is left to train on. Raise `max_length` (or set it to None), or shorten the prompts."
+        )
+    if num_dropped:
+        logger.warning(
+            f"{num_dropped} of {len(given)} training examples lost all their answer tokens to truncation at "
+            f"max_length={max_length} and were dropped. Raise `max_length` to keep them."
+        )

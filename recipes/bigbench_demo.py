@@ -83,7 +83,7 @@ def run(script_args, training_args, model_args, dataset_args=None) -> dict:
         "final_deviation": train_logs[-1]["deviation"] if train_logs else None,
         "final_drift": final_drift,
         "train_seconds": train_seconds,
-        "drift_measure_seconds": round(trainer.drift_seconds, 1),
+        "drift_measure_seconds": round(trainer.drift.seconds, 1),
         "adapter_dir": os.path.abspath(training_args.output_dir),
         "training_curves": os.path.abspath(os.path.join(training_args.output_dir, "training_curves.png")),
         "wall_time_seconds": round(time.perf_counter() - start, 1),
@@ -99,8 +99,8 @@ def run(script_args, training_args, model_args, dataset_args=None) -> dict:
                 f"Trained model accuracy: {trained_accuracy}",
                 f"Final deviation (m_theta): {results['final_deviation']:.4f}",
                 *(f"Final {key}: {value:.4f}" for key, value in final_drift.items()),
-                f"Drift measures: {trainer.drift_seconds:.1f} s, "
-                f"{100 * trainer.drift_seconds / train_seconds:.1f}% of the {train_seconds:.0f} s of training",
+                f"Drift measures: {trainer.drift.seconds:.1f} s, "
+                f"{100 * trainer.drift.seconds / train_seconds:.1f}% of the {train_seconds:.0f} s of training",
                 f"Adapter saved to: {results['adapter_dir']}",
                 f"Training curves:  {results['training_curves']}",
                 f"Reloaded adapter on {example['prompt']!r} -> {answer!r} (expected {example['completion']!r})",

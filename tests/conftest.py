@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from tiny import QUANTIZABLE_WIDTHS, make_model, make_tokenizer  # noqa: E402
 
-from minorsft_trl import MinorSFTTrainer  # noqa: E402
+from minorsft_trl.reference.precompute import ReferencePrecompute  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -34,13 +34,13 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 def count_reference_passes(monkeypatch):
     """Counts the precompute passes over a dataset (each one a sequence of reference forwards)."""
     calls = []
-    original = MinorSFTTrainer._compute_ref_logps
+    original = ReferencePrecompute.compute_ref_logps
 
     def counting(self, dataset, name, batch_size):
         calls.append(name)
         return original(self, dataset, name, batch_size)
 
-    monkeypatch.setattr(MinorSFTTrainer, "_compute_ref_logps", counting)
+    monkeypatch.setattr(ReferencePrecompute, "compute_ref_logps", counting)
     return calls
 
 

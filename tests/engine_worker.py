@@ -45,15 +45,16 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.drift.live import drift_log_history
 from minorsft_trl.engines import parameter_bytes
+from minorsft_trl.reference.reference import Reference
 
 # By this process: reference forwards and reference bytes while the trainer of the current cell is built, forwards run
 # under activation checkpointing while it trains
 SEEN = {"forwards": 0, "reference_bytes": None, "checkpointed": 0}
 BROKEN_REFERENCE = {"on": False}
 SAVE_OPTIMIZER = Trainer._save_optimizer_and_scheduler
-REFERENCE_LOGPS = MinorSFTTrainer._reference_logps
-LOAD_REFERENCE = MinorSFTTrainer._load_reference
-PREPARE_REFERENCE = MinorSFTTrainer._prepare_reference
+REFERENCE_LOGPS = Reference.logps
+LOAD_REFERENCE = Reference.load.__func__
+PREPARE_REFERENCE = Reference.prepare
 CHECKPOINT = modeling_utils.checkpoint
 
 
@@ -68,15 +69,15 @@ def counting_reference_logps(self, *args):
     return REFERENCE_LOGPS(self, *args)
 
 
-def load_reference_maybe_broken(self, *args):
-    ref_model, check = LOAD_REFERENCE(self, *args)
+def load_reference_maybe_broken(cls, *args, **kwargs):
+    reference = LOAD_REFERENCE(cls, *args, **kwargs)
     if BROKEN_REFERENCE["on"]:
-        norm = ref_model.model.norm.weight
+        norm = reference.model.model.norm.weight
         # Partitioned by ZeRO-3 at load: gathered, changed on every process alike, partitioned again
         gathered = whole_parameters([norm], modifier_rank=0) if hasattr(norm, "ds_id") else nullcontext()
         with gathered, torch.no_grad():
             norm.add_(0.5)
-    return ref_model, check
+    return reference
 
 
 def saving_a_late_part(self, output_dir):
@@ -87,17 +88,16 @@ def saving_a_late_part(self, output_dir):
         Path(output_dir, "late-part-rank1.bin").write_bytes(b"part")
 
 
-def measuring_prepare_reference(self, ref_model):
-    prepared = PREPARE_REFERENCE(self, ref_model)
-    module = self.accelerator.unwrap_model(prepared)
-    shards = sum(p.ds_tensor.numel() * p.element_size() for p in module.parameters() if hasattr(p, "ds_id"))
-    SEEN["reference_bytes"] = (*parameter_bytes(module), shards)
-    return prepared
+def measuring_prepare_reference(self, deepspeed, fsdp):
+    PREPARE_REFERENCE(self, deepspeed, fsdp)
+    for module in self.modules:
+        shards = sum(p.ds_tensor.numel() * p.element_size() for p in module.parameters() if hasattr(p, "ds_id"))
+        SEEN["reference_bytes"] = (*parameter_bytes(module), shards)
 
 
-MinorSFTTrainer._reference_logps = counting_reference_logps
-MinorSFTTrainer._load_reference = load_reference_maybe_broken
-MinorSFTTrainer._prepare_reference = measuring_prepare_reference
+Reference.logps = counting_reference_logps
+Reference.load = classmethod(load_reference_maybe_broken)
+Reference.prepare = measuring_prepare_reference
 Trainer._save_optimizer_and_scheduler = saving_a_late_part
 modeling_utils.checkpoint = counting_checkpoint  # what `activation_checkpointing_enable` binds each layer to
 

@@ -15,7 +15,8 @@ from test_reference import four_bit_config
 from tiny import cpu_args, make_model, make_tokenizer, prompt_completion_dataset, write_recipe
 from transformers import AutoModelForCausalLM
 
-from minorsft_trl import MinorSFTConfig, MinorSFTTrainer, bigbench, embedded
+from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
+from minorsft_trl.data import bigbench, embedded
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))

@@ -116,9 +116,9 @@ def test_forward_kl_equals_a_brute_force_full_softmax_kl_after_training(tmp_path
     trainer.train()
     reference = make_model(tokenizer, architecture=architecture).eval()  # the base weights LoRA leaves untouched
     pad_id = tokenizer.pad_token_id
-    expected = full_softmax_forward_kl(trainer.model.eval(), reference, trainer._drift_probe.samples, pad_id)
+    expected = full_softmax_forward_kl(trainer.model.eval(), reference, trainer.drift.probe.samples, pad_id)
     assert expected > 1e-3
-    assert trainer._drift_metrics()["forward_kl"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert trainer.drift.metrics()["forward_kl"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert trainer.evaluate()["eval_forward_kl"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
@@ -133,7 +133,7 @@ def test_sampled_estimate_and_nll_change_equal_plain_forward_computations(tmp_pa
         tmp_path, tokenizer, model=model, peft_config=None, loss_type="nll", drift_text_dataset=str(texts)
     )
     trainer.train()
-    probe = trainer._drift_probe
+    probe = trainer.drift.probe
     policy = trainer.model.eval()
 
     def mean_logp(model, sequences):
@@ -147,7 +147,7 @@ def test_sampled_estimate_and_nll_change_equal_plain_forward_computations(tmp_pa
 
     (start_sum, count), (policy_sum, _) = mean_logp(start, probe.samples), mean_logp(policy, probe.samples)
     (start_text, text_count), (policy_text, _) = mean_logp(start, probe.texts), mean_logp(policy, probe.texts)
-    metrics = trainer._drift_metrics()
+    metrics = trainer.drift.metrics()
     assert metrics["forward_kl_sampled"] == pytest.approx((start_sum - policy_sum) / count, rel=1e-5)
     assert metrics["nll_change"] == pytest.approx((start_text - policy_text) / text_count, rel=1e-5)
     assert metrics["nll_change"] < 0  # the tiny model learns: its NLL falls on any text of the same bytes
@@ -201,21 +201,21 @@ def test_samples_are_drawn_once_and_read_from_the_cache(tmp_path, tokenizer, mon
     monkeypatch.setattr(live_module, "sample_continuations", lambda *a, **k: calls.append(1) or original(*a, **k))
     first = make_trainer(tmp_path, tokenizer, learning_rate=1e-2)
     assert not calls, "a reference that stays for the run samples at first use, not while the trainer is built"
-    first._ensure_drift_probe()
+    first.drift.ensure_probe()
     drawn = len(calls)
     second = make_trainer(tmp_path, tokenizer, learning_rate=3e-2, loss_type="nll")  # same reference
-    second._ensure_drift_probe()
+    second.drift.ensure_probe()
     assert drawn > 0 and len(calls) == drawn
-    assert second._drift_probe == first._drift_probe
+    assert second.drift.probe == first.drift.probe
     third = make_trainer(tmp_path, tokenizer, drift_seed=1)
-    third._ensure_drift_probe()
-    assert len(calls) > drawn and third._drift_probe.samples != first._drift_probe.samples
+    third.drift.ensure_probe()
+    assert len(calls) > drawn and third.drift.probe.samples != first.drift.probe.samples
     # A reference released after the precompute is sampled before it goes
     separate = make_model(tokenizer)
     released = make_trainer(
         tmp_path / "released", tokenizer, peft_config=None, ref_model=separate, precompute_ref_log_probs=True
     )
-    assert released.ref_model is None and released._drift_probe is not None
+    assert released.ref_model is None and released.drift.probe is not None
 
 
 # ---------------------------------------------------------------- the budget
@@ -238,7 +238,7 @@ def test_the_budget_stops_at_the_first_evaluation_over_it_and_keeps_the_last_che
     checkpoint = str(tmp_path / "budget" / "out" / "checkpoint-2")
     assert trainer._drift_budget.within_budget_checkpoint == checkpoint
     assert not (tmp_path / "budget" / "out" / "checkpoint-4").exists()
-    assert trainer._drift_metrics()["forward_kl"] == pytest.approx(kl[2], rel=1e-6)
+    assert trainer.drift.metrics()["forward_kl"] == pytest.approx(kl[2], rel=1e-6)
     assert any("Drift budget exceeded at step 4" in w and "checkpoint-2" in w for w in warnings_of_minorsft)
 
 
@@ -269,7 +269,7 @@ def test_a_resumed_run_keeps_the_checkpoint_within_budget_it_resumed_from(tmp_pa
     resumed = make_trainer(tmp_path / "budget", tokenizer, max_steps=6, max_forward_kl=budget, **BUDGETED)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 4 and resumed._drift_budget.exceeded[0] == 4
-    assert resumed._drift_metrics()["forward_kl"] == pytest.approx(kl[2], rel=1e-5)
+    assert resumed.drift.metrics()["forward_kl"] == pytest.approx(kl[2], rel=1e-5)
     resumed.save_state()
     state = json.loads((tmp_path / "budget" / "out" / "trainer_state.json").read_text())
     assert (state["best_global_step"], state["best_model_checkpoint"]) == (2, str(checkpoint))
@@ -282,7 +282,7 @@ def test_a_first_evaluation_over_budget_gives_back_the_starting_model(tmp_path, 
     trainer = make_trainer(tmp_path, tokenizer, peft_config=peft_config, max_forward_kl=1e-9, **BUDGETED)
     trainer.train()
     assert trainer.state.global_step == 2 and trainer._drift_budget.exceeded[0] == 2
-    assert trainer._drift_metrics()["forward_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert trainer.drift.metrics()["forward_kl"] == pytest.approx(0.0, abs=1e-9)
     assert (trainer.state.best_global_step, trainer.state.best_model_checkpoint) == (
         0,
         str(tmp_path / "out" / "checkpoint-0"),
@@ -365,9 +365,9 @@ def test_named_prompts_are_rendered_by_the_chat_template(tmp_path, tokenizer):
     conversation = [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]
     path.write_text(json.dumps({"messages": conversation}) + "\n")
     trainer = make_trainer(tmp_path, tokenizer, drift_prompts=str(path))
-    trainer._ensure_drift_probe()
+    trainer.drift.ensure_probe()
     expected = tokenizer.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True)
-    assert trainer._drift_probe.samples.prompt_ids == [tokenizer(expected, add_special_tokens=False)["input_ids"]]
+    assert trainer.drift.probe.samples.prompt_ids == [tokenizer(expected, add_special_tokens=False)["input_ids"]]
 
 
 # ---------------------------------------------------------------- the prompts: each example's tokens before its answer
@@ -389,7 +389,7 @@ def drift_prompts_of(tmp_path, tokenizer, train, evaluation, **overrides) -> lis
         processing_class=tokenizer,
         peft_config=copy.deepcopy(LORA),
     )
-    return trainer._drift_plan[1]
+    return trainer.drift.plan[1]
 
 
 EVAL_FORMATS = {
@@ -473,8 +473,8 @@ def test_an_evaluation_of_several_eval_datasets_measures_the_drift_once(tmp_path
         peft_config=copy.deepcopy(LORA),
     )
     calls = []
-    measure = trainer._drift_metrics
-    monkeypatch.setattr(trainer, "_drift_metrics", lambda: calls.append(1) or measure())
+    measure = trainer.drift.metrics
+    monkeypatch.setattr(trainer.drift, "metrics", lambda: calls.append(1) or measure())
     metrics = trainer.evaluate()
     assert len(calls) == 1 and metrics["eval_forward_kl"] == 0.0
     assert {"eval_a_loss", "eval_b_loss"} <= metrics.keys()

@@ -259,8 +259,8 @@ def test_with_eval_on_start_trls_own_evaluation_at_step_0_is_the_drift_before_th
         peft_config=lora_config(),
     )  # fmt: skip
     measured = []
-    measure = trainer._drift_metrics
-    monkeypatch.setattr(trainer, "_drift_metrics", lambda: measured.append(1) or measure())
+    measure = trainer.drift.metrics
+    monkeypatch.setattr(trainer.drift, "metrics", lambda: measured.append(1) or measure())
     trainer.train()
     assert len(measured) == 2  # the evaluations at steps 0 and 1, and no third measurement
     first = trainer.state.log_history[0]

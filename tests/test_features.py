@@ -241,7 +241,7 @@ def test_other_peft_types_train_against_their_disabled_adapters(tmp_path, tokeni
     trainer.train()
     batch = whole_dataset_batch(trainer)
     # The reference is the base model, whatever the adapter adds (prompt tuning adds virtual tokens to the policy)
-    torch.testing.assert_close(trainer._reference_token_logps(batch), fused_logps(pristine(tiny_model_dir), batch))
+    torch.testing.assert_close(trainer.reference.token_logps(batch), fused_logps(pristine(tiny_model_dir), batch))
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert all(math.isfinite(log["loss"]) and "deviation" in log for log in logs)
 

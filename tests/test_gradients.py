@@ -105,7 +105,7 @@ def test_lora_gradient_equals_closed_form_with_adapter_disabled_reference(tmp_pa
         peft_config=lora_config(),
     )
     _perturb_lora(trainer.model)
-    trainer._reference_check = None  # the policy is moved away from its reference on purpose
+    trainer.reference.check = None  # the policy is moved away from its reference on purpose
     batch = whole_dataset_batch(trainer)
     with torch.no_grad(), trainer.model.disable_adapter():
         ref_logps, _ = answer_logps(trainer.model, batch)

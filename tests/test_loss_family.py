@@ -184,7 +184,7 @@ def test_lora_gradient_away_from_the_reference_equals_the_papers_objective(
 ):
     trainer = _trainer(tmp_path, tokenizer, loss_type, architecture, peft_config=lora_config())
     _perturb_lora(trainer.model)
-    trainer._reference_check = None  # the policy is moved away from its reference on purpose
+    trainer.reference.check = None  # the policy is moved away from its reference on purpose
     batch = whole_dataset_batch(trainer)
     with torch.no_grad(), trainer.model.disable_adapter():
         ref_logps_v, _ = full_logits(trainer.model, batch)
@@ -355,7 +355,7 @@ def test_qlora_kl_anchor_reads_a_pristine_4bit_base_through_training_and_evaluat
 
     batch = whole_dataset_batch(trainer)
     base = pristine_in_training_kernels(quantizable_model_dir, quantization_config=four_bit_config())
-    token_logps, hidden_states, head = trainer._reference_token_logps(batch, hidden_states=True)
+    token_logps, hidden_states, head = trainer.reference.token_logps(batch, hidden_states=True)
     torch.testing.assert_close(token_logps, fused_logps(base, batch), rtol=0, atol=0)
     with captured_hidden_states(base) as captured, torch.no_grad():
         base(**batch, use_cache=False, fused_lm_head=True)

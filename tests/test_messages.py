@@ -8,6 +8,7 @@ from tiny import cpu_args, make_model, prompt_completion_dataset
 
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.drift.curves import plot_training_curves
+from minorsft_trl.precision import autocast_precision
 
 
 def trainer(tmp_path, tokenizer, dataset=None, **overrides):
@@ -79,7 +80,7 @@ def test_an_fp16_launch_on_a_cpu_says_it_is_ignored(tmp_path, tokenizer, monkeyp
         run = trainer(tmp_path, tokenizer)
     finally:
         AcceleratorState._reset_state(True)
-    assert run._autocast_precision() == "no"
+    assert autocast_precision(run.accelerator) == "no"
     assert any("mixed_precision='fp16' (from the accelerate config" in m and "ignored on this device (cpu" in m
                for m in warnings_of_minorsft)  # fmt: skip
     assert not any("run under fp16 autocast" in m for m in warnings_of_minorsft)

@@ -16,7 +16,9 @@ from tiny import cpu_args
 from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 from trl.scripts.utils import DatasetConfig
 
-from minorsft_trl import MinorSFTConfig, MinorSFTTrainer, bigbench, data
+from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
+from minorsft_trl.data import bigbench
+from minorsft_trl.data import sources as data
 from minorsft_trl.data.sources import MinorSFTScriptArguments, carve_test_split, load_datasets
 
 EXTENSIONS = ["jsonl", "json", "csv", "parquet"]

@@ -53,7 +53,7 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_gradients(tmp_path, 
             # A separate reference is released once its numbers are computed
             assert (trainer.ref_model is None) == precompute
         if precompute:
-            trainer._reference_token_logps = no_reference_forward
+            trainer.reference.token_logps = no_reference_forward
         return one_step_gradients(trainer)
 
     on_the_fly, precomputed = gradients(False), gradients(True)

@@ -77,7 +77,7 @@ def test_adapter_disabled_reference_equals_a_pristine_base_after_training(
     batch = whole_dataset_batch(trainer)
     base_logps = fused_logps(pristine(quantizable_model_dir), batch)
 
-    torch.testing.assert_close(trainer._reference_token_logps(batch), base_logps, rtol=0, atol=0)
+    torch.testing.assert_close(trainer.reference.token_logps(batch), base_logps, rtol=0, atol=0)
     # The policy did move, and the reference pass reads the policy's own (single) copy of the base weights
     assert not torch.allclose(fused_logps(trainer.model, batch), base_logps, atol=1e-3)
     assert trainer.ref_model is None
@@ -97,7 +97,7 @@ def test_the_kl_anchors_reference_head_keeps_its_starting_bias_while_the_adapter
         peft_config=replace(lora_config(), bias="all"),
     )
     trainer.train()
-    _, _, (_, ref_bias) = trainer._reference_token_logps(whole_dataset_batch(trainer), hidden_states=True)
+    _, _, (_, ref_bias) = trainer.reference.token_logps(whole_dataset_batch(trainer), hidden_states=True)
     assert not torch.allclose(trainer.model.base_model.model.lm_head.bias, starting_bias), "the bias must train"
     torch.testing.assert_close(ref_bias, starting_bias, rtol=0, atol=0)
 
@@ -124,7 +124,7 @@ def test_qlora_reference_equals_a_pristine_4bit_base_after_training_and_evaluati
 
     batch = whole_dataset_batch(trainer)
     base = pristine_in_training_kernels(quantizable_model_dir, quantization_config=four_bit_config())
-    torch.testing.assert_close(trainer._reference_token_logps(batch), fused_logps(base, batch), rtol=0, atol=0)
+    torch.testing.assert_close(trainer.reference.token_logps(batch), fused_logps(base, batch), rtol=0, atol=0)
     # No 4-bit weight was repacked into bitsandbytes' inference-only CPU format by training, evaluation or the
     # reference passes
     assert not any(
@@ -179,7 +179,7 @@ def test_reference_pass_restores_adapters_and_train_mode_even_when_the_forward_r
 
     hook = model.get_input_embeddings().register_forward_pre_hook(fail)
     with pytest.raises(RuntimeError, match="forward failed"):
-        trainer._reference_token_logps(batch)
+        trainer.reference.token_logps(batch)
     hook.remove()
 
     assert model.training
@@ -208,7 +208,7 @@ def test_policy_log_probs_are_bit_identical_with_and_without_a_reference_pass(tm
     def policy_logps(seed, with_reference_pass):
         torch.manual_seed(seed)
         if with_reference_pass:
-            trainer._reference_token_logps(batch)
+            trainer.reference.token_logps(batch)
         return model(**batch, use_cache=False, fused_lm_head=True).log_probs.detach()
 
     without = policy_logps(0, with_reference_pass=False)
@@ -236,7 +236,7 @@ def test_retrained_adapter_is_compared_with_a_frozen_copy_of_itself(tmp_path, to
 
     batch = whole_dataset_batch(trainer)
     initial_logps = fused_logps(initial.eval(), batch)
-    torch.testing.assert_close(trainer._reference_token_logps(batch), initial_logps)
+    torch.testing.assert_close(trainer.reference.token_logps(batch), initial_logps)
     assert not torch.allclose(fused_logps(trainer.model, batch), initial_logps, atol=1e-3)
     assert trainer.model.active_adapter == "default"
 
@@ -255,7 +255,7 @@ def test_full_fine_tuning_reference_is_a_frozen_copy_loaded_from_the_policy_path
 
     batch = whole_dataset_batch(trainer)
     base_logps = fused_logps(pristine(tiny_model_dir), batch)
-    torch.testing.assert_close(trainer._reference_token_logps(batch), base_logps, rtol=0, atol=0)
+    torch.testing.assert_close(trainer.reference.token_logps(batch), base_logps, rtol=0, atol=0)
     assert not torch.allclose(fused_logps(trainer.model, batch), base_logps, atol=1e-3)
 
 
@@ -272,5 +272,5 @@ def test_explicit_reference_is_used_as_given(tmp_path, tokenizer, tiny_model_dir
     )
     batch = whole_dataset_batch(trainer)
     torch.testing.assert_close(
-        trainer._reference_token_logps(batch), fused_logps(pristine(tiny_model_dir), batch), rtol=0, atol=0
+        trainer.reference.token_logps(batch), fused_logps(pristine(tiny_model_dir), batch), rtol=0, atol=0
     )

@@ -15,8 +15,9 @@ from trl import SFTConfig
 from trl.trainer.utils import add_fused_lm_head
 
 import minorsft_trl.reference.models as reference_module
-import minorsft_trl.trainer as trainer_module
+import minorsft_trl.reference.reference as reference_object
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
+from minorsft_trl.reference.precompute import ReferencePrecompute
 
 # ---------------------------------------------------------------- 1. re-trained adapters of every PEFT type
 
@@ -49,7 +50,7 @@ def test_a_retrained_adapter_of_any_peft_type_is_compared_with_a_frozen_copy_of_
 
     batch = whole_dataset_batch(trainer)
     initial_logps = fused_logps(initial.eval(), batch)
-    torch.testing.assert_close(trainer._reference_token_logps(batch), initial_logps)
+    torch.testing.assert_close(trainer.reference.token_logps(batch), initial_logps)
     assert not torch.allclose(fused_logps(trainer.model, batch), initial_logps, atol=1e-3)
 
 
@@ -231,7 +232,7 @@ def test_full_fine_tuning_reference_is_the_policy_as_resized_by_a_chat_template(
     assert vocab % 64 == 0 and vocab > 259
     assert trainer.ref_model.get_output_embeddings().weight.shape[0] == vocab
     batch = whole_dataset_batch(trainer)
-    torch.testing.assert_close(trainer._reference_token_logps(batch), fused_logps(trainer.model.eval(), batch))
+    torch.testing.assert_close(trainer.reference.token_logps(batch), fused_logps(trainer.model.eval(), batch))
     trainer.train()
     assert trainer.state.log_history[0]["deviation"] == 0.0
 
@@ -320,7 +321,7 @@ def test_check_fires_when_disabling_the_adapters_does_not_give_the_starting_weig
 def test_check_fires_on_a_ref_adapter_that_is_not_the_adapter_being_retrained(tmp_path, tokenizer, monkeypatch):
     # The old IA3 / LoHa behaviour: a "ref" adapter added but none of the adapter's weights copied into it
     monkeypatch.setattr(
-        trainer_module, "add_reference_adapter", lambda model: model.add_adapter("ref", model.peft_config["default"])
+        reference_object, "add_reference_adapter", lambda model: model.add_adapter("ref", model.peft_config["default"])
     )
     trainer = MinorSFTTrainer(
         pretrained_adapter(tokenizer, "ia3"), args=train_args(tmp_path), train_dataset=prompt_completion_dataset(),
@@ -331,7 +332,7 @@ def test_check_fires_on_a_ref_adapter_that_is_not_the_adapter_being_retrained(tm
 
 def test_check_fires_when_the_full_fine_tuning_copy_is_another_model(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(
-        trainer_module, "frozen_copy", lambda model: reference_module.freeze(make_model(tokenizer, seed=5))
+        reference_object, "frozen_copy", lambda model: reference_module.freeze(make_model(tokenizer, seed=5))
     )
     trainer = MinorSFTTrainer(
         make_model(tokenizer), args=train_args(tmp_path), train_dataset=prompt_completion_dataset(),
@@ -342,12 +343,12 @@ def test_check_fires_when_the_full_fine_tuning_copy_is_another_model(tmp_path, t
 
 def test_check_fires_when_precomputed_values_are_not_the_reference(tmp_path, tokenizer, monkeypatch):
     # Values of another reference under this run's key, past the cache's sample check
-    original = trainer_module.MinorSFTTrainer._compute_ref_logps
+    original = ReferencePrecompute.compute_ref_logps
 
     def shifted(self, dataset, name, batch_size):
         return original(self, dataset, name, batch_size) - 0.5
 
-    monkeypatch.setattr(trainer_module.MinorSFTTrainer, "_compute_ref_logps", shifted)
+    monkeypatch.setattr(ReferencePrecompute, "compute_ref_logps", shifted)
     fails_the_check(
         lora_trainer(tmp_path, tokenizer, precompute_ref_log_probs=True, ref_cache_dir=str(tmp_path / "c"))
     )

@@ -43,7 +43,7 @@ def test_the_held_out_answer_nll_is_over_every_token_and_known_before_the_first_
     trainer = trainer_with_eval(tmp_path, tokenizer)
     evaluated = trainer.evaluate()["eval_answer_nll"]
     # An independent total over the eval answers: the reference's log-probs summed, over their scored tokens
-    before = trainer._answer_nll_at_start()
+    before = trainer.drift.answer_nll_at_start()
     assert evaluated == pytest.approx(before, rel=1e-6)
     trainer.train()
     assert measures_at_start(trainer.state)["eval_answer_nll"] == pytest.approx(before, rel=1e-6)

@@ -20,6 +20,7 @@ import transformers
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..checkpoints import has_manifest, is_complete
 from ..errors import InputError
 from .live import FORWARD_KL, FORWARD_KL_SAMPLED
 
@@ -50,7 +51,7 @@ class DriftBudgetCallback(TrainerCallback):
         over budget has a result within budget (the model the run started from)."""
         self.exceeded = None
         resumed_from = self.trainer._resumed_from_checkpoint
-        name, value = measured_forward_kl(self.trainer._drift_metrics(), prefix="")
+        name, value = measured_forward_kl(self.trainer.drift.metrics(), prefix="")
         if value > self.max_forward_kl:
             start = f"the checkpoint it resumes from, {resumed_from}," if resumed_from else "the model it starts from"
             raise InputError(
@@ -90,6 +91,27 @@ class DriftBudgetCallback(TrainerCallback):
             self.within_budget_checkpoint = os.path.join(args.output_dir, checkpoint_name(state.global_step))
             self.within_budget_step = state.global_step
 
+    def restore_within_budget(self) -> None:
+        """After an evaluation over budget: `load_best_model_at_end`'s loader on the last checkpoint within the
+        budget, recorded in the state as that loader records the best model: `trainer_state.json` then names the step
+        of the weights the trainer holds (`best_global_step`), `global_step` the steps it trained."""
+        checkpoint = self.within_budget_checkpoint
+        if not os.path.isdir(checkpoint) or (has_manifest(checkpoint) and not is_complete(checkpoint)):
+            # Transformers' loader would only warn and keep the weights over budget
+            raise RuntimeError(
+                f"The drift budget was exceeded at step {self.exceeded[0]}, and the last checkpoint within it, "
+                f"{checkpoint}, is missing or incomplete (removed since it was saved): the model in memory is over "
+                "budget and is not a result. Keep that checkpoint until training ends, and run again."
+            )
+        self.trainer.state.best_model_checkpoint = checkpoint
+        self.trainer.state.best_global_step = self.within_budget_step
+        self.trainer._load_best_model()
+        start = " (the model the run started from)" if self.within_budget_step == 0 else ""
+        logger.warning(
+            f"Loaded {checkpoint}{start}, the last checkpoint within the drift budget: the weights are those of step "
+            f"{self.within_budget_step}."
+        )
+
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX_CHECKPOINT_DIR}-{step}"
@@ -97,7 +119,7 @@ def checkpoint_name(step: int) -> str:
 
 def measured_forward_kl(metrics: dict[str, float], prefix: str = "eval_") -> tuple[str | None, float | None]:
     """The forward KL an evaluation logged: the full-vocabulary one, else its sampled-token estimate. `prefix=""`
-    reads the drift measures as `_drift_metrics` returns them, before they are logged."""
+    reads the drift measures as `DriftMeasures.metrics` returns them, before they are logged."""
     for key in (f"{prefix}{FORWARD_KL}", f"{prefix}{FORWARD_KL_SAMPLED}"):
         if key in metrics:
             return key, metrics[key]

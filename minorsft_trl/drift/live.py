@@ -1,13 +1,13 @@
 """The drift measures of a training run: what the reference gives once, before training, and what each evaluation
 logs next to TRL's metrics.
 
-Once (`DriftMixin._ensure_drift_probe`), the reference as the run starts continues a fixed set of held-out
+Once (`DriftMeasures.ensure_probe`), the reference as the run starts continues a fixed set of held-out
 prompts (`drift_num_prompts`, from the eval split or `drift_prompts`), and scores those continuations and the general
 texts of `drift_text_dataset`. These numbers are cached next to the precomputed reference log-probs, keyed by the
 reference's weights and the token ids, so a second run (another learning rate, seed or loss) reuses them.
 
 At every evaluation, and once before the first step (where each is 0; kept in the trainer state, not as a log entry
-of its own: `DriftCallback`), `_drift_metrics` scores the same tokens with the policy, in eval mode:
+of its own: `DriftCallback`), `DriftMeasures.metrics` scores the same tokens with the policy, in eval mode:
 
 - `forward_kl`: `KL(pi_ref || pi_theta)` per sampled token over the whole vocabulary, by a reference forward on the
   samples, wherever the run keeps a reference model (adapters disabled, the `"ref"` adapter, a separate or frozen
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers import TrainerCallback, TrainerState
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
@@ -39,8 +39,9 @@ from transformers.trainer_callback import ExportableState
 from ..cache import cache_root, cached_directory, is_complete
 from ..errors import InputError
 from ..examples import ExampleIndex
+from ..precision import autocast_precision
 from ..reference.models import reference_mode
-from ..reference.precompute import REF_LOGPS
+from ..reference.precompute import REF_LOGPS, collated_batches
 from ..reference.vocabulary_kl import lm_head_weights
 from .data import (
     prompt_ids_from_conversations,
@@ -93,7 +94,7 @@ class DriftProbe:
 
 
 def _timed(method):
-    """Adds the wall time of each call to `drift_seconds`: what the drift measures cost the run."""
+    """Adds the wall time of each call to `seconds`: what the drift measures cost the run."""
 
     @functools.wraps(method)
     def timed(self, *args, **kwargs):
@@ -101,54 +102,68 @@ def _timed(method):
         try:
             return method(self, *args, **kwargs)
         finally:
-            self.drift_seconds += time.perf_counter() - start
+            self.seconds += time.perf_counter() - start
 
     return timed
 
 
-class DriftMixin:
-    """The live drift measures of `MinorSFTTrainer` (see the module docstring).
+class DriftMeasures:
+    """The live drift measures of a `MinorSFTTrainer` (see the module docstring): off until `prepare`.
+
+    Args:
+        trainer: the trainer whose policy is measured (against its `reference`, on its eval split).
+        eval_conversations: the raw eval split's first conversations, if it holds conversations
+            (`first_conversations`): where the drift prompts of a conversation end.
 
     Attributes:
-        drift_seconds: wall time spent on the drift measures so far (the reference's samples included).
+        seconds: wall time spent on the drift measures so far (the reference's samples included).
+        plan: what the probe is built from, once prepared: (reference identity, prompts, texts); `None` while off.
+        probe: the reference's samples and scores, once drawn.
     """
 
-    _drift_probe: DriftProbe | None = None
-    # What the probe is built from, once the drift measures are prepared: (reference identity, prompts, texts)
-    _drift_plan: tuple[dict, list[list[int]], Sequences | None] | None = None
-    # The frozen reference's hidden states on the samples, by rows (`_reference_states`)
-    _drift_reference_states: dict[tuple[int, ...], torch.Tensor]
-    # The raw eval split's first conversations, if it holds conversations (`first_conversations`)
-    _eval_conversations: list[list[dict]] | None = None
-    drift_seconds: float = 0.0
+    def __init__(self, trainer, eval_conversations: list[list[dict]] | None = None):
+        self.trainer = trainer
+        self.eval_conversations = eval_conversations
+        self.seconds = 0.0
+        self.plan: tuple[dict, list[list[int]], Sequences | None] | None = None
+        self.probe: DriftProbe | None = None
+        # The frozen reference's hidden states on the samples, by rows (`_reference_states`)
+        self._reference_states_by_rows: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def args(self):
+        return self.trainer.args
+
+    @property
+    def accelerator(self):
+        return self.trainer.accelerator
 
     # ------------------------------------------------------------------ before training
 
-    def _drift_enabled(self) -> bool:
-        return bool(self.args.eval_drift) and self.eval_dataset is not None
+    @staticmethod
+    def wanted(args, eval_dataset) -> bool:
+        """Whether the run measures its drift: `eval_drift`, and an eval split to measure it on."""
+        return bool(args.eval_drift) and eval_dataset is not None
 
     @property
-    def _measures_drift(self) -> bool:
-        return self._drift_plan is not None
+    def on(self) -> bool:
+        return self.plan is not None
 
-    def _prepare_drift_measures(self, reference_identity: dict) -> None:
+    def prepare(self, reference_identity: dict) -> None:
         """Read and check the prompts and texts now, so that bad input stops the run before it starts. The reference's
         samples are drawn at their first use (once DeepSpeed or FSDP have wrapped the model) if the reference stays
         for the run, else now, with the reference as the run starts (a separate reference the precompute releases, or
         the policy itself in full fine-tuning without one)."""
-        self._drift_reference_states = {}
         args = self.args
         texts = None
         if args.drift_text_dataset is not None:
             ids = text_ids_from_dataset(
-                args.drift_text_dataset, self.processing_class, args.drift_num_texts, args.max_length
+                args.drift_text_dataset, self.trainer.processing_class, args.drift_num_texts, args.max_length
             )
             texts = Sequences([t[:1] for t in ids], [t[1:] for t in ids])
-        self._drift_plan = (reference_identity, self._drift_prompts(), texts)
-        policy_is_peft = is_peft_model(self.accelerator.unwrap_model(self.model))
-        separate_reference_stays = self.ref_model is not None and not self._releases_reference
-        if (self.ref_model is None and policy_is_peft) or separate_reference_stays:
-            return  # the reference stays for the run
+        self.plan = (reference_identity, self._prompts(), texts)
+        if self.trainer.reference.stays_for_run:
+            return
         logger.info(
             "The run keeps no reference model (a separate reference released after the precompute by "
             "precompute_ref_log_probs=True, or full fine-tuning with loss_type='nll'): the forward KL is logged as "
@@ -156,15 +171,15 @@ class DriftMixin:
             "taken before training. The full-vocabulary `eval_forward_kl` needs the reference model kept: "
             "precompute_ref_log_probs 'auto' or False, or a loss with a reference."
         )
-        self._ensure_drift_probe()
+        self.ensure_probe()
 
     @_timed
-    def _ensure_drift_probe(self) -> None:
+    def ensure_probe(self) -> None:
         """Draw the reference's samples and score them (or read them from the cache), once."""
-        if self._drift_probe is not None:
+        if self.probe is not None:
             return
         args = self.args
-        reference_identity, prompts, texts = self._drift_plan
+        reference_identity, prompts, texts = self.plan
         key = {
             "format": CACHE_FORMAT,
             "reference": reference_identity,
@@ -173,7 +188,7 @@ class DriftMixin:
             "max_new_tokens": args.drift_max_new_tokens,
             "seed": args.drift_seed,
             "batch_size": BATCH_SIZE,
-            "autocast": self._autocast_precision(),
+            "autocast": autocast_precision(self.accelerator),
         }
         entry_name = "drift-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         entry = Path(args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
@@ -182,19 +197,21 @@ class DriftMixin:
             cached = (entry / "probe.json").read_text()
         cached = broadcast_object_list([cached])[0] if self.accelerator.num_processes > 1 else cached
         if cached is not None:
-            self._drift_probe = DriftProbe.from_json(cached)
+            self.probe = DriftProbe.from_json(cached)
             logger.info(f"Drift measures: the reference's samples read from the cache ({entry}).")
             return
-        probe = self._compute_drift_probe(prompts, texts)
+        probe = self._compute_probe(prompts, texts)
         if self.accelerator.is_main_process:
             cached_directory(entry, key, lambda out: (out / "probe.json").write_text(probe.to_json()))
-        self._drift_probe = probe
+        self.probe = probe
 
-    def _drift_prompts(self) -> list[list[int]]:
+    def _prompts(self) -> list[list[int]]:
         """The token ids of the prompts the reference continues: `drift_prompts`, else the eval split's."""
         args = self.args
         if args.drift_prompts is not None:
-            prompts = prompt_ids_from_dataset(args.drift_prompts, self.processing_class, args.drift_num_prompts)
+            prompts = prompt_ids_from_dataset(
+                args.drift_prompts, self.trainer.processing_class, args.drift_num_prompts
+            )
             too_long = [len(p) for p in prompts if args.max_length is not None and len(p) > args.max_length]
             if too_long:
                 raise InputError(
@@ -202,21 +219,21 @@ class DriftMixin:
                     f"max_length={args.max_length} tokens (up to {max(too_long)}). Shorten them, or raise max_length."
                 )
             return prompts
-        eval_dataset = self.eval_dataset
+        eval_dataset = self.trainer.eval_dataset
         if isinstance(eval_dataset, dict):
             eval_dataset = next(iter(eval_dataset.values()))
         conversation_prompts = None
-        if self._eval_conversations is not None:
+        if self.eval_conversations is not None:
             conversation_prompts = prompt_ids_from_conversations(
-                self._eval_conversations, self.processing_class, args.drift_num_prompts
+                self.eval_conversations, self.trainer.processing_class, args.drift_num_prompts
             )
         return prompt_ids_from_prepared(eval_dataset, args.drift_num_prompts, args.max_length, conversation_prompts)
 
-    def _compute_drift_probe(self, prompts: list[list[int]], texts: Sequences | None) -> DriftProbe:
+    def _compute_probe(self, prompts: list[list[int]], texts: Sequences | None) -> DriftProbe:
         """Sample and score with the reference, each process its share of the batches, gathered in order."""
         args = self.args
         continuations = {}
-        with self._running_reference() as reference:
+        with self.trainer.reference.running() as reference:
             for batch_index, rows in self._drift_shares(len(prompts)):
                 generated = sample_continuations(
                     reference,
@@ -245,13 +262,13 @@ class DriftMixin:
         """The reference's summed log-probs of the scored part of each sequence; with `keep_states`, its hidden states
         are kept from the same forward for the evaluations (`_reference_states`)."""
         sums = {}
-        with self._running_reference() as reference:
+        with self.trainer.reference.running() as reference:
             for batch_index, rows in self._drift_shares(len(sequences)):
                 with self.accelerator.autocast():
                     scored = score(reference, sequences.batch(rows, self._pad_id()), hidden_states=keep_states)
                 logps = scored.logps
                 if keep_states:
-                    self._drift_reference_states[tuple(rows)] = scored.hidden_states
+                    self._reference_states_by_rows[tuple(rows)] = scored.hidden_states
                 if batch_index >= 0:
                     sums.update(zip(rows, logps.tolist(), strict=True))
         sums = self._gathered(sums)
@@ -259,29 +276,21 @@ class DriftMixin:
 
     # ------------------------------------------------------------------ at evaluations
 
-    @property
-    def _drift_has_live_reference(self) -> bool:
-        """Whether a reference model is there to run: a separate one, or the PEFT policy with its adapters disabled (or
-        its `"ref"` adapter)."""
-        return self.ref_model is not None or (
-            not self._reference_released and is_peft_model(self.accelerator.unwrap_model(self.model))
-        )
-
     def _reference_states(self, reference: torch.nn.Module, rows: list[int], batch: dict) -> torch.Tensor:
         """`(T, hidden)` hidden states of the frozen reference predicting the sampled tokens of `rows`: computed by
         one reference forward the first time, then kept (a few MB), so an evaluation runs the policy alone."""
         key = tuple(rows)
-        if key not in self._drift_reference_states:
-            self._drift_reference_states[key] = score(reference, batch, hidden_states=True).hidden_states
-        return self._drift_reference_states[key]
+        if key not in self._reference_states_by_rows:
+            self._reference_states_by_rows[key] = score(reference, batch, hidden_states=True).hidden_states
+        return self._reference_states_by_rows[key]
 
     @_timed
-    def _drift_metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """The drift measures of the policy now, without the `eval_` prefix (see the module docstring)."""
-        self._ensure_drift_probe()
-        probe = self._drift_probe
-        policy = self.accelerator.unwrap_model(self.model)
-        live = self._drift_has_live_reference
+        self.ensure_probe()
+        probe = self.probe
+        policy = self.accelerator.unwrap_model(self.trainer.model)
+        live = self.trainer.reference.is_live
         pad_id = self._pad_id()
         # kl (or sampled estimate) sum, sampled tokens, policy text log-prob sum, reference text log-prob sum, tokens
         totals = torch.zeros(5, dtype=torch.float64)
@@ -291,7 +300,7 @@ class DriftMixin:
             with reference_mode(policy), self.accelerator.autocast():
                 scored = score(policy, batch, hidden_states=live)
             if live:
-                with self._running_reference() as reference, self.accelerator.autocast():
+                with self.trainer.reference.running() as reference, self.accelerator.autocast():
                     ref_hidden_states = self._reference_states(reference, rows, batch)
                     kl = forward_kl_sum(scored, ref_hidden_states, lm_head_weights(reference))
             else:
@@ -315,13 +324,13 @@ class DriftMixin:
             metrics[NLL_CHANGE] = (ref_text - policy_text) / max(text_tokens, 1)
         return metrics
 
-    def _answer_nll_at_start(self) -> float | None:
+    def answer_nll_at_start(self) -> float | None:
         """The held-out answers' NLL per token before the first step, where it costs nothing: the policy starts at its
         reference (`ReferenceCheck.starts_at_reference`: LoRA's adapters at identity, a frozen copy) and the
         reference's log-probs of the eval split are precomputed. `None` elsewhere (`eval_on_start=True` measures it
         by an evaluation)."""
-        check = self._reference_check
-        dataset = self.eval_dataset
+        check = self.trainer.reference.check
+        dataset = self.trainer.eval_dataset
         if isinstance(dataset, dict):
             dataset = next(iter(dataset.values()))
         if check is None or not check.starts_at_reference or REF_LOGPS not in (dataset.column_names or []):
@@ -329,7 +338,7 @@ class DriftMixin:
         ref_sum = sum(value for row in dataset[REF_LOGPS] for value in row)
         num_tokens = sum(
             int(ExampleIndex.from_batch(batch["labels"], batch.get("position_ids")).num_tokens.sum())
-            for batch in self._collated_batches(dataset, 1)
+            for batch in collated_batches(self.trainer.data_collator, dataset, 1)
         )
         return -ref_sum / num_tokens if num_tokens else None
 
@@ -355,12 +364,13 @@ class DriftMixin:
 
     def _drift_synced(self) -> bool:
         """Whether generation must keep the processes in step (a sharded model)."""
-        return self.accelerator.num_processes > 1 and (self.is_fsdp_enabled or is_deepspeed_zero3_enabled())
+        return self.accelerator.num_processes > 1 and (self.trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled())
 
     @property
     def _plain_tokenizer(self):
         """The tokenizer (of a processor, for vision-language models)."""
-        return getattr(self.processing_class, "tokenizer", self.processing_class)
+        processing_class = self.trainer.processing_class
+        return getattr(processing_class, "tokenizer", processing_class)
 
     def _pad_id(self) -> int:
         tokenizer = self._plain_tokenizer
@@ -374,13 +384,13 @@ class DriftCallback(TrainerCallback, ExportableState):
     from these values (`drift_log_history`). With `eval_on_start=True`, TRL's own evaluation at step 0 measures them.
 
     Args:
-        trainer: the trainer whose drift is measured; `None` in the copy that transformers restores from a checkpoint
-            (`restore_callback_states_from_checkpoint`), which only carries the values.
+        drift: the measures of the trainer whose drift is measured; `None` in the copy that transformers restores
+            from a checkpoint (`restore_callback_states_from_checkpoint`), which only carries the values.
         measures_at_start: `{"eval_forward_kl": 0.0, ...}`, or `None` before they are measured.
     """
 
-    def __init__(self, trainer: DriftMixin | None = None, measures_at_start: dict[str, float] | None = None):
-        self.trainer = trainer
+    def __init__(self, drift: DriftMeasures | None = None, measures_at_start: dict[str, float] | None = None):
+        self.drift = drift
         self.measures_at_start = measures_at_start
 
     def state(self) -> dict:
@@ -392,8 +402,8 @@ class DriftCallback(TrainerCallback, ExportableState):
         elif args.eval_on_start:
             self.measures_at_start = None
         else:
-            self.measures_at_start = {f"eval_{k}": v for k, v in self.trainer._drift_metrics().items()}
-            answer_nll = self.trainer._answer_nll_at_start()
+            self.measures_at_start = {f"eval_{k}": v for k, v in self.drift.metrics().items()}
+            answer_nll = self.drift.answer_nll_at_start()
             if answer_nll is not None:
                 self.measures_at_start["eval_answer_nll"] = answer_nll
             logger.info(f"Drift before the first step: {self.measures_at_start}")

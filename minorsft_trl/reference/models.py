@@ -17,12 +17,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import AutoTokenizer
 from trl.trainer.utils import disable_dropout_in_model
 
 from ..errors import InputError
+
+logger = transformers.utils.logging.get_logger(__name__)
 
 REF_ADAPTER = "ref"
 
@@ -255,4 +258,26 @@ def check_model_tokenizer(tokenizer, model_path: str) -> None:
             f"`processing_class` maps tokens to other ids than the tokenizer saved with the model {model_path!r}: "
             f"{len(differing)} tokens differ (e.g. {differing[:3]}), so the model would read every example as other "
             "tokens. Pass the model's own tokenizer (`AutoTokenizer.from_pretrained(model_path)`)."
+        )
+
+
+def disable_dropout_if_asked(args, policy: nn.Module) -> None:
+    """`disable_dropout` (see `MinorSFTConfig`): where training reads the reference, dropout would make the policy's
+    log-probs differ from the reference's at the first step; say what was switched off, or warn."""
+    if not args.uses_reference:
+        return
+    if args.disable_dropout:
+        switched = disable_dropout(policy)
+        if switched:
+            logger.info(
+                f"disable_dropout=True: set {len(switched)} dropouts of the policy to 0 (e.g. {switched[0]!r}), "
+                "so the policy's training forward gives the reference's log-probs at the start."
+            )
+        return
+    active = active_dropouts(policy)
+    if active:
+        logger.warning(
+            f"disable_dropout=False with {len(active)} active dropouts (e.g. {active[0]!r}): the policy's "
+            "log-probs come from training forwards with dropout and the reference's without, so the log-ratio, "
+            f"the {args.loss_type} weights and `deviation` carry dropout noise from the first step."
         )

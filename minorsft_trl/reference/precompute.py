@@ -24,8 +24,8 @@ from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from ..cache import cache_root, cached_directory
-from ..engines import destroy_if_engine
 from ..examples import ExampleIndex
+from ..precision import autocast_precision, half_precision
 from ..validation import unwritable
 from .check import deviation_tolerance
 from .identity import batches_fingerprint
@@ -71,62 +71,74 @@ class WithRefLogps:
 _COMPUTE, _SAMPLE, _DONE = "compute", "sample", "done"
 
 
-class PrecomputedReferenceMixin:
-    """The precomputed reference of `MinorSFTTrainer`: the values, their cache, and the passes that compute them."""
+def collated_batches(collator, dataset: Dataset, batch_size: int, starts=None) -> Iterator[dict[str, Any]]:
+    """The batches of a pass over `dataset` (all, or those beginning at `starts`), as `collator` builds them, in
+    dataset order."""
+    for start in range(0, len(dataset), batch_size) if starts is None else starts:
+        yield collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
-    def _attach_precomputed_reference(self, reference: dict, release_reference: bool) -> None:
-        """Give every train and eval row its examples' reference log-probs (from the cache, or computed once) and feed
-        them through the collator.
 
-        Args:
-            reference: the identity of the reference (`fingerprint.model_identity`), taken before it was sharded.
-            release_reference: whether to release a separate reference model (training needs only the numbers),
-                leaving no reference for a dataset passed to `evaluate` later.
-        """
-        args = self.args
-        self.train_dataset = self._precomputed(
-            self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size, reference
+class ReferencePrecompute:
+    """The precomputed reference of a `MinorSFTTrainer`: the values, their cache, and the passes that compute them.
+
+    Args:
+        trainer: the trainer whose datasets get the values and whose collator feeds them (its `reference` runs the
+            passes, under its accelerator).
+        reference_identity: the identity of the reference (`identity.model_identity`), taken before it was sharded.
+    """
+
+    def __init__(self, trainer, reference_identity: dict):
+        self.trainer = trainer
+        self.reference_identity = reference_identity
+
+    def attach(self) -> None:
+        """Give every train and eval row its examples' reference log-probs (from the cache, or computed once), feed
+        them through the collator, and release a separate reference where the run asked for it
+        (`Reference.releases_after_precompute`)."""
+        trainer, args = self.trainer, self.trainer.args
+        trainer.train_dataset = self.precomputed(
+            trainer.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size
         )
-        if self.eval_dataset is not None:
+        if trainer.eval_dataset is not None:
             eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
-            if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {
-                    name: self._precomputed(dataset, f"eval {name}", eval_batch_size, reference)
-                    for name, dataset in self.eval_dataset.items()
+            if isinstance(trainer.eval_dataset, dict):
+                trainer.eval_dataset = {
+                    name: self.precomputed(dataset, f"eval {name}", eval_batch_size)
+                    for name, dataset in trainer.eval_dataset.items()
                 }
             else:
-                self.eval_dataset = self._precomputed(self.eval_dataset, "eval", eval_batch_size, reference)
-        self.data_collator = WithRefLogps(self.data_collator)
-        if release_reference and self.ref_model is not None:
-            destroy_if_engine(self.ref_model)
-            self.ref_model = None
-            self._reference_released = True
+                trainer.eval_dataset = self.precomputed(trainer.eval_dataset, "eval", eval_batch_size)
+        trainer.data_collator = WithRefLogps(trainer.data_collator)
+        if trainer.reference.releases_after_precompute:
+            trainer.reference.release()
 
-    def _precomputed(self, dataset: Dataset, name: str, batch_size: int, reference: dict) -> Dataset:
+    def precomputed(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         """`dataset` with a `ref_logps` column (one list of floats per row), read from the cache if it holds this
         exact reference and data, else computed by all processes and cached by the main one.
 
         The key: the reference (weights, configuration, adapter), the batches as the collator builds them (tokens,
         loss mask, packing, padding-free positions, batch layout) and the autocast precision the forward runs under.
         A cache hit is trusted only once a sample of its values agrees with a live reference pass."""
-        if not self.accelerator.is_main_process:  # only the main process keys, reads and writes the cache
+        trainer = self.trainer
+        if not trainer.accelerator.is_main_process:  # only the main process keys, reads and writes the cache
             self._follow_main(dataset, name, batch_size)
             return dataset.add_column(REF_LOGPS, from_main_process(None))
 
         key = {
             "format": CACHE_FORMAT,
-            "reference": reference,
-            "data": batches_fingerprint(self._collated_batches(dataset, batch_size)),
-            "autocast": self._autocast_precision(),
+            "reference": self.reference_identity,
+            "data": batches_fingerprint(collated_batches(trainer.data_collator, dataset, batch_size)),
+            "autocast": autocast_precision(trainer.accelerator),
         }
         entry_name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-        entry = Path(self.args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
+        entry = Path(trainer.args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
 
         def build(out: Path) -> None:
             values = self._lead(_COMPUTE, dataset, name, batch_size)
             counts = [
                 ExampleIndex.from_batch(batch["labels"], batch.get("position_ids")).num_examples
-                for batch in self._collated_batches(dataset, 1)  # a padding-free collator merges a batch's rows
+                # a padding-free collator merges a batch's rows
+                for batch in collated_batches(trainer.data_collator, dataset, 1)
             ]
             np.save(out / "ref_logps.npy", values, allow_pickle=False)
             np.save(out / "examples_per_row.npy", np.array(counts, dtype=np.int64), allow_pickle=False)
@@ -153,45 +165,41 @@ class PrecomputedReferenceMixin:
 
     def _run_step(self, step: str, dataset: Dataset, name: str, batch_size: int):
         if step == _COMPUTE:
-            return self._compute_ref_logps(dataset, name, batch_size)
+            return self.compute_ref_logps(dataset, name, batch_size)
         if step == _SAMPLE:
             rows = _sample_rows(dataset, batch_size)
-            return self._batch_ref_logps(self.data_collator([dataset[i] for i in rows]))
+            return self.batch_ref_logps(self.trainer.data_collator([dataset[i] for i in rows]))
         return None
 
-    def _collated_batches(self, dataset: Dataset, batch_size: int, starts=None) -> Iterator[dict[str, Any]]:
-        """The batches of the precompute pass (all, or those beginning at `starts`), as the training collator builds
-        them, in dataset order."""
-        for start in range(0, len(dataset), batch_size) if starts is None else starts:
-            yield self.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-
-    def _batch_ref_logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_ref_logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """`(num_examples,)` summed answer log-probs of the reference on a collated batch, under the autocast that
         training runs under, and `(num_examples,)` answer lengths."""
-        batch = self._prepare_inputs(batch)
+        trainer = self.trainer
+        batch = trainer._prepare_inputs(batch)
         index = ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
-        with self.accelerator.autocast():
-            ref_logps = self._reference_logps(batch, index)
+        with trainer.accelerator.autocast():
+            ref_logps = trainer.reference.logps(batch, index)
         return ref_logps.float().cpu(), index.num_tokens.cpu()
 
-    def _compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> np.ndarray:
+    def compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> np.ndarray:
         """The summed answer log-probs of the reference for every example of `dataset`, in dataset order. Each
         process computes a contiguous share of the batches (padded with repeats so every process runs as many
         forwards as the others, as a sharded model needs); the values are gathered on every process."""
+        accelerator = self.trainer.accelerator
         starts = list(range(0, len(dataset), batch_size))
-        with self.accelerator.split_between_processes(list(enumerate(starts)), apply_padding=True) as share:
-            batches = self._collated_batches(dataset, batch_size, [start for _, start in share])
+        with accelerator.split_between_processes(list(enumerate(starts)), apply_padding=True) as share:
+            batches = collated_batches(self.trainer.data_collator, dataset, batch_size, [start for _, start in share])
             progress = tqdm(
                 batches, total=len(share), desc=f"Reference log-probs ({name})",
-                disable=not self.accelerator.is_local_main_process,
+                disable=not accelerator.is_local_main_process,
             )  # fmt: skip
             # A repeat of the padding within this process overwrites its original with the same values
-            computed = {i: self._batch_ref_logps(batch)[0] for (i, _), batch in zip(share, progress, strict=True)}
-        local = torch.cat(list(computed.values())).to(self.accelerator.device)
-        if self.accelerator.num_processes == 1:
+            computed = {i: self.batch_ref_logps(batch)[0] for (i, _), batch in zip(share, progress, strict=True)}
+        local = torch.cat(list(computed.values())).to(accelerator.device)
+        if accelerator.num_processes == 1:
             return local.cpu().numpy()
         batch_ids = torch.cat([torch.full((values.numel(),), i) for i, values in computed.items()]).to(local.device)
-        return _in_batch_order(self.accelerator, local, batch_ids, len(starts))
+        return _in_batch_order(accelerator, local, batch_ids, len(starts))
 
     def _sample_agrees(self, name, cached: list[list[float]], live, num_tokens, rows: list[int]) -> bool:
         """Whether the live reference log-probs of the sampled `rows` equal the cached ones, to float noise."""
@@ -200,7 +208,8 @@ class PrecomputedReferenceMixin:
             logger.warning(f"The cached reference log-probs of {name!r} hold another number of examples: rebuilding.")
             return False
         per_token = ((live - expected) / num_tokens).abs().max().item() if live.numel() else 0.0
-        tolerance = deviation_tolerance(self._half_precision(), same_batch=False)
+        trainer = self.trainer
+        tolerance = deviation_tolerance(half_precision(trainer.accelerator, trainer.model, trainer.reference), False)
         if per_token > tolerance:
             logger.warning(
                 f"The cached reference log-probs of {name!r} differ from a live reference pass by up to "
@@ -209,11 +218,6 @@ class PrecomputedReferenceMixin:
             )
             return False
         return True
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if self.args.precompute_ref_log_probs and REF_LOGPS not in self._signature_columns:
-            self._signature_columns.append(REF_LOGPS)
 
 
 def _in_batch_order(accelerator, values: torch.Tensor, batch_ids: torch.Tensor, num_batches: int) -> np.ndarray:
