@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import transformers
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .errors import InputError
 
@@ -147,3 +148,18 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str) -
             f"removed since). The last complete one is {last_complete_checkpoint(output_dir)!r}."
         )
     return resume_from_checkpoint
+
+
+def complete_and_rotate(run_dir: str, state, identity: dict, save_total_limit: int | None) -> None:
+    """Once every process has written its part of the checkpoint of `state.global_step`: record what it belongs to,
+    mark it complete, and only then delete old checkpoints (`save_total_limit`), so that a run killed at any point
+    keeps a complete checkpoint it had before."""
+    checkpoint = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+    write_run_identity(checkpoint, identity)
+    mark_complete(checkpoint)
+    rotate_checkpoints(
+        output_dir=run_dir,
+        save_total_limit=save_total_limit,
+        best_model_checkpoint=state.best_model_checkpoint,
+        use_mtime=True,
+    )

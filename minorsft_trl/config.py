@@ -12,7 +12,7 @@ from trl import SFTConfig
 from trl.trainer.utils import get_config_model_id
 
 from .errors import InputError
-from .loss_types import REFERENCE_LOSSES, LossType
+from .loss_types import REFERENCE_LOSSES, LossType, MeanOver, ReferenceNeed
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -347,6 +347,16 @@ class MinorSFTConfig(SFTConfig):
         """The loss and the settings it reads, e.g. `"minor_sft (beta=0.04, lr=2e-05)"`."""
         values = [f"{name}={getattr(self, name)}" for name in self.loss_settings] + [f"lr={self.learning_rate}"]
         return f"{self.loss_type} ({', '.join(values)})"
+
+    @property
+    def mean_over_examples(self) -> bool:
+        """Whether the loss is a mean over the examples of the optimizer step (the paper's), not over its tokens."""
+        return self.reference_loss is not None and self.reference_loss.mean_over is MeanOver.EXAMPLES
+
+    @property
+    def needs_reference_distribution(self) -> bool:
+        """Whether the loss reads the reference's next-token distribution (the KL anchor), not only its log-probs."""
+        return self.reference_loss is not None and self.reference_loss.reference is ReferenceNeed.DISTRIBUTION
 
     @property
     def uses_reference(self) -> bool:

@@ -105,3 +105,13 @@ def forget_backward_functions(model: torch.nn.Module) -> None:
     for submodule in model.modules():
         for name in ("pre_bwd_fn", "post_bwd_fn"):
             submodule.__dict__.pop(name, None)
+
+
+def release_engines(accelerator) -> None:
+    """Let go of the policy's DeepSpeed engine (its hooks, its optimizer's pending collectives) and of what accelerate
+    holds (the DDP wrapper and its reducer): whatever still holds the process group when it is destroyed is freed
+    only at interpreter exit (see `MinorSFTTrainer.end`)."""
+    if getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
+        destroy_if_engine(accelerator.deepspeed_engine_wrapped.engine)
+        accelerator.deepspeed_engine_wrapped = None  # destroyed: not again by `free_memory`
+    accelerator.free_memory()

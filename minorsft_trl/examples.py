@@ -82,5 +82,17 @@ class PackedRowsApart:
     def __post_init__(self):
         self.padding_free = dataclasses.replace(self.collator, padding_free=True)
 
+    @classmethod
+    def where_needed(cls, args, collator):
+        """`collator` wrapped where the eval rows are packed and the training rows are not, else as it is."""
+        if (
+            args.eval_packing
+            and not args.packing
+            and isinstance(collator, DataCollatorForLanguageModeling)
+            and not collator.padding_free
+        ):
+            return cls(collator)
+        return collator
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         return (self.padding_free if "seq_lengths" in examples[0] else self.collator)(examples)

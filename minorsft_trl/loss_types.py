@@ -62,6 +62,19 @@ class LossInputs:
     example_ids: torch.Tensor
     token_kl: torch.Tensor | None = None
 
+    @classmethod
+    def of(cls, index, token_logps: torch.Tensor, ref_logps: torch.Tensor, token_kl: torch.Tensor | None = None):
+        """From the policy's `(batch, seq_len - 1)` per-token log-probs of a batch whose examples `index`
+        (`examples.ExampleIndex`) numbers, and the reference's side."""
+        return cls(
+            policy_logps=index.sum(token_logps),
+            ref_logps=ref_logps,
+            num_tokens=index.num_tokens,
+            token_logps=token_logps[index.answer_mask],
+            example_ids=index.example_ids,
+            token_kl=token_kl,
+        )
+
     def per_example_sum(self, per_token: torch.Tensor) -> torch.Tensor:
         """`(N,)` sums over each example's answer tokens of a `(T,)` per-token tensor."""
         return per_token.new_zeros(self.num_tokens.numel()).index_add(0, self.example_ids, per_token)

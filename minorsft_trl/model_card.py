@@ -60,3 +60,11 @@ def name_saved_adapters_base_model(output_dir: str) -> None:
         if hub_id is not None and hub_id != config["base_model_name_or_path"]:
             config["base_model_name_or_path"] = hub_id
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def rewrite_model_card(output_dir: str, model_path: str, dataset_name: str | None, drift_section: str | None) -> None:
+    """The model card TRL wrote in `output_dir`, with its names made right (`named_model_card`) and the drift section
+    (`minorsft_trl.drift.card`), if any, at its end."""
+    path = Path(output_dir, "README.md")
+    card = named_model_card(path.read_text(), model_path, dataset_name, output_dir)
+    path.write_text(card + ("\n\n" + drift_section if drift_section is not None else ""))

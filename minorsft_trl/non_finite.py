@@ -15,9 +15,10 @@ class NonFiniteLoss:
     def __init__(self):
         self._warned = False
 
-    def handle(self, loss: torch.Tensor, step: int, args, models: dict[str, torch.nn.Module]) -> None:
-        """`models`: the unwrapped policy and separate reference by their names (`{"policy": ..., "reference": ...}`),
-        whose weights are searched for the cause."""
+    def handle(self, loss: torch.Tensor, step: int, args, policy: torch.nn.Module, reference) -> None:
+        """`policy`: the unwrapped policy; `reference`: the run's `Reference`. Their weights are searched for the
+        cause."""
+        models = [("policy", policy), *(("reference", module) for module in reference.modules)]
         message = f"The training loss is {loss.item()} at step {step}: {_cause(step, models)}"
         if args.reference_loss is not None:
             raise RuntimeError(
@@ -33,11 +34,11 @@ class NonFiniteLoss:
             )
 
 
-def _cause(step: int, models: dict[str, torch.nn.Module]) -> str:
+def _cause(step: int, models: list[tuple[str, torch.nn.Module]]) -> str:
     """Why the training loss is not finite, and the fix: broken weights (at load, or diverged), or the forward."""
     broken = [
         f"{label} {name!r}"
-        for label, module in models.items()
+        for label, module in models
         for name, param in module.named_parameters()
         if param.is_floating_point() and not torch.isfinite(param).all()
     ]

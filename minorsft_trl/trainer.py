@@ -11,39 +11,35 @@ import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 import transformers
 from datasets import Dataset
 from transformers import PreTrainedModel, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import get_config_model_id
 
-from .checkpoints import check_run_identity, mark_complete, resolve_resume, write_run_identity
+from .checkpoints import check_run_identity, complete_and_rotate, resolve_resume
 from .config import TRL_LOSS_TYPES, MinorSFTConfig, as_minor_sft_config
 from .data.sharegpt import sharegpt_to_messages
 from .drift.budget import DriftBudgetCallback
 from .drift.card import drift_section
 from .drift.data import first_conversations
 from .drift.live import DriftCallback, DriftMeasures, drift_log_history
-from .engines import destroy_if_engine, runnable_before_training
-from .errors import InputError
+from .engines import release_engines, runnable_before_training
 from .examples import ExampleIndex, PackedRowsApart
 from .fused_head import FusedForwardRecorder, labelled_positions_only
-from .loss_types import LossInputs, MeanOver, ReferenceNeed
+from .loss_types import LossInputs
 from .metrics import WindowMetrics
-from .model_card import is_hub_dataset_id, name_saved_adapters_base_model, named_model_card
+from .model_card import is_hub_dataset_id, name_saved_adapters_base_model, rewrite_model_card
 from .non_finite import NonFiniteLoss
 from .precision import half_precision, warn_if_launcher_overrides_precision
 from .reduction import NUM_EXAMPLES_KEY, count_examples_in_step, mean_over_examples, mean_over_tokens
-from .reference.identity import dataset_fingerprint, model_identity, module_fingerprint, trained_adapter_settings
+from .reference.identity import dataset_fingerprint, model_identity, run_identity
 from .reference.models import disable_dropout_if_asked, quantized_layers_in_train_mode
 from .reference.precompute import REF_LOGPS, ReferencePrecompute, from_main_process, resolve_precompute
-from .reference.reference import RELEASED_REFERENCE_FIX, Reference
+from .reference.reference import Reference
 from .reference.vocabulary_kl import answer_hidden_states, check_plain_logits, lm_head_weights, token_kl
 from .validation import (
     check_adapter_targets,
@@ -80,6 +76,21 @@ def _loss_type_seen_by_trl(args: MinorSFTConfig) -> Iterator[None]:
         args.loss_type = loss_type
 
 
+# The paper, as TRL's trainers name theirs in the model card
+PAPER = {
+    "title": "Minor SFT loss for LLM fine-tune to increase performance and reduce model deviation",
+    "id": "2408.10642",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @article{xie2024minorsft,
+            title   = {{Minor SFT loss for LLM fine-tune to increase performance and reduce model deviation}},
+            author  = {Shiming Xie and Hong Chen and Fred Yu and Zeye Sun and Xiuyu Wu},
+            year    = 2024,
+            journal = {arXiv preprint arXiv:2408.10642},
+        }"""),
+}
+
+
 class MinorSFTTrainer(SFTTrainer):
     """
     Drop-in replacement for TRL's `SFTTrainer` that brakes the drift from a reference model (Minor SFT, arXiv
@@ -109,18 +120,7 @@ class MinorSFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "minor-sft"]
     _name = "Minor SFT"
-    _paper = {
-        "title": "Minor SFT loss for LLM fine-tune to increase performance and reduce model deviation",
-        "id": "2408.10642",
-        # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @article{xie2024minorsft,
-                title   = {{Minor SFT loss for LLM fine-tune to increase performance and reduce model deviation}},
-                author  = {Shiming Xie and Hong Chen and Fred Yu and Zeye Sun and Xiuyu Wu},
-                year    = 2024,
-                journal = {arXiv preprint arXiv:2408.10642},
-            }"""),
-    }
+    _paper = PAPER
 
     def __init__(
         self,
@@ -164,10 +164,7 @@ class MinorSFTTrainer(SFTTrainer):
         )
         # The per-example losses normalise by the examples of the whole optimizer step, see `get_batch_samples`;
         # the per-token ones reduce like TRL's
-        reference_loss = args.reference_loss
-        self.loss_is_scaled_for_ga = (
-            True if reference_loss is not None and reference_loss.mean_over is MeanOver.EXAMPLES else None
-        )
+        self.loss_is_scaled_for_ga = True if args.mean_over_examples else None
         policy_has_own_adapter = is_peft_model_or_path(model) and peft_config is None
         # `Trainer.__init__` creates the output directory; a failed init leaves nothing behind
         with _removed_on_error(args.output_dir):
@@ -194,8 +191,6 @@ class MinorSFTTrainer(SFTTrainer):
             self.non_finite_loss = NonFiniteLoss()
             self.drift = DriftMeasures(self, eval_conversations)
             measures_drift = DriftMeasures.wanted(args, self.eval_dataset)
-            # Plain SFT measures its drift against the reference it would have: free for a PEFT model (adapters
-            # disabled), a named one if given; full fine-tuning keeps no copy (see `minorsft_trl.drift.live`)
             self.reference = Reference.load(
                 ref_model,
                 args=args,
@@ -203,12 +198,12 @@ class MinorSFTTrainer(SFTTrainer):
                 accelerator=self.accelerator,
                 processing_class=self.processing_class,
                 quantization_config=quantization_config,
-                needed=args.uses_reference or (measures_drift and self._reference_is_free_or_named(ref_model)),
+                measures_drift=measures_drift,
                 policy_has_own_adapter=policy_has_own_adapter,
                 sharded=is_deepspeed_zero3_enabled() or self.is_fsdp_enabled,
                 releases_after_precompute=releases_reference,
             )
-            if self._needs_reference_distribution:
+            if self.args.needs_reference_distribution:
                 for module in (self.accelerator.unwrap_model(self.model), *self.reference.modules):
                     check_plain_logits(module, args.loss_type)
             reference_identity = self._take_identities(measures_drift)
@@ -228,41 +223,21 @@ class MinorSFTTrainer(SFTTrainer):
             check_prepared_dataset(train_dataset, self.train_dataset, self.args.max_length)
         if peft_config is not None:
             check_adapter_targets(self.accelerator.unwrap_model(self.model))
-        if (
-            self.args.eval_packing
-            and not self.args.packing
-            and isinstance(self.data_collator, DataCollatorForLanguageModeling)
-            and not self.data_collator.padding_free
-        ):
-            self.data_collator = PackedRowsApart(self.data_collator)
+        self.data_collator = PackedRowsApart.where_needed(self.args, self.data_collator)
         disable_dropout_if_asked(self.args, self.accelerator.unwrap_model(self.model))
         check_parallelism(self.args, self.accelerator.parallelism_config)
         warn_if_launcher_overrides_precision(self.args, self.accelerator, self.model.dtype)
-
-    def _reference_is_free_or_named(self, ref_model) -> bool:
-        """Whether plain SFT's drift measures load a reference: one is named, or the PEFT policy's base is free."""
-        named = ref_model is not None or self.args.ref_model_name_or_path is not None
-        return named or is_peft_model_or_path(self.accelerator.unwrap_model(self.model))
 
     def _take_identities(self, measures_drift: bool) -> dict | None:
         """What the reference is, taken before it is sharded (FSDP, ZeRO-3) or released, and settled by the main
         process: the run identity (what a checkpoint of this run belongs to) and, where the precompute or the drift
         measures cache something, the reference's identity (their cache key), which is returned."""
-        args = self.args
-        reference, canonical_name, adapter_config = self.reference.weights()
-        self._run_identity = from_main_process(
-            {
-                "loss_type": args.loss_type,
-                "model": get_config_model_id(self.accelerator.unwrap_model(self.model).config),
-                "reference": module_fingerprint(reference, canonical_name, sample=1024),
-                "settings": {name: getattr(args, name) for name in args.loss_settings},
-                "adapter": trained_adapter_settings(self.accelerator.unwrap_model(self.model)),
-            }
-        )
+        args, weights = self.args, self.reference.weights()
+        self._run_identity = from_main_process(run_identity(args, self.accelerator.unwrap_model(self.model), weights))
         if not (args.precompute_ref_log_probs or measures_drift):
             return None
         started = time.perf_counter()
-        reference_identity = from_main_process(model_identity(reference, canonical_name, adapter_config))
+        reference_identity = from_main_process(model_identity(*weights))
         if not args.precompute_ref_log_probs:  # the drift measures' cache key alone needs it
             self.drift.seconds += time.perf_counter() - started
         return reference_identity
@@ -290,19 +265,13 @@ class MinorSFTTrainer(SFTTrainer):
         policy is its own reference (adapters disabled, the `"ref"` adapter) or once released."""
         return self.reference.model
 
-    @property
-    def _needs_reference_distribution(self) -> bool:
-        reference_loss = self.args.reference_loss
-        return reference_loss is not None and reference_loss.reference is ReferenceNeed.DISTRIBUTION
-
     # ------------------------------------------------------------------ loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Also count the examples of the whole optimizer step (all micro-batches, all processes): the per-example
         losses divide by it, so that batch 8 x accumulation 1 == batch 4 x accumulation 2 == 2 processes x batch 4."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        reference_loss = self.args.reference_loss
-        if reference_loss is not None and reference_loss.mean_over is MeanOver.EXAMPLES and batch_samples:
+        if self.args.mean_over_examples and batch_samples:
             count_examples_in_step(batch_samples, device, self.accelerator, self.args.world_size)
         return batch_samples, num_items_in_batch
 
@@ -314,9 +283,8 @@ class MinorSFTTrainer(SFTTrainer):
             result = self._loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         if self.model.training and not torch.isfinite(loss.detach()).all():
-            models = {"policy": self.accelerator.unwrap_model(self.model)}
-            models.update(("reference", module) for module in self.reference.modules)
-            self.non_finite_loss.handle(loss, self.state.global_step, self.args, models)
+            policy = self.accelerator.unwrap_model(self.model)
+            self.non_finite_loss.handle(loss, self.state.global_step, self.args, policy, self.reference)
         return result
 
     def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -335,26 +303,23 @@ class MinorSFTTrainer(SFTTrainer):
             self.window_metrics.add_answer_nll(index.sum(token_logps), index.num_tokens)
             return result
 
-        ref_logps, ref_hidden, ref_head = self._reference_terms(inputs, index, check=mode == "train", policy=model)
+        ref_logps, ref_hidden, ref_head, precomputed = self.reference.loss_side(
+            inputs, index, distribution=self.args.needs_reference_distribution
+        )
+        if mode == "train" and self.reference.check is not None:  # before the first update only, not on resume
+            if self.state.global_step == 0:
+                half = half_precision(self.accelerator, self.model, self.reference)
+                self.reference.check_at_start(model, inputs, index, ref_logps, precomputed=precomputed, half=half)
+            self.reference.check = None
         unwrapped = self.accelerator.unwrap_model(model)
         recorder = FusedForwardRecorder(model, unwrapped if ref_hidden is not None else None)
         trl_result = super().compute_loss(recorder, inputs, return_outputs, num_items_in_batch)
         token_logps = recorder.outputs.log_probs[:, -index.answer_mask.size(1) :]
-        terms = LossInputs(
-            policy_logps=index.sum(token_logps),
-            ref_logps=ref_logps,
-            num_tokens=index.num_tokens,
-            token_logps=token_logps[index.answer_mask],
-            example_ids=index.example_ids,
-            token_kl=None
-            if ref_hidden is None
-            else token_kl(
-                answer_hidden_states(recorder.hidden_states, index.answer_mask),
-                lm_head_weights(unwrapped),
-                ref_hidden,
-                ref_head,
-            ),
-        )
+        kl = None
+        if ref_hidden is not None:
+            policy_hidden = answer_hidden_states(recorder.hidden_states, index.answer_mask)
+            kl = token_kl(policy_hidden, lm_head_weights(unwrapped), ref_hidden, ref_head)
+        terms = LossInputs.of(index, token_logps, ref_logps, kl)
         self.window_metrics.add_reference_terms(mode, terms)
         if mode == "eval":
             self.window_metrics.add_answer_nll(terms.policy_logps, terms.num_tokens)
@@ -363,7 +328,7 @@ class MinorSFTTrainer(SFTTrainer):
             return trl_result
 
         values = reference_loss.loss(terms, self.args)
-        if reference_loss.mean_over is MeanOver.EXAMPLES:
+        if self.args.mean_over_examples:
             loss = mean_over_examples(values, num_examples_in_step, self.accelerator.num_processes)
             step_count = num_examples_in_step
         else:
@@ -378,59 +343,17 @@ class MinorSFTTrainer(SFTTrainer):
             loss = loss + self.router_aux_loss_coef * recorder.outputs.aux_loss / steps
         return (loss, trl_result[1]) if return_outputs else loss
 
-    def _reference_terms(self, inputs, index: ExampleIndex, check: bool, policy):
-        """The reference's side of the loss on this batch: `(num_examples,)` summed answer log-probs (precomputed, or
-        by a reference forward), and for the KL anchor its answer hidden states and LM head (else `None`). In
-        training, before the first update, the reference is checked against the policy (`Reference.check_at_start`;
-        not when resuming: the policy has moved by then)."""
-        ref_logps = inputs.pop(REF_LOGPS, None)
-        precomputed = ref_logps is not None
-        ref_hidden = ref_head = None
-        if self._needs_reference_distribution:
-            # Reference first: its activations are freed before the policy's graph is built
-            ref_logps, ref_hidden, ref_head = self.reference.distribution(inputs, index)
-        elif ref_logps is None:
-            ref_logps = self.reference.logps(inputs, index)
-        elif ref_logps.numel() != index.num_examples:
-            raise RuntimeError(
-                f"The batch carries {ref_logps.numel()} precomputed reference log-probs for {index.num_examples} "
-                "examples: the data changed after the precompute. Recreate the trainer to recompute them."
-            )
-        if check and self.reference.check is not None:
-            if self.state.global_step == 0:
-                half = half_precision(self.accelerator, self.model, self.reference)
-                self.reference.check_at_start(
-                    policy, inputs, index, ref_logps, precomputed=precomputed, half_precision=half
-                )
-            self.reference.check = None
-        return ref_logps, ref_hidden, ref_head
-
     # ------------------------------------------------------------------ evaluation, logs, card
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """`SFTTrainer.evaluate`, with the drift measures among TRL's eval metrics (`SFTTrainer.log` logs them as
         `eval_*`, returned and passed to the callbacks with the others). Measured once per evaluation: a dict of eval
         datasets is evaluated with the prefixes `eval_<name>`, which do not measure again."""
-        self._check_reference_for(eval_dataset)
+        self.reference.check_can_score(eval_dataset)
         if self.drift.on and metric_key_prefix == "eval":
             for key, value in self.drift.metrics().items():
                 self._metrics["eval"][key].append(value)
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-
-    def _check_reference_for(self, eval_dataset) -> None:
-        """Stop before evaluating datasets whose reference log-probs were not precomputed, where the reference model
-        that would score them was released (`precompute_ref_log_probs=True`). A name selects a dataset given at
-        init."""
-        if not self.reference.released or eval_dataset is None or isinstance(eval_dataset, str):
-            return
-        datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
-        missing = [name for name, dataset in datasets.items() if REF_LOGPS not in (dataset.column_names or [])]
-        if missing:
-            raise InputError(
-                f"evaluate(eval_dataset=...): the reference log-probs of {', '.join(map(repr, missing))} were not "
-                "precomputed, and precompute_ref_log_probs=True released the reference model that would score them. "
-                f"{RELEASED_REFERENCE_FIX}"
-            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # `SFTTrainer.log` averages each metric over the logging window: ours are means over its examples already
@@ -444,13 +367,10 @@ class MinorSFTTrainer(SFTTrainer):
         model_name = model_name or os.path.basename(os.path.normpath(self.args.output_dir))
         hub_dataset = dataset_name if is_hub_dataset_id(dataset_name) else None
         super().create_model_card(model_name=model_name, dataset_name=hub_dataset, tags=tags)
-        if not self.is_world_process_zero():
-            return
-        path = os.path.join(self.args.output_dir, "README.md")
-        model_path = get_config_model_id(self.accelerator.unwrap_model(self.model).config)
-        card = named_model_card(Path(path).read_text(), model_path, dataset_name, self.args.output_dir)
-        section = drift_section(drift_log_history(self.state), self._drift_budget)
-        Path(path).write_text(card + ("\n\n" + section if section is not None else ""))
+        if self.is_world_process_zero():
+            model_path = get_config_model_id(self.accelerator.unwrap_model(self.model).config)
+            drift = drift_section(drift_log_history(self.state), self._drift_budget)
+            rewrite_model_card(self.args.output_dir, model_path, dataset_name, drift)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """`Trainer._save`, with the saved adapter naming its base model by its Hub id (`minorsft_trl.model_card`)."""
@@ -496,15 +416,7 @@ class MinorSFTTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
-            checkpoint = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            write_run_identity(checkpoint, self._checkpoint_identity)
-            mark_complete(checkpoint)
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+            complete_and_rotate(run_dir, self.state, self._checkpoint_identity, save_total_limit)
 
     @functools.cached_property
     def _checkpoint_identity(self) -> dict:
@@ -527,7 +439,4 @@ class MinorSFTTrainer(SFTTrainer):
         after a successful run (torch 2.13). The trainer cannot train after this."""
         self.model_wrapped = self.model
         self.reference.destroy_engine()
-        if getattr(self.accelerator, "deepspeed_engine_wrapped", None) is not None:
-            destroy_if_engine(self.accelerator.deepspeed_engine_wrapped.engine)
-            self.accelerator.deepspeed_engine_wrapped = None  # destroyed: not again by `free_memory`
-        self.accelerator.free_memory()
+        release_engines(self.accelerator)

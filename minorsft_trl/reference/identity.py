@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from torch.distributed.tensor import DTensor
+from trl.trainer.utils import get_config_model_id
 
 from .models import belongs_to_adapter
 
@@ -154,3 +155,16 @@ def trained_adapter_settings(model: torch.nn.Module) -> dict | None:
     checkpoint's weights must fit."""
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
     return canonical(config.to_dict()) if config is not None else None
+
+
+def run_identity(args, policy: torch.nn.Module, reference_weights: tuple) -> dict:
+    """What a checkpoint of a run belongs to (`checkpoints.check_run_identity`): its loss and settings, the policy's
+    base model and trained adapter, and a sampled fingerprint of the reference's weights (`Reference.weights()`)."""
+    reference, canonical_name, _ = reference_weights
+    return {
+        "loss_type": args.loss_type,
+        "model": get_config_model_id(policy.config),
+        "reference": module_fingerprint(reference, canonical_name, sample=1024),
+        "settings": {name: getattr(args, name) for name in args.loss_settings},
+        "adapter": trained_adapter_settings(policy),
+    }

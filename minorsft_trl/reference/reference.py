@@ -31,6 +31,7 @@ from .models import (
     reference_adapter_name,
     reference_mode,
 )
+from .precompute import REF_LOGPS
 from .vocabulary_kl import answer_hidden_states, captured_hidden_states, reference_head
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -91,23 +92,26 @@ class Reference:
         accelerator,
         processing_class,
         quantization_config,
-        needed: bool,
+        measures_drift: bool,
         policy_has_own_adapter: bool,
         sharded: bool,
         releases_after_precompute: bool,
     ) -> "Reference":
-        """The reference of a run, loaded where `needed` (see `ReferenceKind.of`); a separate model is not yet prepared
-        for the engine (`prepare`).
+        """The reference of a run, loaded where the loss reads one, or where the drift measures do and it is free (a
+        PEFT policy's base) or named; full fine-tuning with plain SFT keeps no copy (see `ReferenceKind.of`). A
+        separate model is not yet prepared for the engine (`prepare`).
 
         Args:
             ref_model: the reference the trainer was given, else `args.ref_model_name_or_path`, else `None`.
             policy: the policy without its DDP / FSDP wrapper, as it is now.
+            measures_drift: whether the run measures its drift (`DriftMeasures.wanted`).
             sharded: whether FSDP or ZeRO-3 shards the policy's parameters.
             releases_after_precompute: whether the precompute releases a separate model (an explicit
                 `precompute_ref_log_probs=True`).
         """
         ref_model = ref_model if ref_model is not None else args.ref_model_name_or_path
         model = policy()
+        needed = args.uses_reference or (measures_drift and (ref_model is not None or is_peft_model(model)))
         kind = ReferenceKind.of(
             loaded=needed,
             given=ref_model is not None,
@@ -270,6 +274,24 @@ class Reference:
         ref_logps = index.sum(token_logps[:, -index.answer_mask.size(1) :])
         return ref_logps, answer_hidden_states(hidden_states, index.answer_mask), head
 
+    def loss_side(self, inputs: dict[str, Any], index: ExampleIndex, distribution: bool):
+        """The reference's side of the loss on a batch: `(num_examples,)` summed answer log-probs (precomputed, popped
+        from `inputs`, or by a reference forward), with `distribution` its `(num_answer_tokens, hidden)` answer hidden
+        states and LM head for the KL anchor (else `None`), and whether the log-probs were precomputed."""
+        ref_logps = inputs.pop(REF_LOGPS, None)
+        precomputed = ref_logps is not None
+        if distribution:
+            # Reference first: its activations are freed before the policy's graph is built
+            return (*self.distribution(inputs, index), precomputed)
+        if ref_logps is None:
+            return self.logps(inputs, index), None, None, precomputed
+        if ref_logps.numel() != index.num_examples:
+            raise RuntimeError(
+                f"The batch carries {ref_logps.numel()} precomputed reference log-probs for {index.num_examples} "
+                "examples: the data changed after the precompute. Recreate the trainer to recompute them."
+            )
+        return ref_logps, None, None, precomputed
+
     def check_at_start(
         self,
         policy: torch.nn.Module,
@@ -278,7 +300,7 @@ class Reference:
         ref_logps: torch.Tensor,
         *,
         precomputed: bool,
-        half_precision: bool,
+        half: bool,
     ) -> None:
         """Before the first update, compare the policy in reference mode with the reference on this batch (all
         processes), and stop if a reference that must equal the policy's starting point does not (`ReferenceCheck`).
@@ -288,7 +310,7 @@ class Reference:
             policy: the policy, wrapped or not.
             ref_logps: `(num_examples,)` the reference's summed answer log-probs on this batch.
             precomputed: whether `ref_logps` come from the precompute pass (other batches: layout noise).
-            half_precision: whether either side computes in half precision (`precision.half_precision`).
+            half: whether either side computes in half precision (`precision.half_precision`).
         """
         start = time.perf_counter()
         per_token = self.start_log_ratios(policy, inputs, index, ref_logps)
@@ -301,7 +323,7 @@ class Reference:
         )
         stats = self._accelerator.gather(local[None]).view(-1, 3)
         max_abs, total, count = stats[:, 0].max().item(), stats[:, 1].sum().item(), stats[:, 2].sum().item()
-        tolerance = deviation_tolerance(half_precision, same_batch=not precomputed)
+        tolerance = deviation_tolerance(half, same_batch=not precomputed)
         check, self.check = self.check, None
         check.verify(max_abs, total / max(count, 1), tolerance)
         logger.info(f"The reference check took {time.perf_counter() - start:.3f} s.")
@@ -315,6 +337,21 @@ class Reference:
         with reference_mode(policy):
             policy_logps = index.sum(fused_token_logps(policy, inputs)[:, -index.answer_mask.size(1) :])
         return (policy_logps - ref_logps) / index.num_tokens
+
+    def check_can_score(self, eval_dataset) -> None:
+        """Stop before evaluating datasets whose reference log-probs were not precomputed, where the reference model
+        that would score them was released (`precompute_ref_log_probs=True`). A name selects a dataset given at
+        init."""
+        if not self.released or eval_dataset is None or isinstance(eval_dataset, str):
+            return
+        datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+        missing = [name for name, dataset in datasets.items() if REF_LOGPS not in (dataset.column_names or [])]
+        if missing:
+            raise InputError(
+                f"evaluate(eval_dataset=...): the reference log-probs of {', '.join(map(repr, missing))} were not "
+                "precomputed, and precompute_ref_log_probs=True released the reference model that would score them. "
+                f"{RELEASED_REFERENCE_FIX}"
+            )
 
     # ------------------------------------------------------------------ letting go
 
