@@ -4,11 +4,17 @@ import sys
 
 import bitsandbytes.nn.modules as bnb_modules
 import pytest
+import torch
 from transformers.utils import logging as hf_logging
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# One thread per process, here and in every process a test starts (they inherit it; torchrun already sets it for 2
+# processes): the tiny models' matrices are too small to share out, and OpenMP threads waiting for each other on a busy
+# 2-core machine made the in-process tests 3-4x slower
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from tiny import QUANTIZABLE_WIDTHS, make_model, make_tokenizer  # noqa: E402

@@ -53,12 +53,14 @@ def venv(tmp_path_factory) -> Venv:
     )
     shutil.copytree(REPO, root / "source", ignore=ignore)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    # Without PYTHONPATH, as the venv runs: a checkout on it (with its egg-info) reads as minorsft_trl installed there
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w", root / "wheels",
-                    root / "source"], check=True)  # fmt: skip
+                    root / "source"], env=env, check=True)  # fmt: skip
     (wheel,) = (root / "wheels").glob("minorsft_trl-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", root / "venv"], check=True)
     subprocess.run([*pip, "--python", root / "venv" / "bin" / "python", "install", "-q", "--no-deps", "--no-index",
-                    wheel], check=True)  # fmt: skip
+                    wheel], env=env, check=True)  # fmt: skip
     venv = Venv(root / "venv")
     (venv.site_packages / "_minorsft_trl_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return venv

@@ -26,7 +26,10 @@ def launch(*args, num_processes: int = 2, config: str = "ddp", mixed_precision: 
         *(["--mixed_precision", mixed_precision] if mixed_precision else []),
         *map(str, args),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    # The caller's PYTHONPATH kept after the tests: a checkout run with PYTHONPATH=<checkout> beside another one's
+    # editable install launches its own package
+    path = os.pathsep.join([str(REPO / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     env["PYTHONFAULTHANDLER"] = "1"  # a process killed by a signal prints each thread's stack
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert (result.returncode != 0) == fails, result.stdout[-3000:] + result.stderr[-6000:] + _why(result.stderr)
