@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct with Minor SFT (the frozen copy of the policy is the refer
     python benchmarks/engine_memory.py --engines zero3
 
 Each engine is one `accelerate launch` of the shipped config (`--num_processes 2 --mixed_precision no`, the recipe's
-`use_cpu: true`) running the generic training script (`minorsft_trl.scripts.minor_sft.main`) for 2 steps on the
+`use_cpu: true`) running the generic training script (`minorsft_trl.cli.train.main`) for 2 steps on the
 recipe's data, with the reference on the fly (so it stays for the run). Each process then reports the bytes of the
 reference's and the policy's parameters it holds between forwards (`minorsft_trl.engines.parameter_bytes`: a ZeRO-3
 shard, plus the parameters DeepSpeed keeps whole below its persistence threshold) and its peak resident set size.

@@ -9,7 +9,7 @@ the policy before its first update and its reference (what `MinorSFTTrainer`'s c
 - noise, between batch layouts (the precompute pass): the same reference on a batch of 8 and on batches of 3 + 5;
 - a wrong reference: PiSSA, whose disabled base is not the model the policy starts from.
 
-`reference_check.deviation_tolerance` must sit above the noise and below the wrong reference.
+`reference.check.deviation_tolerance` must sit above the noise and below the wrong reference.
 
     .venv/bin/python benchmarks/reference_check_noise.py   # embedded SmolLM2-135M-Instruct, 64 examples, ~2 min
 """

@@ -1,4 +1,6 @@
-"""Where the reference model comes from, and how it runs.
+"""The parts `Reference` (`reference.py`) is built from and runs with: frozen copies, the `"ref"` adapter, the
+starting base parameters, eval mode without dropout, and the checks that a reference shares the policy's vocabulary.
+Which reference a run gets (`kinds.ReferenceKind`):
 
 | situation                                   | reference                                            |
 |---------------------------------------------|------------------------------------------------------|
