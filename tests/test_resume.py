@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from test_gradients import lora_config
 from tiny import cpu_args, make_model, prompt_completion_dataset, write_recipe
 
-import minorsft_trl.trainer as trainer_module
+import minorsft_trl.checkpoints as checkpoints_module
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.checkpoints import MANIFEST, is_complete, last_complete_checkpoint, mark_complete
 
@@ -136,7 +136,7 @@ def test_a_run_killed_between_saving_and_rotating_keeps_its_last_complete_checkp
         marked.append(checkpoint)
         mark_complete(checkpoint)
 
-    monkeypatch.setattr(trainer_module, "mark_complete", killed_on_the_second_checkpoint)
+    monkeypatch.setattr(checkpoints_module, "mark_complete", killed_on_the_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         keeping_one_checkpoint(tmp_path, tokenizer, max_steps=2).train()
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
