@@ -186,9 +186,11 @@ def test_ctrl_c_says_where_the_last_complete_checkpoint_is_and_the_command_that_
     """SIGINT, as Ctrl-C sends it, to a run that has saved checkpoints: exit code 130 and two lines on stderr."""
     recipe = write_recipe(tmp_path, tiny_model_dir, max_steps=500, save_strategy="steps", save_steps=1)
     output_dir = tmp_path / "out"
+    # SIGINT as a terminal delivers it, even where the suite itself runs with SIGINT ignored (a shell's background
+    # job: its children inherit the ignore, and Python then installs no KeyboardInterrupt handler)
     process = subprocess.Popen(
         command(recipe), env=environment(tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while last_complete_checkpoint(str(output_dir)) is None:
