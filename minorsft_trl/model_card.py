@@ -1,15 +1,18 @@
 """The names in a run's model card and saved adapter, for a model or data that are not on the Hugging Face Hub.
 
 TRL's model card links its base model and dataset as Hub ids: a local model reads "fine-tuned version of
-[None](https://huggingface.co/None)", a local data file is linked as a Hub dataset, the title is "Model Card for
+[None](<Hub>/None)", a local data file is linked as a Hub dataset, the title is "Model Card for
 None" and the quick start loads `model="None"`. PEFT writes the path the base model was loaded from into the adapter's
 `base_model_name_or_path`: for the embedded model, a cache folder of this machine. Here the real Hub id is named where
-there is one (the embedded models'), a local path is named as a path, with no link.
+there is one (the embedded models'), linked on the Hub the user's configuration names (`HF_ENDPOINT`), a local path
+is named as a path, with no link.
 """
 
 import json
 import re
 from pathlib import Path
+
+from huggingface_hub import constants
 
 from .cache import cache_root
 from .data.embedded import EMBEDDED_MODELS
@@ -38,10 +41,10 @@ def is_hub_dataset_id(name: str | None) -> bool:
 def named_model_card(card: str, model_path: str, dataset_name: str | None, output_dir: str) -> str:
     """TRL's model card text with the base model and the dataset named as what they are (see the module docstring)."""
     base_id = hub_id_of(model_path)
-    base = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"the local model `{model_path}`"
+    base = f"[{base_id}]({constants.ENDPOINT}/{base_id})" if base_id else f"the local model `{model_path}`"
     data = ""
     if dataset_name and is_hub_dataset_id(dataset_name):
-        data = f" on the [{dataset_name}](https://huggingface.co/datasets/{dataset_name}) dataset"
+        data = f" on the [{dataset_name}]({constants.ENDPOINT}/datasets/{dataset_name}) dataset"
     elif dataset_name:
         data = f" on `{dataset_name}`"
     card = _FINE_TUNED_LINE.sub(lambda _: f"This model is a fine-tuned version of {base}{data}.", card, count=1)
