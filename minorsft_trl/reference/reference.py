@@ -118,9 +118,8 @@ class Reference:
             policy_is_peft=is_peft_model(model),
             policy_has_own_adapter=policy_has_own_adapter,
         )
-        releases = releases_after_precompute
         if not needed:
-            return cls(kind, accelerator, policy, releases_after_precompute=releases)
+            return cls(kind, accelerator, policy, releases_after_precompute=releases_after_precompute)
         if kind.in_policy:
             adapter_config = model.peft_config[model.active_adapter]
             starting = _starting_base_parameters(model, sharded)
@@ -146,7 +145,7 @@ class Reference:
                     "initialisation such as PiSSA, OLoRA or LoftQ rewrites them): pass the original model as "
                     "`ref_model`.",
                 )
-            return cls(kind, accelerator, policy, None, check, starting, releases)
+            return cls(kind, accelerator, policy, None, check, starting, releases_after_precompute)
         if kind is ReferenceKind.GIVEN:
             name = ref_model if isinstance(ref_model, str) else get_config_model_id(ref_model.config) or "a model"
             check = ReferenceCheck(f"the model given as `ref_model` ({name})", starts_at_reference=False, hint="")
@@ -176,7 +175,7 @@ class Reference:
         check_same_vocabulary(model, ref_model, explicit=kind is ReferenceKind.GIVEN)
         freeze(ref_model)
         add_fused_lm_head(ref_model.get_base_model() if is_peft_model(ref_model) else ref_model)
-        return cls(kind, accelerator, policy, ref_model, check, releases_after_precompute=releases)
+        return cls(kind, accelerator, policy, ref_model, check, releases_after_precompute=releases_after_precompute)
 
     def prepare(self, deepspeed: bool, fsdp: bool) -> None:
         """Place (and under FSDP / ZeRO, shard) a separate reference, as TRL's `DPOTrainer` does."""
@@ -304,7 +303,6 @@ class Reference:
     ) -> None:
         """Before the first update, compare the policy in reference mode with the reference on this batch (all
         processes), and stop if a reference that must equal the policy's starting point does not (`ReferenceCheck`).
-        Checked once: `check` is `None` afterwards.
 
         Args:
             policy: the policy, wrapped or not.
@@ -324,8 +322,7 @@ class Reference:
         stats = self._accelerator.gather(local[None]).view(-1, 3)
         max_abs, total, count = stats[:, 0].max().item(), stats[:, 1].sum().item(), stats[:, 2].sum().item()
         tolerance = deviation_tolerance(half, same_batch=not precomputed)
-        check, self.check = self.check, None
-        check.verify(max_abs, total / max(count, 1), tolerance)
+        self.check.verify(max_abs, total / max(count, 1), tolerance)
         logger.info(f"The reference check took {time.perf_counter() - start:.3f} s.")
 
     def start_log_ratios(
