@@ -4,6 +4,7 @@ and the reference-regularised family, over seeds, learning rates, two task kinds
     python benchmarks/compare_methods.py --quick   # a first look: 1 task, 4 methods + control, 2 seeds
     python benchmarks/compare_methods.py           # the default grid, 57 runs on the embedded SmolLM2-135M-Instruct
     python benchmarks/compare_methods.py --preset long   # the paper's regime: 350 steps, best learning rates, clipping
+    python benchmarks/compare_methods.py --preset anchor # SFT + KL: the precomputed top-k anchor against the exact one
 
 A preset is a list of blocks; a block is one task and one kind of fine-tuning (a recipe, written to
 `<output_dir>/<block>/recipe.yaml`) with methods x learning rates x seeds, run by `minorsft_trl.drift.compare` exactly
@@ -66,6 +67,8 @@ class Preset:
     test_size: int
     drift_prompts: int
     drift_texts: int
+    # (block a, block b, method): the method's runs of block b against its runs of block a, paired by seed
+    paired_blocks: tuple[int, int, str] | None = None
 
 
 LONG_RATES = (1e-4, 5e-4, 2.5e-3)
@@ -132,6 +135,27 @@ PRESETS = {
         drift_prompts=32,
         drift_texts=32,
     ),
+    # Issue 32: SFT + KL with its anchor precomputed as the reference's top-k (the default) against the exact anchor
+    # over the whole vocabulary on the fly, on the default grid's settings (25 steps, both learning rates, 3 seeds)
+    "anchor": Preset(
+        blocks=(
+            Block(SI_CONVERSION, "lora", ("sft", "sft_kl"), (2.5e-4, 1e-3)),
+            Block(
+                SI_CONVERSION,
+                "lora",
+                ("sft", "sft_kl"),
+                (2.5e-4, 1e-3),
+                variant="exact-anchor",
+                method_settings={"sft_kl": {"kl_coef": 0.05, "precompute_ref_log_probs": False}},
+            ),
+        ),
+        seeds=(0, 1, 2),
+        train_size=200,
+        test_size=200,
+        drift_prompts=32,
+        drift_texts=32,
+        paired_blocks=(1, 0, "sft_kl"),
+    ),
 }
 
 
@@ -139,6 +163,7 @@ OUTPUT_DIRS = {
     "default": "benchmarks/results/compare_methods",
     "quick": "benchmarks/results/compare_methods_quick",
     "long": "benchmarks/results/compare_long_horizon",
+    "anchor": "benchmarks/results/compare_kl_anchor",
 }
 
 
@@ -207,6 +232,23 @@ def across_blocks(best_rows: list[tuple[Block, dict]]) -> str:
     return f"## Every block, each method at its best learning rate (* = at the edge of the grid)\n\n{table}\n"
 
 
+def paired_across_blocks(preset: Preset, runs: dict[int, list[dict]]) -> str:
+    """The method of `preset.paired_blocks` in its second block minus the same method in its first, at each learning
+    rate, paired by seed: every measure both blocks have."""
+    first, second, method = preset.paired_blocks
+    baseline, compared = report.groups_of(runs[first]), report.groups_of(runs[second])
+    names = [preset.blocks[index].variant.replace("-", " ") or "default" for index in (second, first)]
+    rows = []
+    for (name, learning_rate), group in compared.items():
+        if name == method:
+            base = baseline[(name, learning_rate)]
+            measures = [m for m in report.present(group) if m in report.present(base)]
+            rows.append((report.LABELS[name], learning_rate, {m: report.difference(group, base, m) for m in measures}))
+    measures = [m for m in report.MEASURES if all(m in row for _, _, row in rows)]
+    table = "\n".join(report.measures_table(rows, measures))
+    return f"## {report.LABELS[method]}: {names[0]} - {names[1]}, paired by seed\n\n{table}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="default", help="the grid (default: %(default)s)")
@@ -221,7 +263,7 @@ def main() -> None:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     texts = held_out_texts(output_dir / "drift_texts.jsonl", preset.drift_texts)
-    sections, best_rows = [], []
+    sections, best_rows, runs = [], [], {}
     for index in indices:
         block = preset.blocks[index]
         block_dir = output_dir / block.name
@@ -239,8 +281,11 @@ def main() -> None:
         title += f", {block.variant.replace('-', ' ')}" if block.variant else ""
         sections.append(title + "\n\n" + text.removeprefix("# Method comparison\n\n"))
         best_rows += [(block, row) for row in report.summarise(results["runs"], grid)["best"]]
+        runs[index] = results["runs"]
     if len(indices) > 1:
         sections.append(across_blocks(best_rows))
+    if preset.paired_blocks and set(preset.paired_blocks[:2]) <= set(runs):
+        sections.append(paired_across_blocks(preset, runs))
     summary = "# Method comparison: BIG-bench on the embedded SmolLM2-135M-Instruct\n\n" + "\n".join(sections)
     (output_dir / "results.md").write_text(summary)
     print(summary)

@@ -14,9 +14,15 @@ On the embedded SmolLM2-135M-Instruct and BIG-bench si_conversion, with the same
 - `minor_sft separate copy`: a second, frozen copy of the base model as the reference;
 - `minor_sft precomputed`: reference log-probs computed once before training (timed apart), none during training;
 - `minor_sft default`: what a run gets without setting `precompute_ref_log_probs` ("auto": precomputed here);
-- `asft`, `sft_kl`: the KL anchor, adapters disabled: a reference forward whose hidden states go with the policy's
-  through both LM heads in tiles (`minorsft_trl.reference.vocabulary_kl`), nothing cached;
+- `asft`, `sft_kl` adapter-disabled: the exact KL anchor, adapters disabled: a reference forward whose hidden states go
+  with the policy's through both LM heads in tiles (`minorsft_trl.reference.vocabulary_kl`), nothing cached;
+- `asft`, `sft_kl` precomputed: the KL anchor coarsened to the reference's top `ref_top_k` tokens, computed once
+  before training with the summed log-probs (`minorsft_trl.reference.topk_anchor`): no reference forward in training;
 - `iw_sft`: importance weights from the adapter-disabled reference (the cost of `minor_sft`'s forward, another weight).
+
+`--quantizations full` trains every weight (no adapter): there the reference of the `adapter-disabled` modes is a
+frozen copy of the model, and `precomputed` releases it once the pass is done (`precompute_ref_log_probs=True`).
+`--modes` measures some modes only (`sft` always).
 
 With `--prompt_length` / `--completion_length` (no `--shape`), the embedded model trains on random token sequences of
 those lengths instead of si_conversion: `--prompt_length 0 --completion_length 1024` is `max_length` 1024 with every
@@ -64,6 +70,8 @@ MODES = {
     "minor_sft default": {"loss_type": "minor_sft", "precompute_ref_log_probs": "auto"},
     "asft adapter-disabled": {"loss_type": "asft"},
     "sft_kl adapter-disabled": {"loss_type": "sft_kl"},
+    "asft precomputed": {"loss_type": "asft", "precompute_ref_log_probs": True},
+    "sft_kl precomputed": {"loss_type": "sft_kl", "precompute_ref_log_probs": True},
     "iw_sft adapter-disabled": {"loss_type": "iw_sft"},
 }
 # What the command line leaves unset: for the embedded model, and for `--shape` on each device
@@ -147,8 +155,11 @@ def build_trainer(mode: str, quantization: str, spec: dict):
             bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
         )  # fmt: skip
     peft_config = get_peft_config(
-        ModelConfig(use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_target_modules=["all-linear"])
-    )
+        ModelConfig(
+            use_peft=quantization != "full", lora_r=16, lora_alpha=32, lora_dropout=0.0,
+            lora_target_modules=["all-linear"],
+        )
+    )  # fmt: skip
     settings = MODES[mode]
     output_dir = os.path.join(spec["scratch"], f"{quantization}-{mode.replace(' ', '-')}")
     args = MinorSFTConfig(
@@ -329,15 +340,21 @@ def run_embedded(cli: argparse.Namespace) -> tuple[dict, str]:
     """The results and table of the embedded SmolLM2-135M-Instruct on si_conversion."""
     with tempfile.TemporaryDirectory() as scratch:
         lengths = {"prompt_length": cli.prompt_length or 0, "completion_length": cli.completion_length}
-        results = measure_all_modes({"batch_size": cli.batch_size, "scratch": scratch, **lengths}, cli)
+        modes = {"modes": cli.modes} if cli.modes else {}
+        results = measure_all_modes({"batch_size": cli.batch_size, "scratch": scratch, **lengths, **modes}, cli)
     data = "BIG-bench si_conversion"
     if cli.completion_length:
         data = (
             f"random token ids, {cli.prompt_length or 0} prompt + {cli.completion_length} completion tokens per "
             "example (loss on the completion)"
         )
+    training = (
+        "full fine-tuning (the adapter-disabled modes: a frozen copy)"
+        if cli.quantizations == ["full"]
+        else "LoRA r=16 on all linear layers"
+    )
     caption = (
-        f"Embedded SmolLM2-135M-Instruct, {data}, LoRA r=16 on all linear layers, batch "
+        f"Embedded SmolLM2-135M-Instruct, {data}, {training}, batch "
         f"{cli.batch_size}, {os.cpu_count()} CPU threads. Step time: median of {cli.rounds - cli.warmup} interleaved "
         "rounds; `x sft`: median over rounds of the step time over the sft step of the same round. Peak RSS during "
         "`train()`, one process per mode."
@@ -362,6 +379,7 @@ def run_shape(cli: argparse.Namespace) -> tuple[dict, str]:
             "gradient_checkpointing": cli.gradient_checkpointing,
             "scratch": scratch,
             "model_path": os.path.join(scratch, "model"),
+            **({"modes": cli.modes} if cli.modes else {}),
         }
         print(f"building the random {cli.shape} model on {cli.device} ...", flush=True)
         model = run_worker("build", {**spec, "config": config})
@@ -385,6 +403,7 @@ def shape_caption(cli: argparse.Namespace, description: str, model: dict) -> str
     weights = {
         "lora": f"`lora`: base weights in {dtype}",
         "qlora": f"`qlora`: base weights quantized to 4-bit NF4 at load (double quantization, {dtype} compute)",
+        "full": f"`full`: full fine-tuning in {dtype}, no adapter (the adapter-disabled modes: a frozen copy)",
     }
     memory = (
         "Peak GPU memory: `torch.cuda.max_memory_allocated` during `train()` (reset after loading)"
@@ -415,9 +434,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quantizations",
         nargs="+",
-        choices=["lora", "qlora"],
-        help="(default: lora qlora; --shape: lora cpu, qlora cuda)",
+        choices=["lora", "qlora", "full"],
+        help="(default: lora qlora; --shape: lora cpu, qlora cuda); full: full fine-tuning",
     )
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), help="the modes measured (default: all)")
     parser.add_argument(
         "--output",
         help="(default: benchmarks/results/reference_cost.json; with lengths: ...reference_cost_length<n>.json; "
@@ -456,6 +476,8 @@ def parse_args() -> argparse.Namespace:
             scaled_shape(cli.shape, cli.width_divisor, cli.num_layers, cli.vocab_divisor)
         except ValueError as error:
             parser.error(str(error))
+    if cli.modes is not None and "sft" not in cli.modes:
+        cli.modes = ["sft", *cli.modes]  # every ratio is to it
     if cli.output is None:
         name = f"reference_cost_{cli.shape}_{cli.device}" if cli.shape else "reference_cost"
         if not cli.shape and cli.completion_length:

@@ -97,10 +97,12 @@ def check_run_identity(checkpoint: str | Path, identity: dict) -> None:
         )
     # Recorded since the second version of this file: older checkpoints are compared on the above only
     if "settings" in recorded and recorded["settings"] != identity["settings"]:
+        there, here = recorded["settings"], identity["settings"]
+        # A setting only one of them has (`ref_top_k`: the precomputed anchor against the exact one) reads as None
         changed = ", ".join(
-            f"{name}={recorded['settings'].get(name)!r} there, {value!r} here"
-            for name, value in identity["settings"].items()
-            if recorded["settings"].get(name) != value
+            f"{name}={there.get(name)!r} there, {here.get(name)!r} here"
+            for name in [*here, *(name for name in there if name not in here)]
+            if there.get(name) != here.get(name)
         )
         differences.append(f"its loss settings differ ({changed})")
     if "adapter" in recorded and recorded["adapter"] != identity["adapter"]:

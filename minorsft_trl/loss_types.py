@@ -26,12 +26,8 @@ class ReferenceNeed(enum.Enum):
     """What a loss reads from the reference, per micro-batch."""
 
     SEQUENCE = "each example's summed answer log-prob"
+    # Precomputed, as its top `ref_top_k` tokens and the rest at each answer token (`reference.topk_anchor`)
     DISTRIBUTION = "the next-token distribution over the vocabulary at every answer token"
-
-    @property
-    def can_be_precomputed(self) -> bool:
-        """One number per example can be cached before training; a distribution per token cannot."""
-        return self is ReferenceNeed.SEQUENCE
 
 
 class MeanOver(enum.Enum):
@@ -51,8 +47,8 @@ class LossInputs:
         num_tokens: `(N,)` answer lengths `m_i`.
         token_logps: `(T,)` answer-token log-probs of the policy, with gradient.
         example_ids: `(T,)` the example (in `[0, N)`) of each answer token.
-        token_kl: `(T,)` `KL(pi_ref || pi_theta)` per answer token, with gradient; `None` unless the loss needs the
-            reference's distribution.
+        token_kl: `(T,)` `KL(pi_ref || pi_theta)` per answer token, with gradient (coarsened to the reference's top-k
+            where precomputed, `reference.topk_anchor`); `None` unless the loss needs the reference's distribution.
     """
 
     policy_logps: torch.Tensor

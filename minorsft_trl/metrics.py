@@ -30,9 +30,11 @@ class WindowMetrics:
         self.args = args
         self._sums = {"train": {}, "eval": {}}
 
-    def add_reference_terms(self, mode: str, terms: LossInputs) -> None:
+    def add_reference_terms(self, mode: str, terms: LossInputs, kl_top_k: int | None = None) -> None:
         """Add this micro-batch's `deviation` and `log_ratio`, the loss's per-example weights (mean, `_min`, `_max`,
-        e.g. `minor_weight`) and the mean per-token KL anchor (`kl`), over all processes."""
+        e.g. `minor_weight`) and the mean per-token KL anchor (`kl`), over all processes; with `kl_top_k`, the anchor
+        was the precomputed one coarsened to the reference's top `kl_top_k` tokens, logged as `kl_top_k` (absent for
+        the exact anchor over the vocabulary)."""
         log_ratio, num_tokens = terms.policy_logps.detach() - terms.ref_logps, terms.num_tokens
         reference_loss = self.args.reference_loss
         weight_name = reference_loss.weight_name if reference_loss is not None else None
@@ -57,6 +59,8 @@ class WindowMetrics:
             [sums, weight_min[None], weight_max[None]]
         ).tolist()
         self.add_to_mean(mode, "kl", kl_sum, kl_count)
+        if kl_top_k is not None:
+            self.add_to_mean(mode, "kl_top_k", kl_top_k * kl_count, kl_count)
         if total == 0:
             return
         self.add_to_mean(mode, "deviation", deviation_sum, total)

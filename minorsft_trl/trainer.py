@@ -40,7 +40,8 @@ from .reference.identity import dataset_fingerprint, model_identity, run_identit
 from .reference.models import disable_dropout_if_asked, quantized_layers_in_train_mode
 from .reference.precompute import REF_LOGPS, ReferencePrecompute, from_main_process, resolve_precompute
 from .reference.reference import Reference
-from .reference.vocabulary_kl import answer_hidden_states, check_plain_logits, lm_head_weights, token_kl
+from .reference.topk_cache import REF_TOPK_ROW
+from .reference.vocabulary_kl import answer_hidden_states, check_plain_logits, lm_head_weights
 from .validation import (
     check_adapter_targets,
     check_inputs,
@@ -303,24 +304,24 @@ class MinorSFTTrainer(SFTTrainer):
             self.window_metrics.add_answer_nll(index.sum(token_logps), index.num_tokens)
             return result
 
-        ref_logps, ref_hidden, ref_head, precomputed = self.reference.loss_side(
-            inputs, index, distribution=self.args.needs_reference_distribution
-        )
+        side = self.reference.loss_side(inputs, index, distribution=self.args.needs_reference_distribution)
         if mode == "train" and self.reference.check is not None:  # before the first update only, not on resume
             if self.state.global_step == 0:
                 half = half_precision(self.accelerator, self.model, self.reference)
-                self.reference.check_at_start(model, inputs, index, ref_logps, precomputed=precomputed, half=half)
+                precomputed = side.precomputed
+                self.reference.check_at_start(model, inputs, index, side.logps, precomputed=precomputed, half=half)
             self.reference.check = None
+        answer_ids = inputs["labels"][:, 1:][index.answer_mask] if side.topk is not None else None
         unwrapped = self.accelerator.unwrap_model(model)
-        recorder = FusedForwardRecorder(model, unwrapped if ref_hidden is not None else None)
+        recorder = FusedForwardRecorder(model, unwrapped if side.reads_distribution else None)
         trl_result = super().compute_loss(recorder, inputs, return_outputs, num_items_in_batch)
         token_logps = recorder.outputs.log_probs[:, -index.answer_mask.size(1) :]
         kl = None
-        if ref_hidden is not None:
+        if side.reads_distribution:
             policy_hidden = answer_hidden_states(recorder.hidden_states, index.answer_mask)
-            kl = token_kl(policy_hidden, lm_head_weights(unwrapped), ref_hidden, ref_head)
-        terms = LossInputs.of(index, token_logps, ref_logps, kl)
-        self.window_metrics.add_reference_terms(mode, terms)
+            kl = side.kl_anchor(policy_hidden, lm_head_weights(unwrapped), answer_ids, token_logps[index.answer_mask])
+        terms = LossInputs.of(index, token_logps, side.logps, kl)
+        self.window_metrics.add_reference_terms(mode, terms, kl_top_k=side.topk.ids.size(1) if side.topk else None)
         if mode == "eval":
             self.window_metrics.add_answer_nll(terms.policy_logps, terms.num_tokens)
         reference_loss = self.args.reference_loss
@@ -386,8 +387,9 @@ class MinorSFTTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self.args.precompute_ref_log_probs and REF_LOGPS not in self._signature_columns:
-            self._signature_columns.append(REF_LOGPS)
+        if self.args.precompute_ref_log_probs:
+            added = [name for name in (REF_LOGPS, REF_TOPK_ROW) if name not in self._signature_columns]
+            self._signature_columns.extend(added)
 
     # ------------------------------------------------------------------ training, checkpoints, the end
 

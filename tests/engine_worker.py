@@ -45,6 +45,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.drift.live import drift_log_history
 from minorsft_trl.engines import parameter_bytes
+from minorsft_trl.reference.precompute import ReferencePrecompute
 from minorsft_trl.reference.reference import Reference
 
 # By this process: reference forwards and reference bytes while the trainer of the current cell is built, forwards run
@@ -52,7 +53,7 @@ from minorsft_trl.reference.reference import Reference
 SEEN = {"forwards": 0, "reference_bytes": None, "checkpointed": 0}
 BROKEN_REFERENCE = {"on": False}
 SAVE_OPTIMIZER = Trainer._save_optimizer_and_scheduler
-REFERENCE_LOGPS = Reference.logps
+PRECOMPUTE_BATCH = ReferencePrecompute.batch_reference
 LOAD_REFERENCE = Reference.load.__func__
 PREPARE_REFERENCE = Reference.prepare
 CHECKPOINT = modeling_utils.checkpoint
@@ -64,9 +65,9 @@ def counting_checkpoint(*args, **kwargs):
     return CHECKPOINT(*args, **kwargs)
 
 
-def counting_reference_logps(self, *args):
+def counting_precompute_batches(self, *args, **kwargs):
     SEEN["forwards"] += 1
-    return REFERENCE_LOGPS(self, *args)
+    return PRECOMPUTE_BATCH(self, *args, **kwargs)
 
 
 def load_reference_maybe_broken(cls, *args, **kwargs):
@@ -95,7 +96,7 @@ def measuring_prepare_reference(self, deepspeed, fsdp):
         SEEN["reference_bytes"] = (*parameter_bytes(module), shards)
 
 
-Reference.logps = counting_reference_logps
+ReferencePrecompute.batch_reference = counting_precompute_batches
 Reference.load = classmethod(load_reference_maybe_broken)
 Reference.prepare = measuring_prepare_reference
 Trainer._save_optimizer_and_scheduler = saving_a_late_part
@@ -158,6 +159,8 @@ def build(model_dir: str, out_dir: Path, cell: dict, **overrides) -> MinorSFTTra
     )
     if cell["loss_type"] in ("asft", "sft_kl"):
         settings["kl_coef"] = 100.0
+        if cell["precompute"]:  # every token of the tiny models' nearly uniform distributions: the anchor at work
+            settings["ref_top_k"] = len(AutoTokenizer.from_pretrained(cell.get("model_dir", model_dir)))
     if cell.get("activation_checkpointing"):
         settings["activation_checkpointing"] = True
     if cell["reference"] == "explicit":

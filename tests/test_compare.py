@@ -629,10 +629,9 @@ def test_the_table_says_which_forward_kl_estimator_it_shows(tmp_path):
 
 
 @pytest.mark.parametrize("use_peft", [False, True], ids=["full fine-tuning", "LoRA"])
-def test_every_run_keeps_its_reference_when_one_method_needs_its_distribution(use_peft, recipe):
-    """`sft_kl` keeps its reference model (it reads the distribution); in full fine-tuning the precompute ("auto")
-    would release the separate reference of SFT and Minor SFT, whose forward KL would be another estimator. Under
-    LoRA the policy with adapters disabled is every run's reference: the precompute stays where it can serve."""
+def test_every_method_precomputes_as_the_recipe_says(use_peft, recipe):
+    """`sft_kl` precomputes its anchor as the others their log-probs: every run keeps its reference model ("auto") or
+    every run releases it (true), so every run measures the forward KL with the same estimator."""
     grid = make_grid(("sft", "minor_sft", "sft_kl"), (1e-3,), (0,), step_control=False)
     comparison = compare.Comparison(
         str(recipe),
@@ -644,15 +643,12 @@ def test_every_run_keeps_its_reference_when_one_method_needs_its_distribution(us
     precompute = {
         run.method: comparison.run_configs(run, 1e-3)[1].precompute_ref_log_probs for run in compare.plan(grid)
     }
-    assert precompute == (
-        {"sft": "auto", "minor_sft": "auto", "sft_kl": False} if use_peft else dict.fromkeys(precompute, False)
-    )
-    assert compare.keep_every_reference(grid, comparison.base) is not use_peft
+    assert precompute == dict.fromkeys(("sft", "minor_sft", "sft_kl"), "auto")
 
 
-def test_full_fine_tuning_sft_and_sft_kl_measure_with_the_same_estimator(recipe, tmp_path, monkeypatch, capsys):
-    """End to end on the tiny model: every run of the comparison reports the full-vocabulary forward KL, and the
-    comparison says why every run keeps its reference."""
+def test_full_fine_tuning_sft_and_sft_kl_measure_with_the_same_estimator(recipe, tmp_path, monkeypatch):
+    """End to end on the tiny model: every run of the comparison keeps its reference ("auto") and reports the
+    full-vocabulary forward KL."""
     monkeypatch.setenv("MINORSFT_TRL_CACHE", str(tmp_path / "user_cache"))
     argv = [
         "compare", "--config", str(recipe), "--use_peft", "false", "--precompute_ref_log_probs", "auto",
@@ -660,7 +656,6 @@ def test_full_fine_tuning_sft_and_sft_kl_measure_with_the_same_estimator(recipe,
         "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
     ]  # fmt: skip
     assert cli.main(argv) == 0
-    assert "sft_kl read the reference's distribution, so their runs keep" in capsys.readouterr().out
     runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert {run["method"]: run["forward_kl_source"] for run in runs} == dict.fromkeys(
         ("sft", "sft_kl"), "eval_forward_kl"

@@ -2,6 +2,7 @@
 silently different run, and the reference self-check at the start of training."""
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -346,7 +347,8 @@ def test_check_fires_when_precomputed_values_are_not_the_reference(tmp_path, tok
     original = ReferencePrecompute.compute_ref_logps
 
     def shifted(self, dataset, name, batch_size):
-        return original(self, dataset, name, batch_size) - 0.5
+        computed = original(self, dataset, name, batch_size)
+        return dataclasses.replace(computed, logps=computed.logps - 0.5)
 
     monkeypatch.setattr(ReferencePrecompute, "compute_ref_logps", shifted)
     fails_the_check(

@@ -61,7 +61,10 @@ def main(
     training_args: MinorSFTConfig,
     model_args: ModelConfig,
     dataset_args: DatasetMixtureConfig | None = None,
+    callbacks: list | None = None,
 ):
+    """Train as the recipe says and save the model, its state, its card and its curves. `callbacks` join the
+    trainer's (a benchmark's measurements)."""
     if training_args.chat_template_path is not None:  # `recipes/chat_templates/...` from outside the repository
         training_args.chat_template_path = resolve_recipe_file(training_args.chat_template_path)
     # Offline resources (embedded model, BIG-bench) are converted once per machine, by the first process
@@ -91,6 +94,7 @@ def main(
         eval_dataset=eval_dataset,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
     )
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -10,8 +10,9 @@ accuracy when the held-out split is a task (`choices` + `answer`, or `targets`).
 SFT at Minor SFT's learning rate times the mean `minor_weight` of Minor SFT's runs at that learning rate: it separates
 the brake's re-weighting from its average scaling of the step.
 
-Every run of a comparison measures the forward KL with one estimator (`keep_every_reference`): the full-vocabulary
-one wherever a method needs the reference model kept.
+Every run of a comparison measures the forward KL with one estimator: every method precomputes what it reads of the
+reference (`precompute_ref_log_probs`, the KL losses their anchor's top-k too), so every run keeps its reference model
+or every run releases it, as the recipe says.
 
 Every run is cached as it finishes, keyed by the run's resolved recipe, the method, learning rate and seed, and the
 content of every local file it reads (model and data folders, the chat template): an interrupted comparison resumes
@@ -122,12 +123,6 @@ def run_overrides(run: Run, grid: Grid, base, output_dir: Path, learning_rate: f
     settings = {**grid.method_settings.get(run.method, {})}
     if REFERENCE_LOSSES.get(method.loss_type) is None:
         settings.setdefault("log_deviation", True)  # plain SFT logs its train deviation too, on the same scale
-    base_args = base[1]
-    # This loss needs the reference's distribution, or another method's does and every run measures as its runs do
-    if base_args.precompute_ref_log_probs and (
-        needs_reference_distribution(method.loss_type) or keep_every_reference(grid, base)
-    ):
-        settings.setdefault("precompute_ref_log_probs", False)
     args = [
         "--loss_type", method.loss_type, "--learning_rate", repr(learning_rate),
         "--seed", str(run.seed), "--data_seed", str(run.seed),
@@ -135,7 +130,7 @@ def run_overrides(run: Run, grid: Grid, base, output_dir: Path, learning_rate: f
         "--overwrite_output_dir", "true",  # the comparison's own run folder: a run not served from the cache redoes it
         "--disable_tqdm", "true",  # the run's output goes to a file (`RUN_LOG`): a line per log, not a bar's redraws
     ]  # fmt: skip
-    if base_args.eval_strategy == "no":
+    if base[1].eval_strategy == "no":
         # The script loads the held-out split only when evaluation is on; measure once, after training, not during
         args += ["--eval_strategy", "steps", "--eval_steps", str(2**31 - 1)]
     for key, value in settings.items():
@@ -146,30 +141,6 @@ def run_overrides(run: Run, grid: Grid, base, output_dir: Path, learning_rate: f
 def run_dir(output_dir: Path, run: Run, learning_rate: float) -> Path:
     """Where the run trained at `learning_rate` writes its model, curves and log."""
     return output_dir / "runs" / run.folder(learning_rate)
-
-
-def needs_reference_distribution(loss_type: str) -> bool:
-    """Whether the loss reads the reference's distribution per token (`sft_kl`, `asft`): no precompute can serve it,
-    so its runs keep their reference model and measure the full-vocabulary `eval_forward_kl`."""
-    from minorsft_trl.loss_types import REFERENCE_LOSSES
-
-    loss = REFERENCE_LOSSES.get(loss_type)
-    return loss is not None and not loss.reference.can_be_precomputed
-
-
-def keep_every_reference(grid: Grid, base) -> bool:
-    """Whether every run of the comparison keeps its reference model (`precompute_ref_log_probs` off), so that every
-    run measures the forward KL with the same estimator. A method that needs the reference's distribution keeps its
-    reference and measures the full-vocabulary `eval_forward_kl`; a precompute would release the separate reference
-    of the others (full fine-tuning, or a named `ref_model_name_or_path`), which would then measure the sampled-token
-    estimate `eval_forward_kl_sampled`. A difference across the two carries their gap on the samples every run
-    shares, which no interval over seeds covers. A PEFT policy without a named reference is its own reference
-    (adapters disabled), kept whatever the precompute: there the precompute stays."""
-    _, training_args, model_args, _ = base
-    if not training_args.precompute_ref_log_probs:
-        return False
-    policy_is_reference = model_args.use_peft and training_args.ref_model_name_or_path is None
-    return not policy_is_reference and any(needs_reference_distribution(METHODS[m].loss_type) for m in grid.methods)
 
 
 def check_recipe(configs) -> None:
@@ -489,13 +460,6 @@ class Comparison:
         if not hasattr(self, "base"):
             self.prepare()
         results = {"base": {}, "runs": []}
-        if keep_every_reference(self.grid, self.base):
-            needing = [m for m in self.grid.methods if needs_reference_distribution(METHODS[m].loss_type)]
-            log(
-                f"{', '.join(needing)} read the reference's distribution, so their runs keep the reference model: "
-                "every run keeps it (precompute_ref_log_probs false), so that every forward KL is the full-vocabulary "
-                "one."
-            )
         base_key = {"format": EVAL_FORMAT, "base": recipe_key(self.base)}
         if self.accuracy_kind is not None:
             base_key["base"]["training"] = {}  # the base model's accuracy does not depend on training settings

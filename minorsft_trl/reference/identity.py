@@ -161,10 +161,13 @@ def run_identity(args, policy: torch.nn.Module, reference_weights: tuple) -> dic
     """What a checkpoint of a run belongs to (`checkpoints.check_run_identity`): its loss and settings, the policy's
     base model and trained adapter, and a sampled fingerprint of the reference's weights (`Reference.weights()`)."""
     reference, canonical_name, _ = reference_weights
-    return {
+    identity = {
         "loss_type": args.loss_type,
         "model": get_config_model_id(policy.config),
         "reference": module_fingerprint(reference, canonical_name, sample=1024),
         "settings": {name: getattr(args, name) for name in args.loss_settings},
         "adapter": trained_adapter_settings(policy),
     }
+    if args.needs_reference_distribution and args.precompute_ref_log_probs:  # the anchor coarsened to the top-k
+        identity["settings"]["ref_top_k"] = args.ref_top_k
+    return identity

@@ -2,7 +2,9 @@
 
 The reference is frozen, so all Minor SFT needs from it is one number per example: the sum of its answer-token
 log-probs. They are stored per dataset row (a packed row holds several examples), attached as a `ref_logps` column,
-and the collator concatenates them in the order in which `ExampleIndex` numbers the examples of a batch.
+and the collator concatenates them in the order in which `ExampleIndex` numbers the examples of a batch. The KL losses
+(`sft_kl`, `asft`) also need the reference's next-token distribution at each answer token: the same pass keeps its
+top `ref_top_k` tokens and the mass of the rest (`topk_anchor`, stored by `topk_cache`).
 
 Under several processes every process computes its share of the batches (a sharded reference, FSDP or ZeRO-3, needs
 every process in each forward anyway), the values are gathered in dataset order, and only the main process reads and
@@ -22,13 +24,18 @@ import transformers
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..cache import cache_root, cached_directory
+from ..errors import InputError
 from ..examples import ExampleIndex
 from ..precision import autocast_precision, half_precision
 from ..validation import unwritable
 from .check import deviation_tolerance
 from .identity import batches_fingerprint
+from .topk_anchor import ReferenceTopK, reference_topk
+from .topk_cache import REF_TOPK_ROW, CachedTopK, TopKArrays
+from .vocabulary_kl import answer_hidden_states, causal_lm
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -45,6 +52,19 @@ def split_per_row(values: np.ndarray, counts: np.ndarray) -> list[list[float]]:
     return [values[start:end].tolist() for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+@dataclass(frozen=True)
+class ReferencePass:
+    """What a precompute pass gives for a dataset, in dataset order.
+
+    Attributes:
+        logps: `(num_examples,)` float32 summed answer log-probs of the reference.
+        topk: for the KL losses, the reference's top-k at each answer token (else `None`).
+    """
+
+    logps: np.ndarray
+    topk: TopKArrays | None = None
+
+
 def per_row_values(entry: Path) -> list[list[float]]:
     """The cached reference log-probs of a cache entry, one list per dataset row."""
     values = np.load(entry / "ref_logps.npy", allow_pickle=False)
@@ -54,16 +74,23 @@ def per_row_values(entry: Path) -> list[list[float]]:
 @dataclass
 class WithRefLogps:
     """Wraps a collator: the `ref_logps` lists of the examples become one `(num_examples,)` tensor in the batch, in
-    the order of `ExampleIndex` (rows in batch order, the examples of a packed row in their order)."""
+    the order of `ExampleIndex` (rows in batch order, the examples of a packed row in their order); where the rows
+    carry a `ref_topk_row`, the batch also gets their answer tokens' top-k from `topk` (`CachedTopK.batch`), in the
+    same order."""
 
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    topk: CachedTopK | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if REF_LOGPS not in examples[0]:  # a dataset passed to `evaluate` later: the reference runs on the fly
             return self.collator(examples)
         ref_logps = [value for example in examples for value in example[REF_LOGPS]]
-        batch = self.collator([{k: v for k, v in example.items() if k != REF_LOGPS} for example in examples])
+        topk_rows = [example[REF_TOPK_ROW] for example in examples if REF_TOPK_ROW in example]
+        added = (REF_LOGPS, REF_TOPK_ROW)
+        batch = self.collator([{k: v for k, v in example.items() if k not in added} for example in examples])
         batch[REF_LOGPS] = torch.tensor(ref_logps, dtype=torch.float32)
+        if topk_rows:
+            batch.update(self.topk.batch(topk_rows))
         return batch
 
 
@@ -90,6 +117,18 @@ class ReferencePrecompute:
     def __init__(self, trainer, reference_identity: dict):
         self.trainer = trainer
         self.reference_identity = reference_identity
+        # The KL losses' anchor: the reference's top-k tokens at each answer token, besides the summed log-probs
+        self.top_k = trainer.args.ref_top_k if trainer.args.needs_reference_distribution else None
+        self.topk = CachedTopK() if self.top_k else None
+        if self.top_k:
+            # The global shape, also of an FSDP2 shard
+            head = causal_lm(trainer.accelerator.unwrap_model(trainer.model)).get_output_embeddings()
+            vocabulary = head.weight.shape[0]
+            if self.top_k > vocabulary:
+                raise InputError(
+                    f"ref_top_k={self.top_k} is more than the model's {vocabulary} tokens. Set ref_top_k to at most "
+                    f"{vocabulary}: with all of them the precomputed KL anchor is the exact one."
+                )
 
     def attach(self) -> None:
         """Give every train and eval row its examples' reference log-probs (from the cache, or computed once), feed
@@ -108,7 +147,7 @@ class ReferencePrecompute:
                 }
             else:
                 trainer.eval_dataset = self.precomputed(trainer.eval_dataset, "eval", eval_batch_size)
-        trainer.data_collator = WithRefLogps(trainer.data_collator)
+        trainer.data_collator = WithRefLogps(trainer.data_collator, self.topk)
         if trainer.reference.releases_after_precompute:
             trainer.reference.release()
 
@@ -122,7 +161,7 @@ class ReferencePrecompute:
         trainer = self.trainer
         if not trainer.accelerator.is_main_process:  # only the main process keys, reads and writes the cache
             self._follow_main(dataset, name, batch_size)
-            return dataset.add_column(REF_LOGPS, from_main_process(None))
+            return self._with_values(dataset, *from_main_process(None))
 
         key = {
             "format": CACHE_FORMAT,
@@ -130,18 +169,23 @@ class ReferencePrecompute:
             "data": batches_fingerprint(collated_batches(trainer.data_collator, dataset, batch_size)),
             "autocast": autocast_precision(trainer.accelerator),
         }
+        if self.top_k:  # an entry of the summed log-probs alone keeps its key
+            key["top_k"] = self.top_k
         entry_name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         entry = Path(trainer.args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
 
         def build(out: Path) -> None:
-            values = self._lead(_COMPUTE, dataset, name, batch_size)
-            counts = [
-                ExampleIndex.from_batch(batch["labels"], batch.get("position_ids")).num_examples
-                # a padding-free collator merges a batch's rows
+            computed = self._lead(_COMPUTE, dataset, name, batch_size)
+            # One row at a time: a padding-free collator merges a batch's rows
+            indices = [
+                ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
                 for batch in collated_batches(trainer.data_collator, dataset, 1)
             ]
-            np.save(out / "ref_logps.npy", values, allow_pickle=False)
+            counts = [index.num_examples for index in indices]
+            np.save(out / "ref_logps.npy", computed.logps, allow_pickle=False)
             np.save(out / "examples_per_row.npy", np.array(counts, dtype=np.int64), allow_pickle=False)
+            if computed.topk is not None:
+                computed.topk.save(out, [int(index.num_tokens.sum()) for index in indices])
 
         def agrees_with_live_reference(cached: Path) -> bool:
             live, num_tokens = self._lead(_SAMPLE, dataset, name, batch_size)
@@ -151,7 +195,15 @@ class ReferencePrecompute:
 
         cached_directory(entry, key, build, verify=agrees_with_live_reference)
         self._lead(_DONE, dataset, name, batch_size)
-        return dataset.add_column(REF_LOGPS, from_main_process(per_row_values(entry)))
+        return self._with_values(dataset, *from_main_process((per_row_values(entry), str(entry))))
+
+    def _with_values(self, dataset: Dataset, values: list[list[float]], entry: str) -> Dataset:
+        """`dataset` with its rows' reference log-probs, and the numbers of their top-k rows where the loss reads
+        them (every process reads the entry the main process found)."""
+        dataset = dataset.add_column(REF_LOGPS, values)
+        if self.topk is None:
+            return dataset
+        return dataset.add_column(REF_TOPK_ROW, list(self.topk.add(Path(entry))))
 
     def _lead(self, step: str, dataset: Dataset, name: str, batch_size: int):
         """On the main process: announce `step` to the other processes, then run it with them."""
@@ -174,17 +226,29 @@ class ReferencePrecompute:
     def batch_ref_logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """`(num_examples,)` summed answer log-probs of the reference on a collated batch, under the autocast that
         training runs under, and `(num_examples,)` answer lengths."""
+        ref_logps, num_tokens, _ = self.batch_reference(batch, top_k=None)
+        return ref_logps, num_tokens
+
+    def batch_reference(self, batch: dict[str, Any], top_k: int | None) -> tuple:
+        """`batch_ref_logps`, and with `top_k` the reference's top-k at the batch's answer tokens (`reference_topk`,
+        on the CPU), from the same forward."""
         trainer = self.trainer
         batch = trainer._prepare_inputs(batch)
         index = ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
         with trainer.accelerator.autocast():
-            ref_logps = trainer.reference.logps(batch, index)
-        return ref_logps.float().cpu(), index.num_tokens.cpu()
+            if not top_k:
+                return trainer.reference.logps(batch, index).float().cpu(), index.num_tokens.cpu(), None
+            token_logps, hidden_states, head = trainer.reference.token_logps(batch, hidden_states=True)
+            ref_logps = index.sum(token_logps[:, -index.answer_mask.size(1) :])
+            topk = reference_topk(answer_hidden_states(hidden_states, index.answer_mask), head, top_k)
+        topk = ReferenceTopK(*(tensor.cpu() for tensor in (topk.ids, topk.logps, topk.rest_logp)))
+        return ref_logps.float().cpu(), index.num_tokens.cpu(), topk
 
-    def compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> np.ndarray:
-        """The summed answer log-probs of the reference for every example of `dataset`, in dataset order. Each
-        process computes a contiguous share of the batches (padded with repeats so every process runs as many
-        forwards as the others, as a sharded model needs); the values are gathered on every process."""
+    def compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> ReferencePass:
+        """The summed answer log-probs of the reference for every example of `dataset` (and for the KL losses its
+        top-k at every answer token), in dataset order. Each process computes a contiguous share of the batches
+        (padded with repeats so every process runs as many forwards as the others, as a sharded model needs); the
+        values are gathered on every process."""
         accelerator = self.trainer.accelerator
         starts = list(range(0, len(dataset), batch_size))
         with accelerator.split_between_processes(list(enumerate(starts)), apply_padding=True) as share:
@@ -194,12 +258,31 @@ class ReferencePrecompute:
                 disable=not accelerator.is_local_main_process,
             )  # fmt: skip
             # A repeat of the padding within this process overwrites its original with the same values
-            computed = {i: self.batch_ref_logps(batch)[0] for (i, _), batch in zip(share, progress, strict=True)}
-        local = torch.cat(list(computed.values())).to(accelerator.device)
+            computed = {
+                i: self.batch_reference(batch, self.top_k) for (i, _), batch in zip(share, progress, strict=True)
+            }
+        logps = self._gathered({i: ref_logps for i, (ref_logps, _, _) in computed.items()}, len(starts))
+        if not self.top_k:
+            return ReferencePass(logps.numpy())
+        # One float32 row per answer token: the ids (exact in float32 below 2**24), their log-probs, the rest's
+        rows = self._gathered(
+            {i: torch.cat([t.ids.float(), t.logps, t.rest_logp[:, None]], 1) for i, (_, _, t) in computed.items()},
+            len(starts),
+        )
+        k = self.top_k
+        topk = ReferenceTopK(rows[:, :k].long(), rows[:, k : 2 * k], rows[:, 2 * k])
+        return ReferencePass(logps.numpy(), TopKArrays.of(topk))
+
+    def _gathered(self, by_batch: dict[int, torch.Tensor], num_batches: int) -> torch.Tensor:
+        """The values each process computed for its batches (`by_batch`: batch number -> `(n, ...)` values),
+        gathered on every process in batch order, on the CPU."""
+        accelerator = self.trainer.accelerator
+        local = torch.cat(list(by_batch.values()))
         if accelerator.num_processes == 1:
-            return local.cpu().numpy()
-        batch_ids = torch.cat([torch.full((values.numel(),), i) for i, values in computed.items()]).to(local.device)
-        return _in_batch_order(accelerator, local, batch_ids, len(starts))
+            return local
+        batch_ids = torch.cat([torch.full((values.size(0),), i) for i, values in by_batch.items()])
+        device = accelerator.device
+        return _in_batch_order(accelerator, local.to(device), batch_ids.to(device), num_batches)
 
     def _sample_agrees(self, name, cached: list[list[float]], live, num_tokens, rows: list[int]) -> bool:
         """Whether the live reference log-probs of the sampled `rows` equal the cached ones, to float noise."""
@@ -220,24 +303,26 @@ class ReferencePrecompute:
         return True
 
 
-def _in_batch_order(accelerator, values: torch.Tensor, batch_ids: torch.Tensor, num_batches: int) -> np.ndarray:
-    """Every process's `values` (the examples of its batches, `batch_ids` naming each value's batch), gathered on
-    every process, in batch order, each batch once: a process whose share was padded with repeats of another's batches
-    (fewer batches than processes, or a share one short) holds copies that must not be counted twice."""
+def _in_batch_order(accelerator, values: torch.Tensor, batch_ids: torch.Tensor, num_batches: int) -> torch.Tensor:
+    """Every process's `(n, ...)` `values` (the examples or answer tokens of its batches, `batch_ids` naming each
+    one's batch), gathered on every process, in batch order, each batch once, on the CPU: a process whose share was
+    padded with repeats of another's batches (fewer batches than processes, or a share one short) holds copies that
+    must not be counted twice."""
     # Tensors, not `gather_object`: all_gather_object over gloo leaves the process to abort at exit
-    lengths = accelerator.gather(torch.tensor([values.numel()], device=values.device)).tolist()
-    gathered_values = accelerator.gather(accelerator.pad_across_processes(values, dim=0)).view(len(lengths), -1)
+    lengths = accelerator.gather(torch.tensor([values.size(0)], device=values.device)).tolist()
+    gathered_values = accelerator.gather(accelerator.pad_across_processes(values, dim=0))
+    gathered_values = gathered_values.view(len(lengths), -1, *values.shape[1:]).cpu()
     gathered_ids = accelerator.gather(accelerator.pad_across_processes(batch_ids, dim=0, pad_index=-1))
     by_batch = {}
-    for row, ids, length in zip(gathered_values, gathered_ids.view(len(lengths), -1), lengths, strict=True):
-        of_process = {}
-        for value, batch in zip(row[:length].tolist(), ids[:length].tolist(), strict=True):
-            of_process.setdefault(batch, []).append(value)
-        for batch, batch_values in of_process.items():
-            by_batch.setdefault(batch, batch_values)
+    for process_values, ids, length in zip(
+        gathered_values, gathered_ids.view(len(lengths), -1).cpu(), lengths, strict=True
+    ):
+        process_values, ids = process_values[:length], ids[:length]
+        for batch in ids.unique().tolist():
+            by_batch.setdefault(batch, process_values[ids == batch])
     if sorted(by_batch) != list(range(num_batches)):
         raise RuntimeError(f"The precompute gathered batches {sorted(by_batch)} of {num_batches}.")
-    return np.array([value for batch in range(num_batches) for value in by_batch[batch]], dtype=np.float32)
+    return torch.cat([by_batch[batch] for batch in range(num_batches)])
 
 
 def _sample_rows(dataset: Dataset, batch_size: int) -> list[int]:
@@ -248,16 +333,29 @@ def _sample_rows(dataset: Dataset, batch_size: int) -> list[int]:
 def resolve_precompute(args, train_dataset, eval_dataset) -> bool:
     """`precompute_ref_log_probs="auto"` made `True` wherever a precompute can serve, else `False`, and the choice
     said in one log line with its reason; `True` and `False` are returned as given."""
+    if args.precompute_ref_log_probs is True and args.needs_reference_distribution and is_deepspeed_zero3_enabled():
+        raise InputError(
+            f"precompute_ref_log_probs=True with loss_type={args.loss_type!r} under DeepSpeed ZeRO-3: the precomputed "
+            "KL anchor reads the LM head's rows whole, which ZeRO-3 partitions. Set precompute_ref_log_probs to "
+            "false or 'auto' (the exact anchor, a reference forward each step), or train under ZeRO-2 or FSDP."
+        )
     if args.precompute_ref_log_probs != "auto":
         return args.precompute_ref_log_probs
     reason = _why_not_precomputed(args, train_dataset, eval_dataset)
     if reason is None:
         cache_dir = args.ref_cache_dir or cache_root() / "ref_logps"
+        anchor = (
+            f" The KL anchor is the reference's distribution coarsened to its top {args.ref_top_k} tokens and the "
+            f"rest at each answer token (ref_top_k; never above the full KL), kept from the same pass."
+            if args.needs_reference_distribution
+            else ""
+        )
         logger.warning(
             "precompute_ref_log_probs='auto': on. The reference's log-probs of the train and eval examples are "
-            f"computed once before training (cached in {cache_dir}), and training runs no reference forward; a "
-            "separate reference model stays loaded for datasets passed to `evaluate` later (true frees it). Set it to "
-            "false to run the reference at every step instead."
+            f"computed once before training (cached in {cache_dir}), and training runs no reference forward.{anchor} "
+            "A separate reference model stays loaded for datasets passed to `evaluate` later (true frees it). Set it "
+            "to false to run the reference at every step instead"
+            + (" (the exact anchor over the whole vocabulary)." if anchor else ".")
         )
         return True
     (logger.info if not args.uses_reference else logger.warning)(f"precompute_ref_log_probs='auto': off, {reason}.")
@@ -266,13 +364,12 @@ def resolve_precompute(args, train_dataset, eval_dataset) -> bool:
 
 def _why_not_precomputed(args, train_dataset, eval_dataset) -> str | None:
     """Why a precompute cannot serve this run, or `None` if it can."""
-    reference_loss = args.reference_loss
     if not args.uses_reference:
         return f"loss_type={args.loss_type!r} reads nothing from the reference during training"
-    if reference_loss is not None and not reference_loss.reference.can_be_precomputed:
+    if args.needs_reference_distribution and is_deepspeed_zero3_enabled():
         return (
-            f"loss_type={args.loss_type!r} needs {reference_loss.reference.value}, which cannot be cached per "
-            "example: the reference runs at every step"
+            f"loss_type={args.loss_type!r} under DeepSpeed ZeRO-3, whose partitioned LM head the precomputed KL "
+            "anchor cannot read whole: the reference runs at every step, with the exact anchor"
         )
     evaluated = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
     if any(isinstance(dataset, IterableDataset) for dataset in (train_dataset, *evaluated)):

@@ -5,6 +5,7 @@ its identity, and releasing it."""
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +33,9 @@ from .models import (
     reference_mode,
 )
 from .precompute import REF_LOGPS
-from .vocabulary_kl import answer_hidden_states, captured_hidden_states, reference_head
+from .topk_anchor import ReferenceTopK, coarsened_kl
+from .topk_cache import topk_from_batch
+from .vocabulary_kl import answer_hidden_states, captured_hidden_states, reference_head, token_kl
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -41,6 +44,48 @@ RELEASED_REFERENCE_FIX = (
     "Pass every dataset you evaluate to the trainer's `eval_dataset` (a dict for several), or leave "
     "precompute_ref_log_probs at 'auto', which keeps the reference to score datasets passed to `evaluate` later."
 )
+
+
+@dataclass(frozen=True)
+class ReferenceSide:
+    """The reference's side of the loss on a batch of `N` examples with `T` answer tokens (`Reference.loss_side`).
+
+    Attributes:
+        logps: `(N,)` summed answer log-probs.
+        precomputed: whether `logps` come from the precompute pass.
+        hidden: `(T, hidden)` the reference's hidden states at the answer positions, with `head` its LM head
+            `(weight, bias)`: the exact KL anchor over the vocabulary, on the fly (else `None`).
+        topk: the reference's precomputed top-k at the answer tokens: the coarsened anchor (else `None`).
+    """
+
+    logps: torch.Tensor
+    precomputed: bool
+    hidden: torch.Tensor | None = None
+    head: tuple | None = None
+    topk: ReferenceTopK | None = None
+
+    @property
+    def reads_distribution(self) -> bool:
+        return self.hidden is not None or self.topk is not None
+
+    def kl_anchor(
+        self,
+        policy_hidden: torch.Tensor,
+        policy_head: tuple[torch.Tensor, torch.Tensor | None],
+        answer_ids: torch.Tensor | None,
+        answer_logps: torch.Tensor,
+    ) -> torch.Tensor:
+        """`(T,)` the KL anchor per answer token, differentiable through the policy: coarsened to the precomputed
+        top-k (`topk_anchor.coarsened_kl`, which reads the answer tokens `answer_ids` and the policy's `(T,)`
+        `answer_logps`), else the exact one over the vocabulary (`vocabulary_kl.token_kl`).
+
+        Args:
+            policy_hidden: `(T, hidden)` the policy's hidden states at the answer positions, with gradient.
+            policy_head: the policy's LM head `(weight, bias)` (`vocabulary_kl.lm_head_weights`).
+        """
+        if self.topk is not None:
+            return coarsened_kl(policy_hidden, policy_head, answer_ids, answer_logps, self.topk)
+        return token_kl(policy_hidden, policy_head, self.hidden, self.head)
 
 
 def fused_token_logps(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -273,23 +318,31 @@ class Reference:
         ref_logps = index.sum(token_logps[:, -index.answer_mask.size(1) :])
         return ref_logps, answer_hidden_states(hidden_states, index.answer_mask), head
 
-    def loss_side(self, inputs: dict[str, Any], index: ExampleIndex, distribution: bool):
-        """The reference's side of the loss on a batch: `(num_examples,)` summed answer log-probs (precomputed, popped
-        from `inputs`, or by a reference forward), with `distribution` its `(num_answer_tokens, hidden)` answer hidden
-        states and LM head for the KL anchor (else `None`), and whether the log-probs were precomputed."""
+    def loss_side(self, inputs: dict[str, Any], index: ExampleIndex, distribution: bool) -> "ReferenceSide":
+        """The reference's side of the loss on a batch: the summed answer log-probs precomputed (popped from
+        `inputs`) or by a reference forward; with `distribution`, what the KL anchor reads: the precomputed top-k the
+        batch carries, else the answer hidden states and LM head of the same forward."""
         ref_logps = inputs.pop(REF_LOGPS, None)
+        topk = topk_from_batch(inputs)
         precomputed = ref_logps is not None
-        if distribution:
-            # Reference first: its activations are freed before the policy's graph is built
-            return (*self.distribution(inputs, index), precomputed)
-        if ref_logps is None:
-            return self.logps(inputs, index), None, None, precomputed
-        if ref_logps.numel() != index.num_examples:
+        if ref_logps is not None and ref_logps.numel() != index.num_examples:
             raise RuntimeError(
                 f"The batch carries {ref_logps.numel()} precomputed reference log-probs for {index.num_examples} "
                 "examples: the data changed after the precompute. Recreate the trainer to recompute them."
             )
-        return ref_logps, None, None, precomputed
+        if topk is not None and topk.ids.size(0) != index.answer_mask.sum().item():
+            raise RuntimeError(
+                f"The batch carries the reference's top-k for {topk.ids.size(0)} answer tokens, and has "
+                f"{index.answer_mask.sum().item()}: the data changed after the precompute. Recreate the trainer to "
+                "recompute them."
+            )
+        if distribution and topk is None:
+            # Reference first: its activations are freed before the policy's graph is built
+            ref_logps, hidden, head = self.distribution(inputs, index)
+            return ReferenceSide(ref_logps, precomputed, hidden=hidden, head=head)
+        if ref_logps is None:
+            ref_logps = self.logps(inputs, index)
+        return ReferenceSide(ref_logps, precomputed, topk=topk)
 
     def check_at_start(
         self,

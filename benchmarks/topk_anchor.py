@@ -1,0 +1,188 @@
+"""How many of the reference's tokens the cached KL anchor must keep: the KL coarsened to the reference's top-k tokens
+and a rest bin (`minorsft_trl.topk_anchor`) against the full-vocabulary KL, at the answer tokens of held-out data.
+
+    python benchmarks/topk_anchor.py          # si_conversion and a chat set, ~15 min on 2 CPU cores
+
+Two `sft_kl` runs of the SmolLM2 recipe (LoRA, the full anchor on the fly): the main recipe's si_conversion, and
+BIG-bench's `topical_chat` as conversations (the dialogue so far as alternating user / assistant turns, the next
+reply as the assistant's answer). At a few steps of each run (early, where the anchor starts to act, and at the end)
+the policy and its reference (adapters disabled) score the first held-out examples; per answer token, the full KL and
+the coarsened KL for each k. Reported per k: the relative error of the mean coarsened KL against the full one (always
+<= 0: coarsening loses information), and the reference's mass outside its top-k (mean, 95th percentile, largest).
+Results in `benchmarks/results/topk_anchor.json` and `.md`.
+"""
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from minorsft_trl.cli import train as minor_sft
+from minorsft_trl.data import bigbench
+from minorsft_trl.examples import ExampleIndex
+from minorsft_trl.fused_head import labelled_positions_only
+from minorsft_trl.reference.models import reference_mode
+from minorsft_trl.reference.topk_anchor import ReferenceTopK, coarsened_kl, reference_topk
+from minorsft_trl.reference.topk_cache import TopKArrays
+from minorsft_trl.reference.vocabulary_kl import (
+    answer_hidden_states,
+    captured_hidden_states,
+    lm_head_weights,
+    token_kl,
+)
+
+RECIPE = "recipes/SmolLM2-135M-Instruct/sft_kl/config_lora.yaml"
+KS = [1, 2, 4, 8, 16, 20, 32, 64, 128, 256]
+# What the collated batches give the model (not the precomputed reference values of a run that has them)
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
+# Where the turns of a topical_chat dialogue begin
+_TURN = re.compile(r'agent_[AB]: "')
+
+
+def chat_examples(count: int, offset: int) -> list[dict]:
+    """`count` topical_chat examples from `offset` on, as conversational prompt-completion: the dialogue's turns
+    alternate between user and assistant, ending with a user turn, and the reply is the assistant's."""
+    rows = bigbench.load_splits("topical_chat", test_size=200)["train"].select(range(offset, offset + count))
+    examples = []
+    for row in rows:
+        turns = [turn.strip().rstrip('"').strip() for turn in _TURN.split(row["prompt"]) if turn.strip()]
+        roles = ["user" if (len(turns) - i) % 2 else "assistant" for i in range(len(turns))]
+        prompt = [{"role": role, "content": turn} for role, turn in zip(roles, turns, strict=True)]
+        reply = row["completion"].strip().strip('"')
+        examples.append({"prompt": prompt, "completion": [{"role": "assistant", "content": reply}]})
+    return examples
+
+
+class AnchorError(TrainerCallback):
+    """At the given steps, the full and the coarsened KL of the first `num_examples` held-out examples (the eval
+    dataloader the run's evaluation at step 0, `eval_on_start`, made)."""
+
+    def __init__(self, steps: list[int], num_examples: int, results: dict, name: str):
+        self.steps, self.num_examples, self.results, self.name = steps, num_examples, results, name
+
+    def on_step_end(self, args, state, control, model=None, train_dataloader=None, eval_dataloader=None, **kwargs):
+        if state.global_step in self.steps:
+            rows = [eval_dataloader.dataset[i] for i in range(min(self.num_examples, len(eval_dataloader.dataset)))]
+            batches = [eval_dataloader.collate_fn(rows[start : start + 8]) for start in range(0, len(rows), 8)]
+            self.results[f"{self.name} | step {state.global_step}"] = measure(model, batches)
+
+
+@torch.no_grad()
+def measure(policy, batches: list[dict]) -> dict:
+    """Per k, the relative error of the coarsened KL's mean against the full KL's, and the reference's rest mass, on
+    the answer tokens of `batches` (collated), the reference being `policy` (PEFT) with its adapters disabled."""
+    full, coarse, rest = [], {k: [] for k in KS}, {k: [] for k in KS}
+    stored_coarse = {k: [] for k in KS}
+    device = next(policy.parameters()).device
+    for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items() if key in MODEL_INPUTS}
+        index = ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
+        answer_ids = batch["labels"][:, 1:][index.answer_mask]
+        head = lm_head_weights(policy)
+        with labelled_positions_only(), reference_mode(policy):
+            with policy.disable_adapter(), captured_hidden_states(policy) as captured:
+                policy(**batch, use_cache=False, fused_lm_head=True)
+            ref_hidden = answer_hidden_states(captured[-1], index.answer_mask)
+            with captured_hidden_states(policy) as captured:
+                log_probs = policy(**batch, use_cache=False, fused_lm_head=True).log_probs
+            hidden = answer_hidden_states(captured[-1], index.answer_mask)
+        answer_logps = log_probs[:, -index.answer_mask.size(1) :][index.answer_mask]
+        full.append(token_kl(hidden, head, ref_hidden, head))
+        for k in KS:
+            top = reference_topk(ref_hidden, head, k)
+            coarse[k].append(coarsened_kl(hidden, head, answer_ids, answer_logps, top))
+            # As the cache stores it: ids int32, log-probs in 16 bits
+            stored = TopKArrays.of(top)
+            as_stored = ReferenceTopK(
+                torch.from_numpy(stored.ids).long().to(device),
+                torch.from_numpy(stored.logps).float().to(device),
+                torch.from_numpy(stored.rest_logps).float().to(device),
+            )
+            stored_coarse[k].append(coarsened_kl(hidden, head, answer_ids, answer_logps, as_stored))
+            rest[k].append(top.rest_logp.exp())
+    full = torch.cat(full).double()
+    report = {"tokens": full.numel(), "full_kl": full.mean().item(), "by_k": {}}
+    for k in KS:
+        values, masses = torch.cat(coarse[k]).double(), torch.cat(rest[k]).double()
+        stored_values = torch.cat(stored_coarse[k]).double()
+        report["by_k"][k] = {
+            "coarsened_kl": values.mean().item(),
+            "relative_error": (values.sum() / full.sum() - 1).item(),
+            "stored_16_bit_relative_change": (stored_values.sum() / values.sum() - 1).item(),
+            "rest_mass_mean": masses.mean().item(),
+            "rest_mass_p95": masses.quantile(0.95).item(),
+            "rest_mass_max": masses.max().item(),
+        }
+    return report
+
+
+def train(name: str, overrides: list[str], steps: list[int], num_examples: int, results: dict, scratch: str):
+    """One `sft_kl` run of the recipe with `overrides`, measured at `steps`."""
+    configs = minor_sft.parse_args(
+        ["--config", RECIPE, *overrides, "--output_dir", os.path.join(scratch, name), "--save_strategy", "no",
+         "--eval_strategy", "steps", "--eval_steps", "100000", "--precompute_ref_log_probs", "false",
+         "--eval_drift", "false", "--report_to", "none", "--disable_tqdm", "true",
+         "--max_eval_examples", str(num_examples), "--eval_on_start", "true"]
+    )  # fmt: skip
+    callback = AnchorError(steps, num_examples, results, name)
+    minor_sft.main(*configs, callbacks=[callback])
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "KL anchor coarsened to the reference's top-k tokens and a rest bin, against the full-vocabulary KL, per "
+        "answer token of held-out examples (`python benchmarks/topk_anchor.py`): relative error of the mean "
+        "(coarsened / full - 1, never above 0), and the reference's mass outside its top-k (mean / 95th percentile / "
+        "largest).",
+        "",
+        "| run, step | tokens | full KL | " + " | ".join(f"k={k}" for k in KS) + " |",
+        "|---|---|---|" + "---|" * len(KS),
+    ]
+    for name, report in results.items():
+        cells = [f"{report['by_k'][k]['relative_error']:+.2%}" for k in KS]
+        lines.append(f"| {name} | {report['tokens']} | {report['full_kl']:.4f} | " + " | ".join(cells) + " |")
+    lines += ["", "Stored as the cache stores it (log-probs in 16 bits): change of the mean coarsened KL:", ""]
+    lines += ["| run, step | " + " | ".join(f"k={k}" for k in KS) + " |", "|---|" + "---|" * len(KS)]
+    for name, report in results.items():
+        cells = [f"{report['by_k'][k]['stored_16_bit_relative_change']:+.1e}" for k in KS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Reference's mass outside its top-k (mean / p95 / max):", ""]
+    lines += ["| run, step | " + " | ".join(f"k={k}" for k in KS) + " |", "|---|" + "---|" * len(KS)]
+    for name, report in results.items():
+        by_k = report["by_k"]
+        cells = [
+            f"{by_k[k]['rest_mass_mean']:.3g} / {by_k[k]['rest_mass_p95']:.3g} / {by_k[k]['rest_mass_max']:.3g}"
+            for k in KS
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[5, 50], help="steps measured (of 50)")
+    parser.add_argument("--num_examples", type=int, default=64, help="held-out examples measured")
+    parser.add_argument("--output", default="benchmarks/results/topk_anchor.json")
+    cli = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        train("si_conversion", [], cli.steps, cli.num_examples, results, scratch)
+        chat = Path(scratch) / "chat"
+        chat.mkdir()
+        for split, (count, offset) in {"train": (400, 0), "test": (cli.num_examples, 400)}.items():
+            (chat / f"{split}.jsonl").write_text("\n".join(json.dumps(e) for e in chat_examples(count, offset)))
+        chat_run = ["--dataset_name", str(chat), "--max_length", "384", "--truncation_mode", "keep_end"]
+        train("topical_chat", chat_run, cli.steps, cli.num_examples, results, scratch)
+    Path(cli.output).write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    Path(cli.output).with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
