@@ -62,18 +62,19 @@ class MinorSFTConfig(SFTConfig):
             autocast precision the forward runs under. A cache hit is used once a live pass over a sample agrees.
             Training then runs no reference forward; `True` also frees a separate reference model, which `"auto"`
             keeps for the datasets passed to `evaluate` later (scored on the fly). A second run with another
-            learning rate or beta reuses the cache. For the KL losses (`sft_kl`, `asft`) the pass also keeps the
-            reference's `ref_top_k` most likely tokens at every answer token and the mass of the rest, and the anchor
-            is the KL between both distributions coarsened to those `k + 1` outcomes (never above the full KL, equal
-            to it where the rest is empty; `minorsft_trl.reference.topk_anchor`). `"auto"` turns it on wherever it
-            can serve (the datasets are not streamed, the cache directory is writable; under ZeRO-3 and FSDP too,
-            every process computing its share, but for the KL losses under ZeRO-3) and says which in one log line;
-            `True` asks for it (an error where it cannot serve), `False` runs the reference at every step (for the KL
-            losses: the exact anchor over the whole vocabulary).
-        ref_top_k (`int`, *optional*, defaults to `20`):
+            learning rate or beta reuses the cache. `"auto"` turns it on wherever it can serve (the loss reads one
+            number per example from the reference, the datasets are not streamed, the cache directory is writable;
+            under ZeRO-3 and FSDP too, every process computing its share) and says which in one log line; `True` asks
+            for it (an error where it cannot serve), `False` runs the reference at every step. For the KL losses
+            (`sft_kl`, `asft`) only `True` precomputes: the pass also keeps the reference's `ref_top_k` most likely
+            tokens at every answer token and the mass of the rest, and the anchor is the KL between both
+            distributions coarsened to those `k + 1` outcomes (never above the full KL, equal to it where the rest is
+            empty; `minorsft_trl.reference.topk_anchor`), at plain SFT's step time; `"auto"` keeps the exact anchor
+            on the fly, since the coarsened one understates it (the README's measurement). Not under ZeRO-3.
+        ref_top_k (`int`, *optional*, defaults to `256`):
             The reference's most likely tokens per answer token that the precomputed KL anchor of `sft_kl` and `asft`
-            keeps (the smallest `k` within 2% of the full KL in the README's measurement). Stored as
-            `6 * k + 2` bytes per answer token.
+            keeps: the smallest measured `k` within 2% of the full KL on the main recipe's answers (README, "The KL
+            anchor precomputed"). Stored as `8 * k + 4` bytes per answer token.
         precompute_ref_batch_size (`int`, *optional*):
             Batch size of the precompute pass; defaults to `per_device_train_batch_size` (eval data:
             `per_device_eval_batch_size`).
@@ -163,7 +164,7 @@ class MinorSFTConfig(SFTConfig):
         },
     )
     ref_top_k: int = field(
-        default=20,
+        default=256,
         metadata={
             "help": "Tokens per answer token kept of the reference's distribution by the precomputed KL anchor of "
             "sft_kl and asft (the KL coarsened to them and the rest)."
@@ -255,7 +256,8 @@ class MinorSFTConfig(SFTConfig):
         if isinstance(self.ref_top_k, bool) or not isinstance(self.ref_top_k, int) or self.ref_top_k < 1:
             raise InputError(
                 f"ref_top_k must be a whole number >= 1, got {self.ref_top_k!r}: the reference's tokens per answer "
-                "token kept by the precomputed KL anchor. The default, 20, is within 2% of the full KL."
+                "token kept by the precomputed KL anchor. The default, 256, was within 2% of the full KL on the main "
+                "recipe's answers."
             )
         if self.precompute_ref_log_probs is True and not self.uses_reference:
             raise InputError(

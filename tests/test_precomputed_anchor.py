@@ -91,7 +91,7 @@ def brute_force_kl(policy, reference, trainer, k: int | None) -> float:
 
 
 def test_with_a_small_k_the_anchor_is_the_coarsened_kl_below_the_full_one(tmp_path, tokenizer):
-    trainer = build(tmp_path, tokenizer, precompute_ref_log_probs="auto", ref_top_k=3)
+    trainer = build(tmp_path, tokenizer, precompute_ref_log_probs=True, ref_top_k=3)
     reference = make_model(tokenizer, seed=1)
     policy = trainer.accelerator.unwrap_model(trainer.model)
     coarse, full = brute_force_kl(policy, reference, trainer, k=3), brute_force_kl(policy, reference, trainer, None)
@@ -139,7 +139,7 @@ def test_full_fine_tuning_with_the_precomputed_anchor_keeps_one_model(tmp_path, 
     trainer.reference.token_logps = no_reference_forward
     trainer.train()
     (log,) = [log for log in trainer.state.log_history if "loss" in log]
-    assert log["kl"] == pytest.approx(0.0, abs=1e-6) and log["kl_top_k"] == 20
+    assert log["kl"] == pytest.approx(0.0, abs=1e-6) and log["kl_top_k"] == 256
 
 
 @pytest.mark.parametrize("k", [0, -3, 2.5, True])
@@ -155,11 +155,15 @@ def test_a_k_above_the_vocabulary_is_refused_before_anything_is_written(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_under_zero3_auto_keeps_the_exact_anchor_and_true_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(precompute, "is_deepspeed_zero3_enabled", lambda: True)
+def test_auto_keeps_the_exact_anchor_and_says_why(tmp_path, warnings_of_minorsft):
     args = MinorSFTConfig(output_dir=str(tmp_path / "out"), loss_type="sft_kl", ref_cache_dir=str(tmp_path / "c"))
     assert precompute.resolve_precompute(args, prompt_completion_dataset(), None) is False
-    args.precompute_ref_log_probs = True
+    assert any("keeps its exact KL anchor" in m and "understates the KL" in m for m in warnings_of_minorsft)
+
+
+def test_under_zero3_the_precomputed_anchor_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(precompute, "is_deepspeed_zero3_enabled", lambda: True)
+    args = MinorSFTConfig(output_dir=str(tmp_path / "out"), loss_type="sft_kl", precompute_ref_log_probs=True)
     with pytest.raises(InputError, match="under DeepSpeed ZeRO-3: the precomputed KL anchor reads the LM head"):
         precompute.resolve_precompute(args, prompt_completion_dataset(), None)
 
@@ -178,4 +182,4 @@ def test_resuming_with_another_k_or_anchor_is_refused(tmp_path, tokenizer):
 
 
 def test_the_bytes_per_answer_token():
-    assert bytes_per_answer_token(20) == 20 * 4 + 20 * 4 + 4
+    assert bytes_per_answer_token(256) == 2052

@@ -10,9 +10,9 @@ accuracy when the held-out split is a task (`choices` + `answer`, or `targets`).
 SFT at Minor SFT's learning rate times the mean `minor_weight` of Minor SFT's runs at that learning rate: it separates
 the brake's re-weighting from its average scaling of the step.
 
-Every run of a comparison measures the forward KL with one estimator: every method precomputes what it reads of the
-reference (`precompute_ref_log_probs`, the KL losses their anchor's top-k too), so every run keeps its reference model
-or every run releases it, as the recipe says.
+Every run of a comparison measures the forward KL with one estimator: under `precompute_ref_log_probs` "auto" every
+run keeps its reference model (the KL losses run theirs at every step), under true every run releases it (the KL
+losses precompute their anchor's top-k too).
 
 Every run is cached as it finishes, keyed by the run's resolved recipe, the method, learning rate and seed, and the
 content of every local file it reads (model and data folders, the chat template): an interrupted comparison resumes

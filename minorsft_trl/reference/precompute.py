@@ -344,18 +344,11 @@ def resolve_precompute(args, train_dataset, eval_dataset) -> bool:
     reason = _why_not_precomputed(args, train_dataset, eval_dataset)
     if reason is None:
         cache_dir = args.ref_cache_dir or cache_root() / "ref_logps"
-        anchor = (
-            f" The KL anchor is the reference's distribution coarsened to its top {args.ref_top_k} tokens and the "
-            f"rest at each answer token (ref_top_k; never above the full KL), kept from the same pass."
-            if args.needs_reference_distribution
-            else ""
-        )
         logger.warning(
             "precompute_ref_log_probs='auto': on. The reference's log-probs of the train and eval examples are "
-            f"computed once before training (cached in {cache_dir}), and training runs no reference forward.{anchor} "
-            "A separate reference model stays loaded for datasets passed to `evaluate` later (true frees it). Set it "
-            "to false to run the reference at every step instead"
-            + (" (the exact anchor over the whole vocabulary)." if anchor else ".")
+            f"computed once before training (cached in {cache_dir}), and training runs no reference forward; a "
+            "separate reference model stays loaded for datasets passed to `evaluate` later (true frees it). Set it to "
+            "false to run the reference at every step instead."
         )
         return True
     (logger.info if not args.uses_reference else logger.warning)(f"precompute_ref_log_probs='auto': off, {reason}.")
@@ -366,10 +359,12 @@ def _why_not_precomputed(args, train_dataset, eval_dataset) -> str | None:
     """Why a precompute cannot serve this run, or `None` if it can."""
     if not args.uses_reference:
         return f"loss_type={args.loss_type!r} reads nothing from the reference during training"
-    if args.needs_reference_distribution and is_deepspeed_zero3_enabled():
+    if args.needs_reference_distribution:
         return (
-            f"loss_type={args.loss_type!r} under DeepSpeed ZeRO-3, whose partitioned LM head the precomputed KL "
-            "anchor cannot read whole: the reference runs at every step, with the exact anchor"
+            f"loss_type={args.loss_type!r} keeps its exact KL anchor, a reference forward at every step: the anchor "
+            f"precomputed as the reference's top ref_top_k={args.ref_top_k} tokens understates the KL (on "
+            "SmolLM2-135M by 1.4% at k=256 on si_conversion's answers, 5% on chat replies; README, \"The KL anchor "
+            "precomputed\"). precompute_ref_log_probs=True uses it, at plain SFT's step time"
         )
     evaluated = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
     if any(isinstance(dataset, IterableDataset) for dataset in (train_dataset, *evaluated)):
