@@ -171,7 +171,7 @@ def build_trainer(mode: str, quantization: str, spec: dict):
         ref_model_name_or_path=model_path if settings.get("separate_reference") else None,
         max_steps=spec["steps"],
         per_device_train_batch_size=spec["batch_size"],
-        learning_rate=5e-4,
+        learning_rate=2e-5 if quantization == "full" else 5e-4,  # full fine-tuning: the grid's rate
         gradient_checkpointing=spec.get("gradient_checkpointing", False),
         logging_steps=spec["steps"],
         save_strategy="no",
