@@ -135,7 +135,8 @@ def test_full_fine_tuning_with_the_precomputed_anchor_keeps_one_model(tmp_path, 
         train_dataset=prompt_completion_dataset(),
         processing_class=tokenizer,
     )
-    assert trainer.ref_model is None and trainer.reference.modules == []
+    # Nothing holds the released copy: not the accelerator either, which keeps every model it prepared
+    assert trainer.ref_model is None and trainer.reference.modules == [] and trainer.accelerator._models == []
     trainer.reference.token_logps = no_reference_forward
     trainer.train()
     (log,) = [log for log in trainer.state.log_history if "loss" in log]

@@ -411,6 +411,8 @@ class Reference:
         if self.model is None:
             return
         destroy_if_engine(self.model)
+        # `Accelerator.prepare_model` keeps every model it prepared: let go of it there too, or it stays in memory
+        self._accelerator._models = [model for model in self._accelerator._models if model is not self.model]
         self.model = None
         self.released = True
 
