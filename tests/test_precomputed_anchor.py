@@ -10,7 +10,6 @@ from tiny import cpu_args, make_model, prompt_completion_dataset
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
 from minorsft_trl.errors import InputError
 from minorsft_trl.reference import precompute
-from minorsft_trl.reference.topk_cache import bytes_per_answer_token
 
 KL_COEF = 100.0  # the anchor outweighs the NLL: a wrong anchor shows in every gradient
 
@@ -180,7 +179,3 @@ def test_resuming_with_another_k_or_anchor_is_refused(tmp_path, tokenizer):
     for other in (dict(precompute_ref_log_probs=True, ref_top_k=5), dict(precompute_ref_log_probs=False)):
         with pytest.raises(InputError, match="ref_top_k"):
             trainer(**other).train(resume_from_checkpoint=checkpoint)
-
-
-def test_the_bytes_per_answer_token():
-    assert bytes_per_answer_token(256) == 2052

@@ -35,7 +35,7 @@ from .check import deviation_tolerance
 from .identity import batches_fingerprint
 from .topk_anchor import ReferenceTopK, reference_topk
 from .topk_cache import REF_TOPK_ROW, CachedTopK, TopKArrays
-from .vocabulary_kl import answer_hidden_states, causal_lm
+from .vocabulary_kl import causal_lm
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -238,9 +238,8 @@ class ReferencePrecompute:
         with trainer.accelerator.autocast():
             if not top_k:
                 return trainer.reference.logps(batch, index).float().cpu(), index.num_tokens.cpu(), None
-            token_logps, hidden_states, head = trainer.reference.token_logps(batch, hidden_states=True)
-            ref_logps = index.sum(token_logps[:, -index.answer_mask.size(1) :])
-            topk = reference_topk(answer_hidden_states(hidden_states, index.answer_mask), head, top_k)
+            ref_logps, answer_hidden, head = trainer.reference.distribution(batch, index)
+            topk = reference_topk(answer_hidden, head, top_k)
         topk = ReferenceTopK(*(tensor.cpu() for tensor in (topk.ids, topk.logps, topk.rest_logp)))
         return ref_logps.float().cpu(), index.num_tokens.cpu(), topk
 

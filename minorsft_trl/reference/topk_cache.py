@@ -68,11 +68,6 @@ class TopKArrays:
         np.save(entry / _ROWS_FILE, np.asarray(answer_tokens_per_row, dtype=np.int64), allow_pickle=False)
 
 
-def bytes_per_answer_token(k: int) -> int:
-    """What the anchor stores per answer token for `k` tokens kept."""
-    return k * (np.dtype(ID_DTYPE).itemsize + np.dtype(LOGP_DTYPE).itemsize) + np.dtype(LOGP_DTYPE).itemsize
-
-
 class CachedTopK:
     """The top-k entries of a run, each readable row by row: `add` numbers an entry's rows after the rows of those
     added before, and `batch` gives the anchor of the rows of a batch. The arrays are opened memory-mapped in each
@@ -110,11 +105,12 @@ class CachedTopK:
             local = row - self._first_rows[index]
             start, end = offsets[local], offsets[local + 1]
             parts.append((ids[start:end], logps[start:end], rest[start:end]))
+        # One copy out of the memory maps; the ids widened to the int64 that indexing takes
         ids, logps, rest = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
         return {
-            REF_TOPK_IDS: torch.from_numpy(ids.astype(np.int64)),
-            REF_TOPK_LOGPS: torch.from_numpy(logps.astype(np.float32)),
-            REF_REST_LOGP: torch.from_numpy(rest.astype(np.float32)),
+            REF_TOPK_IDS: torch.from_numpy(ids).long(),
+            REF_TOPK_LOGPS: torch.from_numpy(logps),
+            REF_REST_LOGP: torch.from_numpy(rest),
         }
 
     def __getstate__(self) -> dict:
