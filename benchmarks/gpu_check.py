@@ -24,6 +24,7 @@ On a machine without a GPU, `--device cuda` (the default) says so in one line an
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -129,7 +130,7 @@ def run_part(name: str, run, results: dict, deadline: float) -> None:
     `results`."""
     begin = time.monotonic()
     try:
-        value = run(deadline - begin)
+        value = run(deadline - begin if math.isfinite(deadline) else None)
     except subprocess.TimeoutExpired:
         results["cut"].append(name)
     except RuntimeError as error:  # the worker's traceback: kept, and the other parts still run
