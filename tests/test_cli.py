@@ -91,23 +91,29 @@ def test_the_wheel_ships_the_command_the_script_the_recipes_and_the_accelerate_c
     assert "ddp, fsdp, single_gpu, zero2, zero3" in listing
 
 
-def test_copy_a_packaged_recipe_and_train_from_it_outside_the_repository(venv, tmp_path, tiny_data):
+def test_copy_a_packaged_recipe_and_train_from_it_outside_the_repository_with_a_packaged_accelerate_config(
+    venv, tmp_path, tiny_data
+):
+    """The copy door, trained with an accelerate config by its packaged name (a packaged recipe trained by its name:
+    the own-data test below)."""
     venv.run(venv.command, "recipes", "copy", RECIPE, "my_recipe.yaml", cwd=tmp_path)
     assert (tmp_path / "my_recipe.yaml").read_text() == (REPO / "recipes" / f"{RECIPE}.yaml").read_text()
     again = venv.run(venv.command, "recipes", "copy", RECIPE, "my_recipe.yaml", cwd=tmp_path, check=False)
     assert again.returncode == 2 and "exists" in again.stderr
 
     out = tmp_path / "out"
-    venv.run(venv.command, "train", "--config", "my_recipe.yaml", "--dataset_name", tiny_data, "--max_steps", "2",
-             *SMALL_RUN, "--output_dir", out, cwd=tmp_path)  # fmt: skip
+    venv.run(venv.command, "train", "--config", "my_recipe.yaml", "--accelerate_config", "single_gpu", "--cpu",
+             "--mixed_precision", "no", "--dataset_name", tiny_data, "--max_steps", "2", *SMALL_RUN,
+             "--output_dir", out, cwd=tmp_path)  # fmt: skip
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and all("deviation" in log for log in state["log_history"][:2])
     assert (out / "adapter_model.safetensors").stat().st_size > 0 and (out / "training_curves.png").is_file()
 
 
 def test_the_readmes_own_data_command_trains_on_all_of_the_users_data(venv, tmp_path):
-    """README, "Train on your own data", from the installed wheel outside the repository: the packaged recipe's
-    `max_train_examples: 400` belongs to its BIG-bench demo and must not cut the user's 450 examples."""
+    """README, "Train on your own data", from the installed wheel outside the repository (a packaged recipe by its
+    name): the packaged recipe's `max_train_examples: 400` belongs to its BIG-bench demo and must not cut the user's
+    450 examples."""
     (tmp_path / "data").mkdir()
     with open(tmp_path / "data" / "my_task.jsonl", "w") as file:
         for i in range(450):
@@ -129,13 +135,6 @@ def test_the_readmes_own_data_command_trains_on_all_of_the_users_data(venv, tmp_
         assert noise not in log, noise
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
 
-
-def test_train_a_packaged_recipe_by_name_with_a_packaged_accelerate_config(venv, tmp_path, tiny_data):
-    out = tmp_path / "out"
-    venv.run(venv.command, "train", "--config", RECIPE, "--accelerate_config", "single_gpu", "--cpu",
-             "--mixed_precision", "no", "--dataset_name", tiny_data, "--max_steps", "1", *SMALL_RUN,
-             "--output_dir", out, cwd=tmp_path)  # fmt: skip
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
 
 
 def test_listing_the_recipes_loads_neither_torch_nor_transformers():
