@@ -35,7 +35,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from model_shapes import describe_shape, scaled_shape, synthetic_examples
-from reference_check_noise import layout_differences
 from reference_cost import build_trainer, run_worker
 
 SHAPE = "Qwen2-7B"
@@ -54,6 +53,8 @@ SETTINGS = {
 def measure_layout_noise(spec: dict) -> dict:
     """The largest per-example difference of the reference's log-probs per answer token between a batch of 8 and
     batches of 3 + 5, under the training precision, and the tolerance the start-of-run check applies to it."""
+    from reference_check_noise import layout_differences
+
     from minorsft_trl.precision import half_precision
     from minorsft_trl.reference.check import deviation_tolerance
 
