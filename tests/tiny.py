@@ -1,7 +1,10 @@
 """Tiny, offline, deterministic stand-ins for a real model, tokenizer and dataset."""
 
+import copy
+
 import torch
 from datasets import Dataset
+from peft import IA3Config, LoHaConfig, LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -138,3 +141,21 @@ def write_recipe(directory, model_dir: str, **overrides):
     path = directory / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+# Adapters of several PEFT types, and a model whose adapter of one of them was trained before
+ADAPTERS = {
+    "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "loha": LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+}
+
+
+def pretrained_adapter(tokenizer, name):
+    """A PEFT model whose adapter was trained before (weights far from their identity initialisation)."""
+    model = get_peft_model(make_model(tokenizer), copy.deepcopy(ADAPTERS[name]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in (p for n, p in model.named_parameters() if p.requires_grad):
+            param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    return model

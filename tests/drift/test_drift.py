@@ -9,8 +9,15 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from test_reference_integrity import pretrained_adapter
-from tiny import COMPLETIONS, PROMPTS, conversational_dataset, cpu_args, make_model, prompt_completion_dataset
+from tiny import (
+    COMPLETIONS,
+    PROMPTS,
+    conversational_dataset,
+    cpu_args,
+    make_model,
+    pretrained_adapter,
+    prompt_completion_dataset,
+)
 from transformers import TrainerCallback
 
 import minorsft_trl.drift.live as live_module

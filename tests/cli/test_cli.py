@@ -16,7 +16,7 @@ from tiny import prompt_completion_dataset, write_recipe
 from minorsft_trl.cli import command as cli
 from minorsft_trl.cli import packaged
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = "SmolLM2-135M-Instruct/minor_sft/config_lora"  # the embedded model; its BIG-bench data is swapped below
 SMALL_RUN = [
     "--max_train_examples", "8", "--per_device_train_batch_size", "2", "--max_length", "128",

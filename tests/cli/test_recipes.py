@@ -9,7 +9,7 @@ from accelerate.commands.config.config_args import ClusterConfig, load_config_fr
 from tiny import make_tokenizer
 from trl.chat_template_utils import has_generation_markers
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "recipes"))
 
 from minor_sft import parse_args  # noqa: E402

@@ -8,10 +8,18 @@ import re
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from peft import IA3Config, LoHaConfig, LoraConfig, PromptTuningConfig, get_peft_model
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from test_gradients import BETA, lora_config, whole_dataset_batch
 from test_reference import fused_logps, train_args
-from tiny import conversational_dataset, cpu_args, make_model, make_tokenizer, prompt_completion_dataset
+from tiny import (
+    ADAPTERS,
+    conversational_dataset,
+    cpu_args,
+    make_model,
+    make_tokenizer,
+    pretrained_adapter,
+    prompt_completion_dataset,
+)
 from trl import SFTConfig
 from trl.trainer.utils import add_fused_lm_head
 
@@ -21,22 +29,6 @@ from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
 from minorsft_trl.reference.precompute import ReferencePrecompute
 
 # ---------------------------------------------------------------- 1. re-trained adapters of every PEFT type
-
-ADAPTERS = {
-    "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
-    "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
-    "loha": LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-}
-
-
-def pretrained_adapter(tokenizer, name):
-    """A PEFT model whose adapter was trained before (weights far from their identity initialisation)."""
-    model = get_peft_model(make_model(tokenizer), copy.deepcopy(ADAPTERS[name]))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in (p for n, p in model.named_parameters() if p.requires_grad):
-            param.add_(0.5 * torch.randn(param.shape, generator=generator))
-    return model
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
