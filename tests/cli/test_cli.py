@@ -136,7 +136,6 @@ def test_the_readmes_own_data_command_trains_on_all_of_the_users_data(venv, tmp_
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
 
 
-
 def test_listing_the_recipes_loads_neither_torch_nor_transformers():
     """`minorsft-trl recipes` took 5 s, importing the trainer to list file names."""
     code = (
