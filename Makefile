@@ -25,8 +25,10 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	HF_HUB_OFFLINE=1 $(BIN)/python recipes/bigbench_demo.py --config $(RECIPE) $(ARGS)
 
+# Two workers, a test file each at a time (the launches of a file share its launched runs); each launch of several
+# processes rendezvouses on a port of its own
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # On a machine with a GPU: what the QLoRA recipes cost there and that they run (Qwen2-7B's shape, random weights,
 # nothing downloaded; 4.5 min on one H200). Without a GPU it says so and exits with code 2.

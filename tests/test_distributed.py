@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,8 @@ def launch(*args, num_processes: int = 2, config: str = "ddp", mixed_precision: 
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "accelerate_configs" / f"{config}.yaml"),
         "--num_processes", str(num_processes),
+        # A port of its own: the suite's workers (`make test`) may launch processes at the same time
+        "--main_process_port", str(free_port()),
         *(["--mixed_precision", mixed_precision] if mixed_precision else []),
         *map(str, args),
     ]  # fmt: skip
@@ -39,6 +42,13 @@ def launch(*args, num_processes: int = 2, config: str = "ddp", mixed_precision: 
     lingering = [pid for pid in os.listdir("/proc") if pid.isdigit() and _runs(pid, args)]
     assert not lingering, f"processes still running after the launch: {lingering}"
     return result.stdout + result.stderr
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for the rendezvous of a launch's processes."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _why(stderr: str) -> str:

@@ -127,7 +127,7 @@ def run_cells(out_dir: Path, model_dirs: dict[str, str], engine: str | None) -> 
     return out_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory, tokenizer, tiny_model_dir) -> dict[str, str]:
     """The tiny Llama (no biases), a tiny Qwen2 (q/k/v biases) and a Llama of widths bitsandbytes' 4-bit CPU paths
     accept, saved."""
@@ -140,14 +140,29 @@ def model_dirs(tmp_path_factory, tokenizer, tiny_model_dir) -> dict[str, str]:
     return dirs
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, model_dirs) -> Path:
-    return run_cells(tmp_path_factory.mktemp("engines") / "one", model_dirs, None)
+@pytest.fixture(scope="session")
+def launched(tmp_path_factory, model_dirs):
+    """The output folder of each engine's launch (`None`: one process), launched the first time a test asks for it.
+    Kept for the session, not the module: a module-scoped launch is torn down and launched again whenever a test of
+    another module runs between two of this module's."""
+    out_dirs = {}
+
+    def out_dir(engine: str | None) -> Path:
+        if engine not in out_dirs:
+            out_dirs[engine] = run_cells(tmp_path_factory.mktemp("engines") / (engine or "one"), model_dirs, engine)
+        return out_dirs[engine]
+
+    return out_dir
 
 
-@pytest.fixture(scope="module", params=list(ENGINES))
-def engine(request, tmp_path_factory, model_dirs) -> tuple[str, Path]:
-    return request.param, run_cells(tmp_path_factory.mktemp("engines") / request.param, model_dirs, request.param)
+@pytest.fixture
+def one_process(launched) -> Path:
+    return launched(None)
+
+
+@pytest.fixture(params=list(ENGINES))
+def engine(request, launched) -> tuple[str, Path]:
+    return request.param, launched(request.param)
 
 
 def results(out_dir: Path, name: str) -> tuple[dict, dict]:

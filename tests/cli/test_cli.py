@@ -11,6 +11,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from test_distributed import free_port
 from tiny import prompt_completion_dataset, write_recipe
 
 from minorsft_trl.cli import command as cli
@@ -42,7 +43,7 @@ class Venv:
         return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def venv(tmp_path_factory) -> Venv:
     """The wheel of this checkout (built from a clean copy), installed with `--no-deps` into a new virtual environment;
     the heavy dependencies are this environment's, by a `.pth` line (which does not run this environment's own `.pth`
@@ -273,6 +274,8 @@ def test_an_input_error_found_by_the_launched_script_ends_in_one_sentence(tmp_pa
         "module": [sys.executable, "-m", "minorsft_trl.scripts.minor_sft"],
     }[door]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    if "--num_processes" in extra:  # a port of its own: another test may be launching processes at the same time
+        extra = [*extra, "--main_process_port", str(free_port())]
     run = subprocess.run([*command, "--config", recipe, *extra], env=env, capture_output=True, text=True, timeout=300)
     prog = "minorsft-trl train" if door == "console" else "minor_sft"
     expected = (
