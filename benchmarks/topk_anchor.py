@@ -38,7 +38,7 @@ from minorsft_trl.reference.vocabulary_kl import (
 )
 
 RECIPE = "recipes/SmolLM2-135M-Instruct/sft_kl/config_lora.yaml"
-KS = [1, 2, 4, 8, 16, 20, 32, 64, 128, 256]
+KS = [1, 2, 4, 8, 16, 20, 32, 64, 128, 256, 512, 1024, 2048]
 RUNS = ["si_conversion", "topical_chat"]
 # topical_chat's dialogues fill max_length 256: 160 training examples (20 steps) keep its run to about 10 minutes
 CHAT_TRAIN = 160
