@@ -138,7 +138,7 @@ PRESETS = {
     # Issue 32: SFT + KL with its anchor precomputed as the reference's top-k (the recipe's precompute on, so the
     # default ref_top_k) against the exact anchor over the whole vocabulary on the fly, on the default grid's
     # settings (25 steps, both learning rates, 3 seeds); SFT + KL alone (12 runs, 36 min on 2 CPU cores); then k = 1024
-    # at the learning rate where k = 256 drifted measurably more than the exact anchor (3 runs, 11 min)
+    # at the learning rate where k = 256 drifted measurably more than the exact anchor (3 runs, 9 min)
     "anchor": Preset(
         blocks=(
             Block(SI_CONVERSION, "lora", ("sft_kl",), (2.5e-4, 1e-3)),
