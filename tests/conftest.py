@@ -89,6 +89,6 @@ def quantizable_model_dir(request, tmp_path_factory, tokenizer):
 
 
 def pytest_collection_modifyitems(items):
-    """The tests that launch processes first (a stable sort: each file keeps its order): under `make test`'s two workers
-    their launches then run beside the many short tests instead of alone at the end."""
+    """The tests that launch processes first (a stable sort: each file keeps its order): under `make test`'s two
+    workers their launches then run beside the many short tests instead of alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
