@@ -66,8 +66,9 @@ def test_one_seed_of_a_task_has_accuracy_intervals_over_the_questions_paired_by_
     assert "accuracy intervals are over the held-out questions" in report.markdown({"runs": runs}, summary, grid)
 
 
-def test_paired_differences_and_matched_gain_when_lower_answer_nll_is_better():
-    # Seeds shift both methods alike; Minor SFT's NLL is 0.5 higher (worse) and its drift lower, at both rates
+def two_methods_two_rates():
+    """SFT and Minor SFT at two learning rates, 3 seeds: seeds shift both methods alike; Minor SFT's NLL is 0.5 higher
+    (worse) and its drift lower, at both rates."""
     grid = make_grid(("sft", "minor_sft"), (1e-4, 1e-3), (0, 1, 2), step_control=False)
     runs = (
         synthetic_runs("sft", 1e-4, [3.0, 3.1, 3.2], [0.1, 0.2, 0.3])
@@ -75,6 +76,11 @@ def test_paired_differences_and_matched_gain_when_lower_answer_nll_is_better():
         + synthetic_runs("minor_sft", 1e-4, [3.5, 3.6, 3.7], [0.15, 0.25, 0.35])
         + synthetic_runs("minor_sft", 1e-3, [2.5, 2.6, 2.7], [0.3, 0.4, 0.5])
     )
+    return grid, runs
+
+
+def test_paired_differences_and_matched_gain_when_lower_answer_nll_is_better():
+    grid, runs = two_methods_two_rates()
     summary = report.summarise(runs, grid)
     assert summary["gain"] == "answer_nll"
     paired = {p["learning_rate"]: p for p in summary["paired"]}
@@ -243,13 +249,7 @@ def test_no_tick_labels_of_the_gain_vs_drift_plot_overlap():
     """Three panels side by side, the third a narrow range of small values (an NLL change of 0.0032-0.0036 nats/token):
     matplotlib's default ticks there (0.00315, 0.00320, ... every 0.00005) ran into each other. Nor are they so few
     that a panel has no scale to read (a forward KL of 3.9-13.6 once showed only 5 and 10)."""
-    grid = make_grid(("sft", "minor_sft"), (1e-4, 1e-3), (0, 1, 2), step_control=False)
-    runs = (
-        synthetic_runs("sft", 1e-4, [3.0, 3.1, 3.2], [0.1, 0.2, 0.3])
-        + synthetic_runs("sft", 1e-3, [2.0, 2.1, 2.2], [0.5, 0.6, 0.7])
-        + synthetic_runs("minor_sft", 1e-4, [3.5, 3.6, 3.7], [0.15, 0.25, 0.35])
-        + synthetic_runs("minor_sft", 1e-3, [2.5, 2.6, 2.7], [0.3, 0.4, 0.5])
-    )
+    grid, runs = two_methods_two_rates()
     for number, run in enumerate(runs):
         run["forward_kl"] = 3.9 + 9.7 * (number // 3) / 3  # the same on each seed of a configuration: no error bars
         run["nll_change"] = 0.0032 + 0.0004 * number / len(runs)
