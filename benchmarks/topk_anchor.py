@@ -29,7 +29,7 @@ from minorsft_trl.data import bigbench
 from minorsft_trl.examples import ExampleIndex
 from minorsft_trl.fused_head import labelled_positions_only
 from minorsft_trl.reference.models import reference_mode
-from minorsft_trl.reference.topk_anchor import coarsened_kl, reference_topk
+from minorsft_trl.reference.topk_anchor import reference_topk, topk_kl
 from minorsft_trl.reference.vocabulary_kl import (
     answer_hidden_states,
     captured_hidden_states,
@@ -98,7 +98,7 @@ def measure(policy, batches: list[dict]) -> dict:
         full.append(token_kl(hidden, head, ref_hidden, head))
         for k in KS:
             top = reference_topk(ref_hidden, head, k)
-            coarse[k].append(coarsened_kl(hidden, head, answer_ids, answer_logps, top))
+            coarse[k].append(topk_kl(hidden, head, answer_ids, answer_logps, top))
             rest[k].append(top.rest_logp.exp())
     full = torch.cat(full).double()
     report = {"tokens": full.numel(), "full_kl": full.mean().item(), "by_k": {}}

@@ -66,15 +66,20 @@ class MinorSFTConfig(SFTConfig):
             number per example from the reference, the datasets are not streamed, the cache directory is writable;
             under ZeRO-3 and FSDP too, every process computing its share) and says which in one log line; `True` asks
             for it (an error where it cannot serve), `False` runs the reference at every step. For the KL losses
-            (`sft_kl`, `asft`) only `True` precomputes: the pass also keeps the reference's `ref_top_k` most likely
-            tokens at every answer token and the mass of the rest, and the anchor is the KL between both
-            distributions coarsened to those `k + 1` outcomes (never above the full KL, equal to it where the rest is
-            empty; `minorsft_trl.reference.topk_anchor`), at plain SFT's step time; `"auto"` keeps the exact anchor
-            on the fly, since the coarsened one understates it (the README's measurement). Not under ZeRO-3.
-        ref_top_k (`int`, *optional*, defaults to `256`):
+            (`sft_kl`, `asft`) the pass also keeps the reference's `ref_top_k` most likely tokens at every answer
+            token, the mass of the rest and `ref_tail_samples` tokens drawn from the rest: the anchor is then an
+            unbiased estimate of the full KL (`minorsft_trl.reference.topk_anchor`) at plain SFT's step time, and
+            costs `8 * (ref_top_k + ref_tail_samples) + 4` bytes per answer token on disk; `"auto"` leaves it off where
+            that is more than a quarter of the free space of the cache's disk, and says so. Not under ZeRO-3.
+        ref_top_k (`int`, *optional*, defaults to `1024`):
             The reference's most likely tokens per answer token that the precomputed KL anchor of `sft_kl` and `asft`
-            keeps: the smallest measured `k` within 2% of the full KL on the main recipe's answers (README, "The KL
-            anchor precomputed"). Stored as `8 * k + 4` bytes per answer token.
+            keeps: the smallest measured `k` whose coarsened KL was within 2% of the full KL on the main recipe's
+            answers and on chat replies (README, "The KL anchor precomputed"). More than the vocabulary keeps all of
+            it (the exact anchor).
+        ref_tail_samples (`int`, *optional*, defaults to `32`):
+            Tokens drawn once per answer token from the reference's distribution outside its top `ref_top_k`, which
+            make the precomputed anchor an unbiased estimate of the full KL. `0` keeps the KL coarsened to the top-k
+            and one bin for the rest, which understates it.
         precompute_ref_batch_size (`int`, *optional*):
             Batch size of the precompute pass; defaults to `per_device_train_batch_size` (eval data:
             `per_device_eval_batch_size`).
@@ -164,10 +169,18 @@ class MinorSFTConfig(SFTConfig):
         },
     )
     ref_top_k: int = field(
-        default=256,
+        default=1024,
         metadata={
             "help": "Tokens per answer token kept of the reference's distribution by the precomputed KL anchor of "
-            "sft_kl and asft (the KL coarsened to them and the rest)."
+            "sft_kl and asft (its most likely ones)."
+        },
+    )
+    ref_tail_samples: int = field(
+        default=32,
+        metadata={
+            "help": "Tokens drawn per answer token from the reference's distribution outside its top ref_top_k, which "
+            "make the precomputed KL anchor an unbiased estimate of the full KL (0: the KL coarsened to the top-k and "
+            "the rest)."
         },
     )
     precompute_ref_batch_size: int | None = field(
@@ -256,8 +269,14 @@ class MinorSFTConfig(SFTConfig):
         if isinstance(self.ref_top_k, bool) or not isinstance(self.ref_top_k, int) or self.ref_top_k < 1:
             raise InputError(
                 f"ref_top_k must be a whole number >= 1, got {self.ref_top_k!r}: the reference's tokens per answer "
-                "token kept by the precomputed KL anchor. The default, 256, was within 2% of the full KL on the main "
-                "recipe's answers."
+                "token kept by the precomputed KL anchor. The default, 1024, was within 2% of the full KL on the main "
+                "recipe's answers and on chat replies."
+            )
+        samples = self.ref_tail_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise InputError(
+                f"ref_tail_samples must be a whole number >= 0, got {self.ref_tail_samples!r}: the tokens drawn per "
+                "answer token from the reference's rest by the precomputed KL anchor (default 32; 0 draws none)."
             )
         if self.precompute_ref_log_probs is True and not self.uses_reference:
             raise InputError(

@@ -30,11 +30,13 @@ class WindowMetrics:
         self.args = args
         self._sums = {"train": {}, "eval": {}}
 
-    def add_reference_terms(self, mode: str, terms: LossInputs, kl_top_k: int | None = None) -> None:
+    def add_reference_terms(
+        self, mode: str, terms: LossInputs, kl_top_k: int | None = None, kl_tail_samples: int = 0
+    ) -> None:
         """Add this micro-batch's `deviation` and `log_ratio`, the loss's per-example weights (mean, `_min`, `_max`,
         e.g. `minor_weight`) and the mean per-token KL anchor (`kl`), over all processes; with `kl_top_k`, the anchor
-        was the precomputed one coarsened to the reference's top `kl_top_k` tokens, logged as `kl_top_k` (absent for
-        the exact anchor over the vocabulary)."""
+        was the precomputed one from the reference's top `kl_top_k` tokens and `kl_tail_samples` draws from the rest,
+        logged as `kl_top_k` and `kl_tail_samples` (both absent for the exact anchor over the vocabulary)."""
         log_ratio, num_tokens = terms.policy_logps.detach() - terms.ref_logps, terms.num_tokens
         reference_loss = self.args.reference_loss
         weight_name = reference_loss.weight_name if reference_loss is not None else None
@@ -61,6 +63,7 @@ class WindowMetrics:
         self.add_to_mean(mode, "kl", kl_sum, kl_count)
         if kl_top_k is not None:
             self.add_to_mean(mode, "kl_top_k", kl_top_k * kl_count, kl_count)
+            self.add_to_mean(mode, "kl_tail_samples", kl_tail_samples * kl_count, kl_count)
         if total == 0:
             return
         self.add_to_mean(mode, "deviation", deviation_sum, total)

@@ -73,16 +73,21 @@ def tiny_recipe(tmp_path, tiny_model_dir):
     return write_recipe(tmp_path, tiny_model_dir, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
 
 
-def two_processes_and_one(tmp_path, tiny_recipe, per_process_batch_size: int, *arguments) -> tuple[dict, dict]:
+def two_processes_and_one(
+    tmp_path, tiny_recipe, per_process_batch_size: int, *arguments, own_caches: bool = False
+) -> tuple[dict, dict]:
     """The generic script run twice on the tiny recipe: launched as 2 processes of `per_process_batch_size` rows, and
     as 1 process of twice as many (in this one: a launch of one process runs the same code, 8 s later); the trained
-    adapter weights of each."""
+    adapter weights of each. With `own_caches` each run precomputes its reference into a cache of its own (else the
+    second may read the first's)."""
     batch = ["--per_device_train_batch_size"]
+    two, one = (["--ref_cache_dir", tmp_path / f"{run}-cache"] if own_caches else [] for run in ("two", "one"))
     launch(
-        REPO / "recipes" / "minor_sft.py", "--config", tiny_recipe, *arguments, *batch, per_process_batch_size,
+        REPO / "recipes" / "minor_sft.py", "--config", tiny_recipe, *arguments, *two, *batch, per_process_batch_size,
         "--output_dir", tmp_path / "two",
     )  # fmt: skip
-    one = ["--config", tiny_recipe, *arguments, *batch, 2 * per_process_batch_size, "--output_dir", tmp_path / "one"]
+    one = ["--config", tiny_recipe, *arguments, *one, *batch, 2 * per_process_batch_size]
+    one += ["--output_dir", tmp_path / "one"]
     main(*parse_args(list(map(str, one))))
     return (
         load_file(tmp_path / "two" / "adapter_model.safetensors"),
@@ -107,21 +112,36 @@ def test_examples_are_counted_across_processes_even_without_averaging_tokens_acr
     assert_same_weights(*two_processes_and_one(tmp_path, tiny_recipe, 1, *packed, *precomputed))
 
 
-@pytest.mark.parametrize("loss_type", ["asft", "sft_kl", "iw_sft"])
-def test_the_loss_family_over_two_processes_equals_one_process(tmp_path, tiny_recipe, loss_type):
+# The KL anchor from the reference's top 5 tokens and 8 draws from the rest, precomputed a row per batch in both runs:
+# each batch's draws are seeded by its number, so the processes between which the batches are shared draw the same
+DRAWN = ["--precompute_ref_log_probs", "true", "--ref_top_k", 5, "--ref_tail_samples", 8]
+DRAWN += ["--precompute_ref_batch_size", 1]
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "anchor"),
+    [("asft", []), ("sft_kl", []), ("sft_kl", DRAWN), ("iw_sft", [])],
+    ids=["asft", "sft_kl", "sft_kl top-k and draws", "iw_sft"],
+)
+def test_the_loss_family_over_two_processes_equals_one_process(tmp_path, tiny_recipe, loss_type, anchor):
     """Two steps (the second away from the reference: KL anchor and importance weights at work) on packed rows of 3
     and 5 examples, one per process, give the weights of one process holding both rows: the example count (`sft_kl`)
-    and the token count (`asft`, `iw_sft`, TRL's reduction) span the processes."""
+    and the token count (`asft`, `iw_sft`, TRL's reduction) span the processes, and so do the precomputed anchor's
+    draws."""
     run = ["--loss_type", loss_type, "--kl_coef", 100.0, "--max_steps", 2, "--packing", "true", "--max_length", 80]
+    run += anchor
     if loss_type == "asft":  # DFT scales each token's gradient by its probability, ~1/259 on the tiny random model
         run += ["--learning_rate", 100.0]
-    assert_same_weights(*two_processes_and_one(tmp_path, tiny_recipe, 1, *run))
+    assert_same_weights(*two_processes_and_one(tmp_path, tiny_recipe, 1, *run, own_caches=True))
     history = json.loads((tmp_path / "two" / "trainer_state.json").read_text())["log_history"]
     second_step = history[1]
+    assert second_step.get("kl_tail_samples") == (8 if anchor else None)
     if loss_type == "iw_sft":
         assert second_step["iw_weight_min"] < second_step["iw_weight_max"], "the weights must be at work"
     else:
-        assert second_step["kl"] * 100.0 > 1e-3, "the KL anchor must be at work"
+        # The draws' estimate of the rest's part is noisy on the tiny model (its rest beyond 5 tokens holds 98% of the
+        # mass) and can fall below 0; its expectation is the KL
+        assert abs(second_step["kl"]) * 100.0 > 1e-3, "the KL anchor must be at work"
 
 
 def test_generic_script_two_processes_x_batch_4_equals_one_process_x_batch_8(tmp_path, tiny_recipe):

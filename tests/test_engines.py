@@ -45,7 +45,7 @@ CELLS = [
         for reference in ("adapters", "copy")
     ),
     # The KL anchor precomputed as the reference's top-k (refused under ZeRO-3, whose LM head it cannot read whole).
-    # Its policy side takes the log-normaliser from the answer token's log-prob (`topk_anchor.coarsened_kl`), whose
+    # Its policy side takes the log-normaliser from the answer token's log-prob (`topk_anchor.topk_kl`), whose
     # float32 rounding (5e-7 at log p = -5.6) the anchor's gradient `q - p`, small near the reference and weighted by
     # kl_coef 100 here, carries into the update: 1.3e-5 of its norm between one and two processes
     *(

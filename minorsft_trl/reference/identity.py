@@ -168,6 +168,7 @@ def run_identity(args, policy: torch.nn.Module, reference_weights: tuple) -> dic
         "settings": {name: getattr(args, name) for name in args.loss_settings},
         "adapter": trained_adapter_settings(policy),
     }
-    if args.needs_reference_distribution and args.precompute_ref_log_probs:  # the anchor coarsened to the top-k
+    if args.needs_reference_distribution and args.precompute_ref_log_probs:  # the anchor from the top-k and draws
         identity["settings"]["ref_top_k"] = args.ref_top_k
+        identity["settings"]["ref_tail_samples"] = args.ref_tail_samples
     return identity

@@ -11,10 +11,10 @@ every process in each forward anyway), the values are gathered in dataset order,
 writes the cache; the others follow its lead (`_follow_main`) and receive the values.
 """
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from ..validation import unwritable
 from .check import deviation_tolerance
 from .identity import batches_fingerprint
 from .topk_anchor import ReferenceTopK, reference_topk
-from .topk_cache import REF_TOPK_ROW, CachedTopK, TopKArrays
+from .topk_cache import REF_TOPK_ROW, CachedTopK, TopKArrays, check_room
 from .vocabulary_kl import causal_lm
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -52,7 +52,7 @@ def split_per_row(values: np.ndarray, counts: np.ndarray) -> list[list[float]]:
     return [values[start:end].tolist() for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ReferencePass:
     """What a precompute pass gives for a dataset, in dataset order.
 
@@ -71,7 +71,7 @@ def per_row_values(entry: Path) -> list[list[float]]:
     return split_per_row(values, np.load(entry / "examples_per_row.npy", allow_pickle=False))
 
 
-@dataclass
+@dataclasses.dataclass
 class WithRefLogps:
     """Wraps a collator: the `ref_logps` lists of the examples become one `(num_examples,)` tensor in the batch, in
     the order of `ExampleIndex` (rows in batch order, the examples of a packed row in their order); where the rows
@@ -117,18 +117,21 @@ class ReferencePrecompute:
     def __init__(self, trainer, reference_identity: dict):
         self.trainer = trainer
         self.reference_identity = reference_identity
-        # The KL losses' anchor: the reference's top-k tokens at each answer token, besides the summed log-probs
-        self.top_k = trainer.args.ref_top_k if trainer.args.needs_reference_distribution else None
-        self.topk = CachedTopK() if self.top_k else None
-        if self.top_k:
+        # The KL losses' anchor: the reference's top-k tokens and draws from its rest at each answer token, besides
+        # the summed log-probs
+        self.top_k, self.tail_samples = None, 0
+        self.topk = CachedTopK() if trainer.args.needs_reference_distribution else None
+        if self.topk is not None:
             # The global shape, also of an FSDP2 shard
             head = causal_lm(trainer.accelerator.unwrap_model(trainer.model)).get_output_embeddings()
-            vocabulary = head.weight.shape[0]
-            if self.top_k > vocabulary:
-                raise InputError(
-                    f"ref_top_k={self.top_k} is more than the model's {vocabulary} tokens. Set ref_top_k to at most "
-                    f"{vocabulary}: with all of them the precomputed KL anchor is the exact one."
+            self.top_k = min(trainer.args.ref_top_k, head.weight.shape[0])
+            if self.top_k < trainer.args.ref_top_k:
+                logger.info(
+                    f"ref_top_k={trainer.args.ref_top_k} is more than the model's {self.top_k} tokens: the "
+                    "precomputed KL anchor keeps all of them, and is the exact one."
                 )
+            # With every token kept the rest is empty: draws from it would weigh nothing
+            self.tail_samples = trainer.args.ref_tail_samples if self.top_k < head.weight.shape[0] else 0
 
     def attach(self) -> None:
         """Give every train and eval row its examples' reference log-probs (from the cache, or computed once), feed
@@ -169,18 +172,22 @@ class ReferencePrecompute:
             "data": batches_fingerprint(collated_batches(trainer.data_collator, dataset, batch_size)),
             "autocast": autocast_precision(trainer.accelerator),
         }
-        if self.top_k:  # an entry of the summed log-probs alone keeps its key
+        if self.top_k:  # an entry of the summed log-probs alone keeps its key, one without draws its own
             key["top_k"] = self.top_k
+            if self.tail_samples:
+                key["tail_samples"] = self.tail_samples
         entry_name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         entry = Path(trainer.args.ref_cache_dir or cache_root() / "ref_logps") / entry_name
 
         def build(out: Path) -> None:
-            computed = self._lead(_COMPUTE, dataset, name, batch_size)
             # One row at a time: a padding-free collator merges a batch's rows
             indices = [
                 ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
                 for batch in collated_batches(trainer.data_collator, dataset, 1)
             ]
+            if self.top_k:
+                check_room(out, sum(int(index.num_tokens.sum()) for index in indices), self.top_k, self.tail_samples)
+            computed = self._lead(_COMPUTE, dataset, name, batch_size)
             counts = [index.num_examples for index in indices]
             np.save(out / "ref_logps.npy", computed.logps, allow_pickle=False)
             np.save(out / "examples_per_row.npy", np.array(counts, dtype=np.int64), allow_pickle=False)
@@ -226,22 +233,23 @@ class ReferencePrecompute:
     def batch_ref_logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """`(num_examples,)` summed answer log-probs of the reference on a collated batch, under the autocast that
         training runs under, and `(num_examples,)` answer lengths."""
-        ref_logps, num_tokens, _ = self.batch_reference(batch, top_k=None)
+        ref_logps, num_tokens, _ = self.batch_reference(batch)
         return ref_logps, num_tokens
 
-    def batch_reference(self, batch: dict[str, Any], top_k: int | None) -> tuple:
-        """`batch_ref_logps`, and with `top_k` the reference's top-k at the batch's answer tokens (`reference_topk`,
-        on the CPU), from the same forward."""
+    def batch_reference(self, batch: dict[str, Any], batch_number: int | None = None) -> tuple:
+        """`batch_ref_logps`, and with a `batch_number` (the KL losses) the reference's top-k and draws from its rest
+        at the batch's answer tokens (`reference_topk`, on the CPU), from the same forward. The draws' random numbers
+        are seeded by the batch's number in the pass, so any number of processes draws the same tokens."""
         trainer = self.trainer
         batch = trainer._prepare_inputs(batch)
         index = ExampleIndex.from_batch(batch["labels"], batch.get("position_ids"))
         with trainer.accelerator.autocast():
-            if not top_k:
+            if batch_number is None:
                 return trainer.reference.logps(batch, index).float().cpu(), index.num_tokens.cpu(), None
             ref_logps, answer_hidden, head = trainer.reference.distribution(batch, index)
-            topk = reference_topk(answer_hidden, head, top_k)
-        topk = ReferenceTopK(*(tensor.cpu() for tensor in (topk.ids, topk.logps, topk.rest_logp)))
-        return ref_logps.float().cpu(), index.num_tokens.cpu(), topk
+            generator = torch.Generator(answer_hidden.device).manual_seed(batch_number)
+            topk = reference_topk(answer_hidden, head, self.top_k, self.tail_samples, generator)
+        return ref_logps.float().cpu(), index.num_tokens.cpu(), topk.cpu()
 
     def compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> ReferencePass:
         """The summed answer log-probs of the reference for every example of `dataset` (and for the KL losses its
@@ -258,18 +266,23 @@ class ReferencePrecompute:
             )  # fmt: skip
             # A repeat of the padding within this process overwrites its original with the same values
             computed = {
-                i: self.batch_reference(batch, self.top_k) for (i, _), batch in zip(share, progress, strict=True)
+                i: self.batch_reference(batch, i if self.top_k else None)
+                for (i, _), batch in zip(share, progress, strict=True)
             }
         logps = self._gathered({i: ref_logps for i, (ref_logps, _, _) in computed.items()}, len(starts))
         if not self.top_k:
             return ReferencePass(logps.numpy())
-        # One float32 row per answer token: the ids (exact in float32 below 2**24), their log-probs, the rest's
+        # One float32 row per answer token: the ids (exact in float32 below 2**24), their log-probs, the rest's, the
+        # drawn ids and their log-probs
         rows = self._gathered(
-            {i: torch.cat([t.ids.float(), t.logps, t.rest_logp[:, None]], 1) for i, (_, _, t) in computed.items()},
+            {
+                i: torch.cat([t.ids.float(), t.logps, t.rest_logp[:, None], t.tail_ids.float(), t.tail_logps], 1)
+                for i, (_, _, t) in computed.items()
+            },
             len(starts),
         )
-        k = self.top_k
-        topk = ReferenceTopK(rows[:, :k].long(), rows[:, k : 2 * k], rows[:, 2 * k])
+        ids, top_logps, rest, tail_ids, tail_logps = rows.split([self.top_k] * 2 + [1] + [self.tail_samples] * 2, 1)
+        topk = ReferenceTopK(ids.long(), top_logps, rest.squeeze(1), tail_ids.long(), tail_logps)
         return ReferencePass(logps.numpy(), TopKArrays.of(topk))
 
     def _gathered(self, by_batch: dict[int, torch.Tensor], num_batches: int) -> torch.Tensor:
@@ -343,11 +356,17 @@ def resolve_precompute(args, train_dataset, eval_dataset) -> bool:
     reason = _why_not_precomputed(args, train_dataset, eval_dataset)
     if reason is None:
         cache_dir = args.ref_cache_dir or cache_root() / "ref_logps"
+        anchor = (
+            f", with the KL anchor's top ref_top_k={args.ref_top_k} tokens and ref_tail_samples="
+            f"{args.ref_tail_samples} draws from the rest of the vocabulary"
+            if args.needs_reference_distribution
+            else ""
+        )
         logger.warning(
             "precompute_ref_log_probs='auto': on. The reference's log-probs of the train and eval examples are "
-            f"computed once before training (cached in {cache_dir}), and training runs no reference forward; a "
-            "separate reference model stays loaded for datasets passed to `evaluate` later (true frees it). Set it to "
-            "false to run the reference at every step instead."
+            f"computed once before training{anchor} (cached in {cache_dir}), and training runs no reference forward; "
+            "a separate reference model stays loaded for datasets passed to `evaluate` later (true frees it). Set it "
+            "to false to run the reference at every step instead."
         )
         return True
     (logger.info if not args.uses_reference else logger.warning)(f"precompute_ref_log_probs='auto': off, {reason}.")
@@ -358,12 +377,10 @@ def _why_not_precomputed(args, train_dataset, eval_dataset) -> str | None:
     """Why a precompute cannot serve this run, or `None` if it can."""
     if not args.uses_reference:
         return f"loss_type={args.loss_type!r} reads nothing from the reference during training"
-    if args.needs_reference_distribution:
+    if args.needs_reference_distribution and is_deepspeed_zero3_enabled():
         return (
-            f"loss_type={args.loss_type!r} keeps its exact KL anchor, a reference forward at every step: the anchor "
-            f"precomputed as the reference's top ref_top_k={args.ref_top_k} tokens understates the KL (on "
-            "SmolLM2-135M by 1.4% at k=256 on si_conversion's answers, 5% on chat replies; README, \"The KL anchor "
-            "precomputed\"). precompute_ref_log_probs=True uses it, at plain SFT's step time"
+            f"loss_type={args.loss_type!r} under DeepSpeed ZeRO-3: the precomputed KL anchor reads the LM head's rows "
+            "whole, which ZeRO-3 partitions; the exact anchor runs the reference at every step"
         )
     evaluated = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
     if any(isinstance(dataset, IterableDataset) for dataset in (train_dataset, *evaluated)):

@@ -33,7 +33,7 @@ from .models import (
     reference_mode,
 )
 from .precompute import REF_LOGPS
-from .topk_anchor import ReferenceTopK, coarsened_kl
+from .topk_anchor import ReferenceTopK, topk_kl
 from .topk_cache import topk_from_batch
 from .vocabulary_kl import answer_hidden_states, captured_hidden_states, reference_head, token_kl
 
@@ -76,7 +76,7 @@ class ReferenceSide:
         answer_logps: torch.Tensor,
     ) -> torch.Tensor:
         """`(T,)` the KL anchor per answer token, differentiable through the policy: coarsened to the precomputed
-        top-k (`topk_anchor.coarsened_kl`, which reads the answer tokens `answer_ids` and the policy's `(T,)`
+        top-k (`topk_anchor.topk_kl`, which reads the answer tokens `answer_ids` and the policy's `(T,)`
         `answer_logps`), else the exact one over the vocabulary (`vocabulary_kl.token_kl`).
 
         Args:
@@ -84,7 +84,7 @@ class ReferenceSide:
             policy_head: the policy's LM head `(weight, bias)` (`vocabulary_kl.lm_head_weights`).
         """
         if self.topk is not None:
-            return coarsened_kl(policy_hidden, policy_head, answer_ids, answer_logps, self.topk)
+            return topk_kl(policy_hidden, policy_head, answer_ids, answer_logps, self.topk)
         return token_kl(policy_hidden, policy_head, self.hidden, self.head)
 
 

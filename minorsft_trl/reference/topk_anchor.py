@@ -1,21 +1,33 @@
-"""The KL anchor coarsened to the reference's top-k tokens and one "rest" bin: what `sft_kl` and `asft` need from the
-reference, small enough to be computed once and cached (`2k + 1` numbers per answer token, not a distribution over the
-vocabulary).
+"""The KL anchor from the reference's top-k tokens and a sample of the rest: what `sft_kl` and `asft` need from the
+reference, small enough to be computed once and cached (`2 (k + s) + 1` numbers per answer token, not a distribution
+over the vocabulary).
 
 For an answer position with the reference's next-token distribution `p` and the policy's `q`, `I` the `k` tokens most
-likely under `p` and `R` the rest of the vocabulary:
+likely under `p` and `R` the rest of the vocabulary, `KL(p || q)` splits into the top-k's part and the rest's:
 
-    KL_k(p || q) = sum_{i in I} p_i log(p_i / q_i) + p_R log(p_R / q_R),    p_R = 1 - sum_I p_i,   q_R = 1 - sum_I q_i
+    KL(p || q) = sum_{i in I} p_i log(p_i / q_i) + p_R E_{v ~ p(.|R)}[log(p_v / q_v)],     p_R = 1 - sum_I p_i
 
-the KL between both distributions coarsened to `k + 1` outcomes. It is `KL(p || q)` itself when the rest is empty
-(`k` the size of the vocabulary) and never above it otherwise: coarsening loses information (the data-processing
-inequality). Distillation caches its teachers the same way (TRL's `SDFTTrainer` `topk_logits` with a tail bucket,
-axolotl's knowledge-distillation plugin).
+With `s` tokens `v_1..v_s` drawn from the reference's rest (`p` restricted to `R`, renormalised) once, when the
+reference is precomputed, the anchor is
 
-The policy's side costs `k` dot products per answer token: its log-normaliser comes from the log-prob of the answer
-token that the fused LM head computes for the NLL anyway (`log q(y) = z_y - logsumexp(z)`), and no `(tokens, vocab)`
-logits are built. The reference's side (`reference_topk`) projects the answer positions onto the whole vocabulary,
-a few hundred tokens at a time, once.
+    KL_k,s = sum_{i in I} p_i log(p_i / q_i) + (p_R / s) sum_j log(p_{v_j} / q_{v_j})
+
+whose expectation over the draw is `KL(p || q)`, and whose gradient's is the full KL's: an unbiased estimate, exact
+where the rest is empty (`k` the size of the vocabulary). One token's value can fall below 0 (a draw where the policy
+is above the reference); the mean over a batch's tokens does not in practice, the rest's mass being small (README, "The
+KL anchor precomputed"). With `s = 0` the anchor is the KL between both distributions coarsened to the `k + 1`
+outcomes `I` and `R`,
+
+    KL_k(p || q) = sum_{i in I} p_i log(p_i / q_i) + p_R log(p_R / q_R),    q_R = 1 - sum_I q_i
+
+never above `KL(p || q)` (coarsening loses information, the data-processing inequality): it understates the KL by
+`p_R KL(p(.|R) || q(.|R))`, which is what the sample estimates. Distillation caches its teachers the same way as the
+coarsened form (TRL's `SDFTTrainer` `topk_logits` with a tail bucket, axolotl's knowledge-distillation plugin).
+
+The policy's side costs `k + s` dot products per answer token: its log-normaliser comes from the log-prob of the
+answer token that the fused LM head computes for the NLL anyway (`log q(y) = z_y - logsumexp(z)`), and no
+`(tokens, vocab)` logits are built. The reference's side (`reference_topk`) projects the answer positions onto the
+whole vocabulary, a few hundred tokens at a time, once.
 """
 
 from dataclasses import dataclass
@@ -35,30 +47,51 @@ GATHER_TOKEN_CHUNK = 64
 
 @dataclass(frozen=True)
 class ReferenceTopK:
-    """The reference's next-token distribution at `T` answer positions, coarsened to its `k` most likely tokens and the
-    rest.
+    """The reference's next-token distribution at `T` answer positions: its `k` most likely tokens, the mass of the
+    rest, and `s` tokens drawn from the rest.
 
     Attributes:
         ids: `(T, k)` int64 token ids, most likely first.
         logps: `(T, k)` float32 `log p_i` of those tokens.
         rest_logp: `(T,)` float32 `log p_R`, the log of the mass outside them (`-inf` where there is none).
+        tail_ids: `(T, s)` int64 tokens drawn from the reference's rest, with replacement (any tokens where the rest
+            is empty: their weight `p_R` is 0).
+        tail_logps: `(T, s)` float32 `log p_v` of those tokens.
     """
 
     ids: torch.Tensor
     logps: torch.Tensor
     rest_logp: torch.Tensor
+    tail_ids: torch.Tensor
+    tail_logps: torch.Tensor
+
+    @property
+    def tail_samples(self) -> int:
+        return self.tail_ids.size(1)
+
+    def cpu(self) -> "ReferenceTopK":
+        return ReferenceTopK(*(tensor.cpu() for tensor in vars(self).values()))
 
 
 @torch.no_grad()
 def reference_topk(
-    hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None], k: int, chunk: int = TOPK_TOKEN_CHUNK
+    hidden: torch.Tensor,
+    head: tuple[torch.Tensor, torch.Tensor | None],
+    k: int,
+    tail_samples: int = 0,
+    generator: torch.Generator | None = None,
+    chunk: int = TOPK_TOKEN_CHUNK,
 ) -> ReferenceTopK:
-    """The reference's top-`k` tokens, their log-probs and the log-mass of the rest, at each of `T` answer positions.
+    """The reference's top-`k` tokens, their log-probs, the log-mass of the rest and `tail_samples` tokens drawn from
+    the rest, at each of `T` answer positions.
 
     Args:
         hidden: `(T, hidden)` the reference's last hidden states that predict the answer tokens.
         head: the reference's LM head `(weight, bias)`: `(vocab, hidden)` and `(vocab,)` or `None`.
         k: tokens kept per position, `1 <= k <= vocab`.
+        tail_samples: tokens drawn per position from the rest, `p` restricted to it and renormalised.
+        generator: the draw's random numbers (on `hidden`'s device), so that a precompute draws the same tokens on
+            any number of processes.
         chunk: positions projected onto the vocabulary at a time (float32 logits).
     """
     weight, bias = head
@@ -71,13 +104,21 @@ def reference_topk(
             logits += bias.float()
         logps = logits.log_softmax(-1)
         top = logps.topk(k, dim=-1)
-        rest = logps.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
-        parts.append((top.indices, top.values, rest))
+        rest_logps = logps.scatter(-1, top.indices, float("-inf"))
+        rest = rest_logps.logsumexp(-1)
+        # log p(v | R); where the rest is empty, any distribution: the draws' weight is p_R = 0
+        has_rest = torch.isfinite(rest)[:, None]
+        tail_distribution = torch.where(has_rest, rest_logps - rest[:, None].where(has_rest, 0.0), logps).exp()
+        tail_ids = (
+            torch.multinomial(tail_distribution, tail_samples, replacement=True, generator=generator)
+            if tail_samples
+            else top.indices[:, :0]
+        )
+        parts.append((top.indices, top.values, rest, tail_ids, logps.gather(-1, tail_ids)))
     if not parts:
-        empty = hidden.new_zeros(0, k, dtype=torch.float32)
-        return ReferenceTopK(empty.long(), empty, hidden.new_zeros(0, dtype=torch.float32))
-    ids, logps, rest = (torch.cat(part) for part in zip(*parts, strict=True))
-    return ReferenceTopK(ids, logps, rest)
+        empty, no_draws = (hidden.new_zeros(0, width, dtype=torch.float32) for width in (k, tail_samples))
+        return ReferenceTopK(empty.long(), empty, hidden.new_zeros(0, dtype=torch.float32), no_draws.long(), no_draws)
+    return ReferenceTopK(*(torch.cat(part) for part in zip(*parts, strict=True)))
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -146,14 +187,15 @@ def gathered_logits(
     return _GatheredLogits.apply(hidden, weight, bias, ids)
 
 
-def coarsened_kl(
+def topk_kl(
     policy_hidden: torch.Tensor,
     policy_head: tuple[torch.Tensor, torch.Tensor | None],
     answer_ids: torch.Tensor,
     answer_logps: torch.Tensor,
     reference: ReferenceTopK,
 ) -> torch.Tensor:
-    """Per answer token, `KL_k(p_ref || q_theta)` (module docstring), differentiable through the policy.
+    """Per answer token, the anchor from the reference's top-k (module docstring): `KL_k,s` where `reference` holds
+    draws from its rest, else the coarsened `KL_k(p_ref || q_theta)`; differentiable through the policy.
 
     Args:
         policy_hidden: `(T, hidden)` the policy's last hidden states that predict the answer tokens, with gradient.
@@ -161,19 +203,26 @@ def coarsened_kl(
         answer_ids: `(T,)` the answer tokens.
         answer_logps: `(T,)` the policy's log-probs of the answer tokens, with gradient (the fused LM head's): with the
             answer token's logit they give the log-normaliser, `logsumexp(z) = z_y - log q(y)`.
-        reference: the reference's coarsened distribution at the same positions (`reference_topk`).
+        reference: the reference's top-k, rest and draws at the same positions (`reference_topk`).
 
     Returns:
-        `(T,)` float32 values (float64 for float64 inputs), `0 <= KL_k <= KL` up to rounding.
+        `(T,)` float32 values (float64 for float64 inputs): `KL_k,s`, whose expectation over the draws is the full KL;
+        with no draws `0 <= KL_k <= KL` up to rounding.
     """
-    logits = gathered_logits(policy_hidden, policy_head, torch.cat([answer_ids[:, None], reference.ids], dim=1))
+    k = reference.ids.size(1)
+    ids = torch.cat([answer_ids[:, None], reference.ids, reference.tail_ids], dim=1)
+    logits = gathered_logits(policy_hidden, policy_head, ids)
     log_normaliser = logits[:, 0] - answer_logps.to(logits.dtype)
-    policy_logps = logits[:, 1:] - log_normaliser[:, None]
+    policy_logps = logits[:, 1 : k + 1] - log_normaliser[:, None]
+    ref_probs, ref_rest = reference.logps.exp(), reference.rest_logp.exp()
+    kept = (ref_probs * (reference.logps - policy_logps)).sum(-1)
+    if reference.tail_samples:
+        policy_tail = logits[:, k + 1 :] - log_normaliser[:, None]
+        tail = ref_rest * (reference.tail_logps - policy_tail).mean(-1)
+        return kept + torch.where(ref_rest > 0, tail, torch.zeros_like(tail))
     # log q_R = log(1 - sum_I q_i), as TRL's `add_tail_bucket` takes a tail: expm1 of the kept mass's log, which is
     # exact where q_R is small, the kept mass held below 1 so that rounding never empties the rest
     kept_mass = policy_logps.logsumexp(-1).clamp(max=MAX_KEPT_LOG_MASS)
     policy_rest = torch.log(-torch.expm1(kept_mass))
-    ref_probs, ref_rest = reference.logps.exp(), reference.rest_logp.exp()
-    kept = (ref_probs * (reference.logps - policy_logps)).sum(-1)
     rest = torch.where(ref_rest > 0, ref_rest * (reference.rest_logp - policy_rest), torch.zeros_like(ref_rest))
     return kept + rest

@@ -1,6 +1,9 @@
-"""The KL anchor of `sft_kl` and `asft` precomputed as the reference's top-k per answer token: with k = the vocabulary
-the exact anchor's gradients with no reference forward, under every batch layout; with a small k the coarsening
-computed by hand from both models' full distributions; a cache keyed by k; bad settings refused before training."""
+"""The KL anchor of `sft_kl` and `asft` precomputed as the reference's top-k per answer token and draws from the rest:
+with k = the vocabulary the exact anchor's gradients with no reference forward, under every batch layout; with a small
+k and no draws the coarsening computed by hand from both models' full distributions, with draws the full KL; a cache
+keyed by k and the draws; bad settings refused before training."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from tiny import cpu_args, make_model, prompt_completion_dataset
 
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
 from minorsft_trl.errors import InputError
-from minorsft_trl.reference import precompute
+from minorsft_trl.reference import precompute, topk_cache
 
 KL_COEF = 100.0  # the anchor outweighs the NLL: a wrong anchor shows in every gradient
 
@@ -89,15 +92,28 @@ def brute_force_kl(policy, reference, trainer, k: int | None) -> float:
     return (p * (p.log() - q.log())).sum(-1).mean().item()
 
 
-def test_with_a_small_k_the_anchor_is_the_coarsened_kl_below_the_full_one(tmp_path, tokenizer):
-    trainer = build(tmp_path, tokenizer, precompute_ref_log_probs=True, ref_top_k=3)
+def test_with_a_small_k_and_no_draws_the_anchor_is_the_coarsened_kl_below_the_full_one(tmp_path, tokenizer):
+    trainer = build(tmp_path, tokenizer, precompute_ref_log_probs=True, ref_top_k=3, ref_tail_samples=0)
     reference = make_model(tokenizer, seed=1)
     policy = trainer.accelerator.unwrap_model(trainer.model)
     coarse, full = brute_force_kl(policy, reference, trainer, k=3), brute_force_kl(policy, reference, trainer, None)
     trainer.train()
     (log,) = [log for log in trainer.state.log_history if "loss" in log]
-    assert log["kl_top_k"] == 3
+    assert log["kl_top_k"] == 3 and log["kl_tail_samples"] == 0
     assert log["kl"] == pytest.approx(coarse, rel=1e-5) and coarse < 0.9 * full
+
+
+def test_with_a_small_k_and_draws_from_the_rest_the_anchor_estimates_the_full_kl(tmp_path, tokenizer):
+    """Over the batch's tokens the draws' noise averages out: the coarsened KL is a sixteenth of the full one here,
+    the estimate 1.2% off it (its expectation is the full KL: `test_topk_anchor`)."""
+    trainer = build(tmp_path, tokenizer, precompute_ref_log_probs=True, ref_top_k=3, ref_tail_samples=2000)
+    reference = make_model(tokenizer, seed=1)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    coarse, full = brute_force_kl(policy, reference, trainer, k=3), brute_force_kl(policy, reference, trainer, None)
+    trainer.train()
+    (log,) = [log for log in trainer.state.log_history if "loss" in log]
+    assert log["kl_top_k"] == 3 and log["kl_tail_samples"] == 2000
+    assert log["kl"] == pytest.approx(full, rel=0.03) and coarse < 0.1 * full
 
 
 def passes_over(tmp_path, tokenizer, count_reference_passes, loss_type, **settings) -> int:
@@ -106,10 +122,13 @@ def passes_over(tmp_path, tokenizer, count_reference_passes, loss_type, **settin
     return len(count_reference_passes) - before
 
 
-def test_the_cache_is_keyed_by_k_and_by_the_anchor(tmp_path, tokenizer, count_reference_passes):
-    """Another k, or the summed log-probs of `minor_sft` alone, are other entries; the same k is read back."""
+def test_the_cache_is_keyed_by_k_the_draws_and_the_anchor(tmp_path, tokenizer, count_reference_passes):
+    """Another k, other draws, or the summed log-probs of `minor_sft` alone, are other entries; the same settings are
+    read back."""
     assert passes_over(tmp_path, tokenizer, count_reference_passes, "sft_kl", ref_top_k=5) == 1
     assert passes_over(tmp_path, tokenizer, count_reference_passes, "asft", ref_top_k=5) == 0
+    assert passes_over(tmp_path, tokenizer, count_reference_passes, "sft_kl", ref_top_k=5, ref_tail_samples=8) == 1
+    assert passes_over(tmp_path, tokenizer, count_reference_passes, "sft_kl", ref_top_k=5, ref_tail_samples=0) == 1
     assert passes_over(tmp_path, tokenizer, count_reference_passes, "sft_kl", ref_top_k=6) == 1
     assert passes_over(tmp_path, tokenizer, count_reference_passes, "minor_sft") == 1
     assert passes_over(tmp_path, tokenizer, count_reference_passes, "sft_kl", ref_top_k=6) == 0
@@ -139,7 +158,9 @@ def test_full_fine_tuning_with_the_precomputed_anchor_keeps_one_model(tmp_path, 
     trainer.reference.token_logps = no_reference_forward
     trainer.train()
     (log,) = [log for log in trainer.state.log_history if "loss" in log]
-    assert log["kl"] == pytest.approx(0.0, abs=1e-6) and log["kl_top_k"] == 256
+    # The default k, 1024, is more than the tiny vocabulary: all of it is kept, and nothing is drawn
+    assert log["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert log["kl_top_k"] == len(tokenizer) and log["kl_tail_samples"] == 0
 
 
 @pytest.mark.parametrize("k", [0, -3, 2.5, True])
@@ -148,24 +169,47 @@ def test_a_k_that_is_no_count_of_tokens_is_refused(tmp_path, k):
         MinorSFTConfig(output_dir=str(tmp_path / "out"), loss_type="sft_kl", ref_top_k=k)
 
 
-def test_a_k_above_the_vocabulary_is_refused_before_anything_is_written(tmp_path, tokenizer):
+@pytest.mark.parametrize("samples", [-1, 2.5, True, "8"])
+def test_draws_that_are_no_count_are_refused(tmp_path, samples):
+    with pytest.raises(InputError, match=rf"ref_tail_samples must be a whole number >= 0, got {samples!r}"):
+        MinorSFTConfig(output_dir=str(tmp_path / "out"), loss_type="sft_kl", ref_tail_samples=samples)
+
+
+def test_a_k_above_the_vocabulary_keeps_all_of_it_and_says_so(tmp_path, tokenizer, caplog):
     vocabulary = len(tokenizer)
-    with pytest.raises(InputError, match=rf"ref_top_k={vocabulary + 1} is more than the model's {vocabulary} tokens"):
-        build(tmp_path, tokenizer, precompute_ref_log_probs=True, ref_top_k=vocabulary + 1)
+    with caplog.at_level("INFO", logger="minorsft_trl"):
+        trainer = build(tmp_path, tokenizer, precompute_ref_log_probs=True, ref_top_k=vocabulary + 1)
+    assert f"ref_top_k={vocabulary + 1} is more than the model's {vocabulary} tokens" in caplog.text
+    trainer.train()
+    (log,) = [log for log in trainer.state.log_history if "loss" in log]
+    assert log["kl_top_k"] == vocabulary and log["kl_tail_samples"] == 0
+
+
+def test_a_cache_that_would_not_fit_on_its_disk_is_refused_before_anything_is_written(
+    monkeypatch, tmp_path, tokenizer
+):
+    monkeypatch.setattr(topk_cache.shutil, "disk_usage", lambda path: SimpleNamespace(free=10_000))
+    with pytest.raises(InputError, match=r"answer tokens needs .* GB on disk \(ref_top_k=5 tokens and ref_tail_sa"):
+        build(tmp_path, tokenizer, precompute_ref_log_probs=True, ref_top_k=5)
     assert not (tmp_path / "out").exists()
 
 
-def test_auto_keeps_the_exact_anchor_and_says_why(tmp_path, warnings_of_minorsft):
+def test_auto_precomputes_the_anchor_and_says_with_what(tmp_path, warnings_of_minorsft):
     args = MinorSFTConfig(output_dir=str(tmp_path / "out"), loss_type="sft_kl", ref_cache_dir=str(tmp_path / "c"))
-    assert precompute.resolve_precompute(args, prompt_completion_dataset(), None) is False
-    assert any("keeps its exact KL anchor" in m and "understates the KL" in m for m in warnings_of_minorsft)
+    assert precompute.resolve_precompute(args, prompt_completion_dataset(), None) is True
+    assert any("top ref_top_k=1024 tokens and ref_tail_samples=32 draws" in m for m in warnings_of_minorsft)
 
 
-def test_under_zero3_the_precomputed_anchor_is_refused(monkeypatch, tmp_path):
+def test_under_zero3_the_precomputed_anchor_is_refused_and_auto_keeps_the_exact_one(
+    monkeypatch, tmp_path, warnings_of_minorsft
+):
     monkeypatch.setattr(precompute, "is_deepspeed_zero3_enabled", lambda: True)
     args = MinorSFTConfig(output_dir=str(tmp_path / "out"), loss_type="sft_kl", precompute_ref_log_probs=True)
     with pytest.raises(InputError, match="under DeepSpeed ZeRO-3: the precomputed KL anchor reads the LM head"):
         precompute.resolve_precompute(args, prompt_completion_dataset(), None)
+    args = MinorSFTConfig(output_dir=str(tmp_path / "out"), loss_type="sft_kl", ref_cache_dir=str(tmp_path / "c"))
+    assert precompute.resolve_precompute(args, prompt_completion_dataset(), None) is False
+    assert any("off, loss_type='sft_kl' under DeepSpeed ZeRO-3" in m for m in warnings_of_minorsft)
 
 
 def test_resuming_with_another_k_or_anchor_is_refused(tmp_path, tokenizer):
@@ -176,6 +220,10 @@ def test_resuming_with_another_k_or_anchor_is_refused(tmp_path, tokenizer):
 
     trainer(precompute_ref_log_probs=True, ref_top_k=4).train()
     checkpoint = str(tmp_path / "out" / "checkpoint-1")
-    for other in (dict(precompute_ref_log_probs=True, ref_top_k=5), dict(precompute_ref_log_probs=False)):
-        with pytest.raises(InputError, match="ref_top_k"):
+    for other, setting in (
+        (dict(precompute_ref_log_probs=True, ref_top_k=5), "ref_top_k"),
+        (dict(precompute_ref_log_probs=True, ref_top_k=4, ref_tail_samples=3), "ref_tail_samples=32 there, 3 here"),
+        (dict(precompute_ref_log_probs=False), "ref_top_k"),
+    ):
+        with pytest.raises(InputError, match=setting):
             trainer(**other).train(resume_from_checkpoint=checkpoint)
