@@ -16,8 +16,9 @@ On the embedded SmolLM2-135M-Instruct and BIG-bench si_conversion, with the same
 - `minor_sft default`: what a run gets without setting `precompute_ref_log_probs` ("auto": precomputed here);
 - `asft`, `sft_kl` adapter-disabled: the exact KL anchor, adapters disabled: a reference forward whose hidden states go
   with the policy's through both LM heads in tiles (`minorsft_trl.reference.vocabulary_kl`), nothing cached;
-- `asft`, `sft_kl` precomputed: the KL anchor coarsened to the reference's top `ref_top_k` tokens, computed once
-  before training with the summed log-probs (`minorsft_trl.reference.topk_anchor`): no reference forward in training;
+- `asft`, `sft_kl` precomputed: the KL anchor from the reference's top `ref_top_k` tokens and `ref_tail_samples`
+  draws from the rest (the defaults), computed once before training with the summed log-probs
+  (`minorsft_trl.reference.topk_anchor`): no reference forward in training;
 - `iw_sft`: importance weights from the adapter-disabled reference (the cost of `minor_sft`'s forward, another weight).
 
 `--quantizations full` trains every weight (no adapter): there the reference of the `adapter-disabled` modes is a

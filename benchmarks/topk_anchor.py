@@ -1,5 +1,6 @@
 """How many of the reference's tokens the cached KL anchor must keep: the KL coarsened to the reference's top-k tokens
-and a rest bin (`minorsft_trl.topk_anchor`) against the full-vocabulary KL, at the answer tokens of held-out data.
+and a rest bin, and the anchor with draws from the rest (`minorsft_trl.reference.topk_anchor`), against the
+full-vocabulary KL, at the answer tokens of held-out data.
 
     python benchmarks/topk_anchor.py          # si_conversion and a chat set, ~15 min on 2 CPU cores
     python benchmarks/topk_anchor.py --runs topical_chat   # one of them, added to the results already there
@@ -8,9 +9,11 @@ Two `sft_kl` runs of the SmolLM2 recipe (LoRA, the full anchor on the fly): the 
 BIG-bench's `topical_chat` as conversations (the dialogue so far as alternating user / assistant turns, the next
 reply as the assistant's answer; 160 of them, 20 steps, at max_length 256, truncated from the left). At a few steps
 of each run (step 5, where the anchor starts to act, and the last)
-the policy and its reference (adapters disabled) score the first held-out examples; per answer token, the full KL and
-the coarsened KL for each k. Reported per k: the relative error of the mean coarsened KL against the full one (always
-<= 0: coarsening loses information), and the reference's mass outside its top-k (mean, 95th percentile, largest).
+the policy and its reference (adapters disabled) score the first held-out examples; per answer token, the full KL,
+the coarsened KL for each k, and the anchor with `TAIL_SAMPLES` draws from the rest for each k. Reported per k: the
+relative error of the mean coarsened KL against the full one (always <= 0: coarsening loses information), the same for
+the anchor with draws (0 in expectation) and its per-token spread (the root mean square of its difference to the full
+KL, relative to the full KL's mean), and the reference's mass outside its top-k (mean, 95th percentile, largest).
 Results in `benchmarks/results/topk_anchor.json` and `.md`.
 """
 
@@ -40,6 +43,8 @@ from minorsft_trl.reference.vocabulary_kl import (
 RECIPE = "recipes/SmolLM2-135M-Instruct/sft_kl/config_lora.yaml"
 KS = [1, 2, 4, 8, 16, 20, 32, 64, 128, 256, 512, 1024, 2048]
 RUNS = ["si_conversion", "topical_chat"]
+# Draws from the reference's rest per answer token: `ref_tail_samples`'s default
+TAIL_SAMPLES = 32
 # topical_chat's dialogues fill max_length 256: 160 training examples (20 steps) keep its run to about 10 minutes
 CHAT_TRAIN = 160
 # What the collated batches give the model (not the precomputed reference values of a run that has them)
@@ -78,9 +83,11 @@ class AnchorError(TrainerCallback):
 
 @torch.no_grad()
 def measure(policy, batches: list[dict]) -> dict:
-    """Per k, the relative error of the coarsened KL's mean against the full KL's, and the reference's rest mass, on
-    the answer tokens of `batches` (collated), the reference being `policy` (PEFT) with its adapters disabled."""
-    full, coarse, rest = [], {k: [] for k in KS}, {k: [] for k in KS}
+    """Per k, the relative error of the coarsened KL's mean and of the drawn anchor's against the full KL's, the drawn
+    anchor's per-token spread, and the reference's rest mass, on the answer tokens of `batches` (collated), the
+    reference being `policy` (PEFT) with its adapters disabled."""
+    full, coarse, drawn, rest = [], {k: [] for k in KS}, {k: [] for k in KS}, {k: [] for k in KS}
+    generator = torch.Generator(next(policy.parameters()).device).manual_seed(0)
     device = next(policy.parameters()).device
     for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items() if key in MODEL_INPUTS}
@@ -100,13 +107,18 @@ def measure(policy, batches: list[dict]) -> dict:
             top = reference_topk(ref_hidden, head, k)
             coarse[k].append(topk_kl(hidden, head, answer_ids, answer_logps, top))
             rest[k].append(top.rest_logp.exp())
+            with_draws = reference_topk(ref_hidden, head, k, TAIL_SAMPLES, generator)
+            drawn[k].append(topk_kl(hidden, head, answer_ids, answer_logps, with_draws))
     full = torch.cat(full).double()
     report = {"tokens": full.numel(), "full_kl": full.mean().item(), "by_k": {}}
     for k in KS:
         values, masses = torch.cat(coarse[k]).double(), torch.cat(rest[k]).double()
+        estimates = torch.cat(drawn[k]).double()
         report["by_k"][k] = {
             "coarsened_kl": values.mean().item(),
             "relative_error": (values.sum() / full.sum() - 1).item(),
+            "drawn_relative_error": (estimates.sum() / full.sum() - 1).item(),
+            "drawn_token_spread": ((estimates - full).square().mean().sqrt() / full.mean()).item(),
             "rest_mass_mean": masses.mean().item(),
             "rest_mass_p95": masses.quantile(0.95).item(),
             "rest_mass_max": masses.max().item(),
@@ -143,6 +155,19 @@ def markdown(results: dict) -> str:
     for name, report in results.items():
         cells = [f"{report['by_k'][k]['relative_error']:+.2%}" for k in KS]
         lines.append(f"| {name} | {report['tokens']} | {report['full_kl']:.4f} | " + " | ".join(cells) + " |")
+    if all("drawn_relative_error" in report["by_k"][KS[0]] for report in results.values()):
+        lines += [
+            "",
+            f"With {TAIL_SAMPLES} draws from the rest (`ref_tail_samples`): relative error of the mean (0 in "
+            "expectation) / per-token spread (root mean square of the difference to the full KL, over the full KL's "
+            "mean):",
+            "",
+        ]
+        lines += ["| run, step | " + " | ".join(f"k={k}" for k in KS) + " |", "|---|" + "---|" * len(KS)]
+        for name, report in results.items():
+            by_k = report["by_k"]
+            cells = [f"{by_k[k]['drawn_relative_error']:+.2%} / {by_k[k]['drawn_token_spread']:.2f}" for k in KS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Reference's mass outside its top-k (mean / p95 / max):", ""]
     lines += ["| run, step | " + " | ".join(f"k={k}" for k in KS) + " |", "|---|" + "---|" * len(KS)]
     for name, report in results.items():
