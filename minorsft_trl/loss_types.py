@@ -26,7 +26,7 @@ class ReferenceNeed(enum.Enum):
     """What a loss reads from the reference, per micro-batch."""
 
     SEQUENCE = "each example's summed answer log-prob"
-    # Precomputed, as its top `ref_top_k` tokens and the rest at each answer token (`reference.topk_anchor`)
+    # Precomputed, as its top `ref_top_k` tokens, the rest's mass and draws from the rest (`reference.topk_anchor`)
     DISTRIBUTION = "the next-token distribution over the vocabulary at every answer token"
 
 
@@ -47,8 +47,9 @@ class LossInputs:
         num_tokens: `(N,)` answer lengths `m_i`.
         token_logps: `(T,)` answer-token log-probs of the policy, with gradient.
         example_ids: `(T,)` the example (in `[0, N)`) of each answer token.
-        token_kl: `(T,)` `KL(pi_ref || pi_theta)` per answer token, with gradient (coarsened to the reference's top-k
-            where precomputed, `reference.topk_anchor`); `None` unless the loss needs the reference's distribution.
+        token_kl: `(T,)` `KL(pi_ref || pi_theta)` per answer token, with gradient (estimated from the reference's
+            top-k and draws where precomputed, `reference.topk_anchor`); `None` unless the loss needs the reference's
+            distribution.
     """
 
     policy_logps: torch.Tensor

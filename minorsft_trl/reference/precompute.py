@@ -4,7 +4,8 @@ The reference is frozen, so all Minor SFT needs from it is one number per exampl
 log-probs. They are stored per dataset row (a packed row holds several examples), attached as a `ref_logps` column,
 and the collator concatenates them in the order in which `ExampleIndex` numbers the examples of a batch. The KL losses
 (`sft_kl`, `asft`) also need the reference's next-token distribution at each answer token: the same pass keeps its
-top `ref_top_k` tokens and the mass of the rest (`topk_anchor`, stored by `topk_cache`).
+top `ref_top_k` tokens, the mass of the rest and `ref_tail_samples` tokens drawn from it (`topk_anchor`, stored by
+`topk_cache`).
 
 Under several processes every process computes its share of the batches (a sharded reference, FSDP or ZeRO-3, needs
 every process in each forward anyway), the values are gathered in dataset order, and only the main process reads and

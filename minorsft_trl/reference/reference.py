@@ -55,7 +55,7 @@ class ReferenceSide:
         precomputed: whether `logps` come from the precompute pass.
         hidden: `(T, hidden)` the reference's hidden states at the answer positions, with `head` its LM head
             `(weight, bias)`: the exact KL anchor over the vocabulary, on the fly (else `None`).
-        topk: the reference's precomputed top-k at the answer tokens: the coarsened anchor (else `None`).
+        topk: the reference's precomputed top-k and draws from its rest at the answer tokens (else `None`).
     """
 
     logps: torch.Tensor
@@ -75,8 +75,8 @@ class ReferenceSide:
         answer_ids: torch.Tensor | None,
         answer_logps: torch.Tensor,
     ) -> torch.Tensor:
-        """`(T,)` the KL anchor per answer token, differentiable through the policy: coarsened to the precomputed
-        top-k (`topk_anchor.topk_kl`, which reads the answer tokens `answer_ids` and the policy's `(T,)`
+        """`(T,)` the KL anchor per answer token, differentiable through the policy: from the precomputed top-k and
+        draws (`topk_anchor.topk_kl`, which reads the answer tokens `answer_ids` and the policy's `(T,)`
         `answer_logps`), else the exact one over the vocabulary (`vocabulary_kl.token_kl`).
 
         Args:

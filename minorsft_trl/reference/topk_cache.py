@@ -13,7 +13,7 @@ dataset in dataset order (rows in order, each row's answer tokens in position or
 int32 holds any vocabulary. The log-probs stay float32, as the forward computed them: the anchor's gradient is
 `q - p` per kept token, small where the policy is near its reference, and float16's rounding of `log p` (up to 2e-3
 at `log p = -5`) moved it by 3e-3 of its norm on the test models. The README's precompute section gives the cost on
-disk. `8 * (k + s) + 4` bytes per answer token: 8452 for the defaults k = 1024, s = 32.
+disk. `8 * (k + s) + 4` bytes per answer token: 772 for the defaults k = 64, s = 32.
 
 Rows reach the batches by index: a precomputed dataset gets a `ref_topk_row` column, numbered across every entry of
 the run (train and eval), and the collator (`precompute.WithRefLogps`) reads the rows of a batch from the

@@ -211,8 +211,8 @@ def auto_trainer(tmp_path, tokenizer, loss_type="minor_sft", dataset=None, **kwa
     [
         ("minor_sft", False, True, "precompute_ref_log_probs='auto': on."),
         ("iw_sft", False, True, "precompute_ref_log_probs='auto': on."),
-        ("asft", False, True, "with the KL anchor's top ref_top_k=1024 tokens and ref_tail_samples=32 draws"),
-        ("sft_kl", False, True, "with the KL anchor's top ref_top_k=1024 tokens and ref_tail_samples=32 draws"),
+        ("asft", False, True, "with the KL anchor's top ref_top_k=64 tokens and ref_tail_samples=32 draws"),
+        ("sft_kl", False, True, "with the KL anchor's top ref_top_k=64 tokens and ref_tail_samples=32 draws"),
         ("minor_sft", True, False, "off, a dataset is streamed (an IterableDataset)"),
     ],
     ids=["minor_sft", "iw_sft", "asft", "sft_kl", "streamed"],

@@ -158,9 +158,9 @@ def test_full_fine_tuning_with_the_precomputed_anchor_keeps_one_model(tmp_path, 
     trainer.reference.token_logps = no_reference_forward
     trainer.train()
     (log,) = [log for log in trainer.state.log_history if "loss" in log]
-    # The default k, 1024, is more than the tiny vocabulary: all of it is kept, and nothing is drawn
+    # The defaults, the top 64 tokens and 32 draws; the policy is its reference at the first step
     assert log["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert log["kl_top_k"] == len(tokenizer) and log["kl_tail_samples"] == 0
+    assert log["kl_top_k"] == 64 and log["kl_tail_samples"] == 32
 
 
 @pytest.mark.parametrize("k", [0, -3, 2.5, True])
@@ -197,7 +197,7 @@ def test_a_cache_that_would_not_fit_on_its_disk_is_refused_before_anything_is_wr
 def test_auto_precomputes_the_anchor_and_says_with_what(tmp_path, warnings_of_minorsft):
     args = MinorSFTConfig(output_dir=str(tmp_path / "out"), loss_type="sft_kl", ref_cache_dir=str(tmp_path / "c"))
     assert precompute.resolve_precompute(args, prompt_completion_dataset(), None) is True
-    assert any("top ref_top_k=1024 tokens and ref_tail_samples=32 draws" in m for m in warnings_of_minorsft)
+    assert any("top ref_top_k=64 tokens and ref_tail_samples=32 draws" in m for m in warnings_of_minorsft)
 
 
 def test_under_zero3_the_precomputed_anchor_is_refused_and_auto_keeps_the_exact_one(
