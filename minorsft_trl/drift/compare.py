@@ -11,8 +11,8 @@ SFT at Minor SFT's learning rate times the mean `minor_weight` of Minor SFT's ru
 the brake's re-weighting from its average scaling of the step.
 
 Every run of a comparison measures the forward KL with one estimator: under `precompute_ref_log_probs` "auto" every
-run keeps its reference model (the KL losses run theirs at every step), under true every run releases it (the KL
-losses precompute their anchor's top-k too).
+run keeps its reference model, under true every run releases it (the KL losses precompute their anchor under
+both).
 
 Every run is cached as it finishes, keyed by the run's resolved recipe, the method, learning rate and seed, and the
 content of every local file it reads (model and data folders, the chat template): an interrupted comparison resumes

@@ -12,10 +12,10 @@ every process in each forward anyway), the values are gathered in dataset order,
 writes the cache; the others follow its lead (`_follow_main`) and receive the values.
 """
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ def split_per_row(values: np.ndarray, counts: np.ndarray) -> list[list[float]]:
     return [values[start:end].tolist() for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class ReferencePass:
     """What a precompute pass gives for a dataset, in dataset order.
 
@@ -72,7 +72,7 @@ def per_row_values(entry: Path) -> list[list[float]]:
     return split_per_row(values, np.load(entry / "examples_per_row.npy", allow_pickle=False))
 
 
-@dataclasses.dataclass
+@dataclass
 class WithRefLogps:
     """Wraps a collator: the `ref_logps` lists of the examples become one `(num_examples,)` tensor in the batch, in
     the order of `ExampleIndex` (rows in batch order, the examples of a packed row in their order); where the rows

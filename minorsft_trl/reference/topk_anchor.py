@@ -106,14 +106,12 @@ def reference_topk(
         top = logps.topk(k, dim=-1)
         rest_logps = logps.scatter(-1, top.indices, float("-inf"))
         rest = rest_logps.logsumexp(-1)
-        # log p(v | R); where the rest is empty, any distribution: the draws' weight is p_R = 0
-        has_rest = torch.isfinite(rest)[:, None]
-        tail_distribution = torch.where(has_rest, rest_logps - rest[:, None].where(has_rest, 0.0), logps).exp()
-        tail_ids = (
-            torch.multinomial(tail_distribution, tail_samples, replacement=True, generator=generator)
-            if tail_samples
-            else top.indices[:, :0]
-        )
+        tail_ids = top.indices[:, :0]
+        if tail_samples:
+            # p(v | R); where the rest is empty, any distribution: the draws' weight is p_R = 0
+            has_rest = torch.isfinite(rest)[:, None]
+            tail = torch.where(has_rest, rest_logps - rest[:, None].where(has_rest, 0.0), logps).exp()
+            tail_ids = torch.multinomial(tail, tail_samples, replacement=True, generator=generator)
         parts.append((top.indices, top.values, rest, tail_ids, logps.gather(-1, tail_ids)))
     if not parts:
         empty, no_draws = (hidden.new_zeros(0, width, dtype=torch.float32) for width in (k, tail_samples))
@@ -131,8 +129,9 @@ class _GatheredLogits(torch.autograd.Function):
     `GATHER_TOKEN_CHUNK` positions at a time, each chunk one matrix product with the LM head's rows of the distinct
     ids it holds, whose columns are then gathered: neighbouring positions' top-k overlap, so this reads each row once
     per chunk where gathering `k + 1` rows per position read `(T, k, hidden)` values (memory-bound: 1.14x plain SFT's
-    step at the Qwen2-7B shape scaled down, 1.01x this way; README, "The KL anchor precomputed"), and it is never more
-    than one pass of the whole head. The backward recomputes the products, so autograd keeps nothing of them."""
+    step at the Qwen2-7B shape scaled down with k = 256, 1.01x this way; README, "The KL anchor precomputed"), and it
+    is never more than one pass of the whole head. The backward recomputes the products, so autograd keeps nothing
+    of them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids):
