@@ -138,7 +138,7 @@ PRESETS = {
     # Issue 32: SFT + KL with its anchor precomputed (the recipe's precompute on: the default ref_top_k = 1024 and
     # ref_tail_samples = 32 draws from the rest) against the exact anchor over the whole vocabulary on the fly, on the
     # default grid's settings (25 steps, both learning rates, 3 seeds; 12 runs, about 40 min on 2 CPU cores); then the
-    # same k without draws (the KL coarsened to the top-k and the rest) at the higher rate (3 runs)
+    # same k without draws (the KL coarsened to the top 64 tokens and the rest) at the higher rate (3 runs)
     "anchor": Preset(
         blocks=(
             Block(SI_CONVERSION, "lora", ("sft_kl",), (2.5e-4, 1e-3)),
@@ -155,7 +155,7 @@ PRESETS = {
                 "lora",
                 ("sft_kl",),
                 (1e-3,),
-                variant="top-1024-no-draws",
+                variant="top-64-no-draws",
                 method_settings={"sft_kl": {"kl_coef": 0.05, "ref_tail_samples": 0}},
             ),
         ),
