@@ -11,8 +11,16 @@ import yaml
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 from test_gradients import lora_config
-from test_reference import four_bit_config
-from tiny import cpu_args, make_model, make_tokenizer, prompt_completion_dataset, write_recipe
+from tiny import (
+    BIGBENCH_TASK,
+    cpu_args,
+    fake_bigbench,
+    four_bit_config,
+    make_model,
+    make_tokenizer,
+    prompt_completion_dataset,
+    write_recipe,
+)
 from transformers import AutoModelForCausalLM
 
 from minorsft_trl import MinorSFTConfig, MinorSFTTrainer
@@ -85,10 +93,8 @@ def missing_embedded_package(c):
 
 
 def unknown_bigbench_task(c):
-    from test_data import TASK, fake_bigbench
-
     c.monkeypatch.setenv("MINORSFT_TRL_CACHE", str(c.tmp_path / "cache"))
-    archive = fake_bigbench(c.tmp_path, {"unit_conversion/si_conversion": TASK})
+    archive = fake_bigbench(c.tmp_path, {"unit_conversion/si_conversion": BIGBENCH_TASK})
     bigbench.load_splits("unit_conversion/si_convertion", test_size=2, archive=archive)
 
 

@@ -8,8 +8,7 @@ import torch
 from datasets import IterableDataset
 from peft import IA3Config, LoHaConfig, LoraConfig, PromptTuningConfig
 from test_gradients import answer_logps, lora_config, one_step_gradients, step_args, whole_dataset_batch
-from test_reference import fused_logps, pristine
-from tiny import conversational_dataset, cpu_args, make_model, prompt_completion_dataset
+from tiny import conversational_dataset, cpu_args, fused_logps, make_model, pristine, prompt_completion_dataset
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 

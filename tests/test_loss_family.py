@@ -15,8 +15,14 @@ from test_gradients import (
     step_args,
     whole_dataset_batch,
 )
-from test_reference import four_bit_config, fused_logps, pristine_in_training_kernels
-from tiny import cpu_args, make_model, prompt_completion_dataset
+from tiny import (
+    cpu_args,
+    four_bit_config,
+    fused_logps,
+    make_model,
+    pristine_in_training_kernels,
+    prompt_completion_dataset,
+)
 from trl import SFTConfig, SFTTrainer
 
 import minorsft_trl.reference.vocabulary_kl as vocabulary_kl

@@ -1,12 +1,28 @@
-"""Tiny, offline, deterministic stand-ins for a real model, tokenizer and dataset."""
+"""Tiny, offline, deterministic stand-ins for a real model, tokenizer and dataset, and the helpers that tests in
+several folders share."""
 
 import copy
+import io
+import json
+import tarfile
 
 import torch
 from datasets import Dataset
 from peft import IA3Config, LoHaConfig, LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from trl.trainer.utils import add_fused_lm_head
+
+from minorsft_trl.data import bigbench
+from minorsft_trl.fused_head import labelled_positions_only
 
 ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 # Layer widths that bitsandbytes' 4-bit CPU paths accept: multiples of its quantization block (64) and of the packing
@@ -159,3 +175,60 @@ def pretrained_adapter(tokenizer, name):
         for param in (p for n, p in model.named_parameters() if p.requires_grad):
             param.add_(0.5 * torch.randn(param.shape, generator=generator))
     return model
+
+
+# The 4-bit configuration and the fresh, fused-head copies that reference tests in several folders compare with
+
+
+def four_bit_config():
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
+def fused_logps(model, batch):
+    """Per-token log-probs through TRL's fused LM head on the path the trainer's reference passes take (the answer
+    positions only, `minorsft_trl.fused_head`), so that a comparison with them can be exact on any CPU."""
+    with torch.no_grad(), labelled_positions_only():
+        return model(**batch, use_cache=False, fused_lm_head=True).log_probs
+
+
+def pristine(model_dir, **init_kwargs):
+    """The base model loaded afresh from disk, with TRL's fused LM head."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **init_kwargs).eval()
+    add_fused_lm_head(model)
+    return model
+
+
+def pristine_in_training_kernels(model_dir, **init_kwargs):
+    """The base model loaded afresh from disk, run as training runs it (train mode: the 4-bit layers' training
+    kernels; the tiny models have no dropout), for a no-grad comparison."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **init_kwargs).train()
+    add_fused_lm_head(model)
+    return model
+
+
+def fake_bigbench(tmp_path, tasks):
+    """A tarball laid out like the bigbench source package, holding the given task.json contents."""
+    path = tmp_path / "bigbench-fake.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for name, content in tasks.items():
+            data = json.dumps(content).encode()
+            info = tarfile.TarInfo(f"{bigbench.TASKS_PREFIX}{name}/task.json")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+# A multiple-choice BIG-bench task of 10 questions, and one example of another kind
+BIGBENCH_TASK = {
+    "append_choices_to_input": False,
+    "examples": [
+        {"input": f"{i} m in cm is ", "target_scores": {f"{i}00 cm.": 1, f"{i} cm.": 0, f"{i}0 mm.": 0}}
+        for i in range(10)
+    ]
+    + [{"input": "no choices", "target": "x"}],
+}

@@ -1,12 +1,8 @@
 """The offline data and model plumbing: the verified cache, BIG-bench tasks, multiple-choice scoring."""
 
-import io
-import json
-import tarfile
-
 import pytest
 import torch
-from tiny import make_model
+from tiny import BIGBENCH_TASK, fake_bigbench, make_model
 
 from minorsft_trl.cache import cached_directory
 from minorsft_trl.data import bigbench, embedded
@@ -68,28 +64,6 @@ def test_interrupted_build_leaves_nothing_to_trust(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def fake_bigbench(tmp_path, tasks):
-    """A tarball laid out like the bigbench source package, holding the given task.json contents."""
-    path = tmp_path / "bigbench-fake.tar.gz"
-    with tarfile.open(path, "w:gz") as archive:
-        for name, content in tasks.items():
-            data = json.dumps(content).encode()
-            info = tarfile.TarInfo(f"{bigbench.TASKS_PREFIX}{name}/task.json")
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
-
-
-TASK = {
-    "append_choices_to_input": False,
-    "examples": [
-        {"input": f"{i} m in cm is ", "target_scores": {f"{i}00 cm.": 1, f"{i} cm.": 0, f"{i}0 mm.": 0}}
-        for i in range(10)
-    ]
-    + [{"input": "no choices", "target": "x"}],
-}
-
-
 def test_bigbench_exact_match_tasks_and_texts(tmp_path):
     examples = [{"input": "Capital of France is ", "target": ["Paris", "paris."]}, {"input": "x", "target": "y"}]
     task = {"examples": examples}
@@ -101,7 +75,7 @@ def test_bigbench_exact_match_tasks_and_texts(tmp_path):
 
 
 def test_bigbench_multiple_choice_and_disjoint_seeded_splits(tmp_path):
-    archive = fake_bigbench(tmp_path, {"units/metres": TASK})
+    archive = fake_bigbench(tmp_path, {"units/metres": BIGBENCH_TASK})
     examples = bigbench.task_examples("units/metres", archive)
     assert len(examples) == 10  # the example without target_scores is not multiple choice
     assert examples[3] == {
@@ -125,7 +99,7 @@ def test_bigbench_appends_choices_when_the_task_says_so(tmp_path):
 
 
 def test_unknown_bigbench_task_names_close_matches(tmp_path):
-    archive = fake_bigbench(tmp_path, {"units/metres": TASK, "units/grams": TASK})
+    archive = fake_bigbench(tmp_path, {"units/metres": BIGBENCH_TASK, "units/grams": BIGBENCH_TASK})
     with pytest.raises(ValueError, match=r"no JSON task 'units/metre'.*Did you mean: units/metres"):
         bigbench.load_task("units/metre", archive)
 

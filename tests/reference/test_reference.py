@@ -10,49 +10,24 @@ import torch
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from test_gradients import lora_config, whole_dataset_batch
-from tiny import cpu_args, make_model, prompt_completion_dataset
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from tiny import (
+    cpu_args,
+    four_bit_config,
+    fused_logps,
+    make_model,
+    pristine,
+    pristine_in_training_kernels,
+    prompt_completion_dataset,
+)
 from trl.trainer.utils import add_fused_lm_head
 
 from minorsft_trl import MinorSFTTrainer
 from minorsft_trl.drift.live import drift_log_history
-from minorsft_trl.fused_head import labelled_positions_only
-
-
-def four_bit_config():
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
 
 
 def train_args(tmp_path, **overrides):
     """A few steps at a high learning rate, so the policy moves visibly away from where it started."""
     return cpu_args(tmp_path, max_steps=4, learning_rate=5e-2, per_device_train_batch_size=4, **overrides)
-
-
-def fused_logps(model, batch):
-    """Per-token log-probs through TRL's fused LM head on the path the trainer's reference passes take (the answer
-    positions only, `minorsft_trl.fused_head`), so that a comparison with them can be exact on any CPU."""
-    with torch.no_grad(), labelled_positions_only():
-        return model(**batch, use_cache=False, fused_lm_head=True).log_probs
-
-
-def pristine(model_dir, **init_kwargs):
-    """The base model loaded afresh from disk, with TRL's fused LM head."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **init_kwargs).eval()
-    add_fused_lm_head(model)
-    return model
-
-
-def pristine_in_training_kernels(model_dir, **init_kwargs):
-    """The base model loaded afresh from disk, run as training runs it (train mode: the 4-bit layers' training
-    kernels; the tiny models have no dropout), for a no-grad comparison."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **init_kwargs).train()
-    add_fused_lm_head(model)
-    return model
 
 
 # PEFT's `bias` option trains the base model's own biases, which disabling the adapters does not undo

@@ -10,11 +10,12 @@ import torch
 from accelerate.state import AcceleratorState
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from test_gradients import BETA, lora_config, whole_dataset_batch
-from test_reference import fused_logps, train_args
+from test_reference import train_args
 from tiny import (
     ADAPTERS,
     conversational_dataset,
     cpu_args,
+    fused_logps,
     make_model,
     make_tokenizer,
     pretrained_adapter,
