@@ -270,17 +270,19 @@ class MinorSFTConfig(SFTConfig):
                 "weights sigmoid(-beta r) fall to 0. The paper's best is beta=0.04."
             )
         self.precompute_ref_log_probs = precompute_choice(self.precompute_ref_log_probs)
-        if isinstance(self.ref_top_k, bool) or not isinstance(self.ref_top_k, int) or self.ref_top_k < 1:
-            raise InputError(
-                f"ref_top_k must be a whole number >= 1, got {self.ref_top_k!r}: the reference's tokens per answer "
-                "token kept by the precomputed KL anchor (default 64)."
-            )
-        samples = self.ref_tail_samples
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-            raise InputError(
-                f"ref_tail_samples must be a whole number >= 0, got {self.ref_tail_samples!r}: the tokens drawn per "
-                "answer token from the reference's rest by the precomputed KL anchor (default 32; 0 draws none)."
-            )
+        _check_count(
+            "ref_top_k",
+            self.ref_top_k,
+            1,
+            "It is the reference's tokens per answer token kept by the precomputed KL anchor (default 64).",
+        )
+        _check_count(
+            "ref_tail_samples",
+            self.ref_tail_samples,
+            0,
+            "It is the tokens drawn per answer token from the reference's rest by the precomputed KL anchor (default "
+            "32; 0 draws none).",
+        )
         if self.precompute_ref_log_probs is True and not self.uses_reference:
             raise InputError(
                 f"precompute_ref_log_probs=True with loss_type={self.loss_type!r} and log_deviation=False: there is "
@@ -302,9 +304,7 @@ class MinorSFTConfig(SFTConfig):
         """Values that transformers accepts and only trips over once training starts (a division by zero, a NaN
         step), after the output directory was made."""
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {value!r}.")
+            _check_count(name, getattr(self, name), 1)
         if (
             not isinstance(self.learning_rate, (int, float))
             or not math.isfinite(self.learning_rate)
@@ -328,9 +328,7 @@ class MinorSFTConfig(SFTConfig):
 
     def _check_drift_settings(self) -> None:
         for name in ("drift_num_prompts", "drift_max_new_tokens", "drift_num_texts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {value!r}.")
+            _check_count(name, getattr(self, name), 1)
         if self.max_forward_kl is not None:
             _check_number(
                 "max_forward_kl",
@@ -418,6 +416,12 @@ def precompute_choice(value) -> bool | str:
             "wherever it can serve."
         )
     return choice
+
+
+def _check_count(name: str, value, minimum: int, hint: str = "") -> None:
+    """A whole number of something: an `int` (not a `bool`) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}. {hint}".rstrip())
 
 
 def _check_number(name: str, value, positive: bool, hint: str) -> None:

@@ -30,12 +30,10 @@ class WindowMetrics:
         self.args = args
         self._sums = {"train": {}, "eval": {}}
 
-    def add_reference_terms(
-        self, mode: str, terms: LossInputs, kl_top_k: int | None = None, kl_tail_samples: int = 0
-    ) -> None:
+    def add_reference_terms(self, mode: str, terms: LossInputs, topk_anchor: tuple[int, int] | None = None) -> None:
         """Add this micro-batch's `deviation` and `log_ratio`, the loss's per-example weights (mean, `_min`, `_max`,
-        e.g. `minor_weight`) and the mean per-token KL anchor (`kl`), over all processes; with `kl_top_k`, the anchor
-        was the precomputed one from the reference's top `kl_top_k` tokens and `kl_tail_samples` draws from the rest,
+        e.g. `minor_weight`) and the mean per-token KL anchor (`kl`), over all processes; with `topk_anchor`
+        `(k, s)`, the anchor was the precomputed one from the reference's top `k` tokens and `s` draws from the rest,
         logged as `kl_top_k` and `kl_tail_samples` (both absent for the exact anchor over the vocabulary)."""
         log_ratio, num_tokens = terms.policy_logps.detach() - terms.ref_logps, terms.num_tokens
         reference_loss = self.args.reference_loss
@@ -61,9 +59,9 @@ class WindowMetrics:
             [sums, weight_min[None], weight_max[None]]
         ).tolist()
         self.add_to_mean(mode, "kl", kl_sum, kl_count)
-        if kl_top_k is not None:
-            self.add_to_mean(mode, "kl_top_k", kl_top_k * kl_count, kl_count)
-            self.add_to_mean(mode, "kl_tail_samples", kl_tail_samples * kl_count, kl_count)
+        if topk_anchor is not None:
+            for name, value in zip(("kl_top_k", "kl_tail_samples"), topk_anchor, strict=True):
+                self.add_to_mean(mode, name, value * kl_count, kl_count)
         if total == 0:
             return
         self.add_to_mean(mode, "deviation", deviation_sum, total)

@@ -321,10 +321,8 @@ class MinorSFTTrainer(SFTTrainer):
             policy_hidden = answer_hidden_states(recorder.hidden_states, index.answer_mask)
             kl = side.kl_anchor(policy_hidden, lm_head_weights(unwrapped), answer_ids, token_logps[index.answer_mask])
         terms = LossInputs.of(index, token_logps, side.logps, kl)
-        if side.topk is not None:
-            self.window_metrics.add_reference_terms(mode, terms, side.topk.ids.size(1), side.topk.tail_samples)
-        else:
-            self.window_metrics.add_reference_terms(mode, terms)
+        anchor = (side.topk.ids.size(1), side.topk.tail_samples) if side.topk is not None else None
+        self.window_metrics.add_reference_terms(mode, terms, anchor)
         if mode == "eval":
             self.window_metrics.add_answer_nll(terms.policy_logps, terms.num_tokens)
         reference_loss = self.args.reference_loss
