@@ -123,6 +123,13 @@ class MinorSFTConfig(SFTConfig):
             starts from, measured before the first step and saved as `checkpoint-0` (a run that starts over budget
             stops there with an error), or one saved after an evaluation within budget. See
             `minorsft_trl.drift.budget`.
+        target_forward_kl (`float`, *optional*):
+            A drift budget that steers: the KL anchor's coefficient of `sft_kl` and `asft` rises while the run drifts
+            past the budget and falls while it has room, so that the run's forward KL (`eval_forward_kl`) ends at
+            this value having learnt what it could within it; `kl_coef` is then the coefficient the run starts
+            with, and the coefficient is logged as `kl_coef` every step. Needs evaluations (the controller calibrates
+            on them) and one of those two losses. May be combined with `max_forward_kl` (at least as large) for a
+            hard stop. See `minorsft_trl.drift.steering`.
 
     Unlike `SFTConfig`, an unset `bf16` stays off on a machine without a bf16 accelerator (where TRL's default fails
     unless `use_cpu=True`).
@@ -244,6 +251,14 @@ class MinorSFTConfig(SFTConfig):
         },
     )
 
+    target_forward_kl: float | None = field(
+        default=None,
+        metadata={
+            "help": "Drift budget that steers: the KL anchor's coefficient of 'sft_kl' and 'asft' is controlled so "
+            "that the forward KL (eval_forward_kl) ends at this value; kl_coef is where it starts. Must be > 0."
+        },
+    )
+
     def __post_init__(self):
         # TRL turns bf16 on when unset, which transformers rejects on a machine without a bf16 accelerator unless
         # `use_cpu=True`; there, unset means full precision, so `args=None` runs on any machine.
@@ -296,6 +311,7 @@ class MinorSFTConfig(SFTConfig):
                 "NEFTune with loss_type='nll' (or 'dft'), or drop neftune_noise_alpha."
             )
         self._check_drift_settings()
+        self._check_steering()
         self._check_trackers_installed()
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
             raise InputError(f"precompute_ref_batch_size must be >= 1, got {self.precompute_ref_batch_size}.")
@@ -361,6 +377,45 @@ class MinorSFTConfig(SFTConfig):
                     f"eval_strategy={self.eval_strategy!r}, eval_steps={self.eval_steps}. Use the same strategy, "
                     "with save_steps a multiple of eval_steps."
                 )
+
+    def _check_steering(self) -> None:
+        """`target_forward_kl`: a budget in `eval_forward_kl`'s units, on a loss with a KL anchor to steer."""
+        if self.target_forward_kl is None:
+            return
+        _check_number(
+            "target_forward_kl",
+            self.target_forward_kl,
+            positive=True,
+            hint="It is the forward KL per token (nats) the run should end at, e.g. 0.5; unset it to keep kl_coef.",
+        )
+        if "kl_coef" not in self.loss_settings:
+            raise InputError(
+                f"target_forward_kl={self.target_forward_kl:g} steers the KL anchor's coefficient, and "
+                f"loss_type={self.loss_type!r} has no KL anchor. Use loss_type='sft_kl' (plain SFT plus the anchor) "
+                "or 'asft'; or max_forward_kl for a stop at the budget with any loss."
+            )
+        if self.kl_coef <= 0:
+            raise InputError(
+                f"target_forward_kl={self.target_forward_kl:g} starts the steered coefficient at kl_coef, which must "
+                f"then be > 0, got {self.kl_coef}. Leave kl_coef at its default (0.05), or give the start you expect."
+            )
+        if not self.eval_drift:
+            raise InputError(
+                f"target_forward_kl={self.target_forward_kl:g} is calibrated on the drift measures, but "
+                "eval_drift=False. Set eval_drift=True, or drop target_forward_kl."
+            )
+        if getattr(self.eval_strategy, "value", self.eval_strategy) == "no":
+            raise InputError(
+                f"target_forward_kl={self.target_forward_kl:g} is calibrated at evaluations, but eval_strategy='no'. "
+                "Set eval_strategy='steps' with eval_steps (about 10 evaluations per run), and an eval dataset or "
+                "test_split_size."
+            )
+        if self.max_forward_kl is not None and self.max_forward_kl < self.target_forward_kl:
+            raise InputError(
+                f"max_forward_kl={self.max_forward_kl:g} is below target_forward_kl={self.target_forward_kl:g}: the "
+                "run would stop before it reaches the budget it steers to. Set max_forward_kl above it (e.g. 1.1 "
+                "times), or drop one of them."
+            )
 
     @property
     def reference_loss(self) -> LossType | None:

@@ -84,7 +84,9 @@ class LossType:
     Attributes:
         reference: what the loss reads from the reference.
         mean_over: what the batch loss averages the loss's values over.
-        loss: `(inputs, args) -> (N,)` per-example values (`mean_over=EXAMPLES`) or `(T,)` per-token values (`TOKENS`).
+        loss: `(inputs, args, kl_coef) -> (N,)` per-example values (`mean_over=EXAMPLES`) or `(T,)` per-token values
+            (`TOKENS`); `kl_coef` is the KL anchor's coefficient of this step (`args.kl_coef`, or the one
+            `target_forward_kl` steers to: `drift.steering`).
         settings: the `MinorSFTConfig` fields the loss reads (named with the run, e.g. in its plot's title).
         weight_name: the metric under which per-example weights are logged (with `_min` and `_max`), if any.
         weight: `(log_ratio, num_tokens, args) -> (N,)` the per-example weights the loss applies.
@@ -94,7 +96,7 @@ class LossType:
 
     reference: ReferenceNeed
     mean_over: MeanOver
-    loss: Callable[[LossInputs, object], torch.Tensor]
+    loss: Callable[[LossInputs, object, float], torch.Tensor]
     settings: tuple[str, ...]
     weight_name: str | None = None
     weight: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor] | None = None
@@ -105,7 +107,7 @@ REFERENCE_LOSSES: dict[str, LossType] = {
     "minor_sft": LossType(
         ReferenceNeed.SEQUENCE,
         MeanOver.EXAMPLES,
-        loss=lambda b, args: minor_sft_loss(b.policy_logps, b.ref_logps, b.num_tokens, args.beta),
+        loss=lambda b, args, kl_coef: minor_sft_loss(b.policy_logps, b.ref_logps, b.num_tokens, args.beta),
         settings=("beta",),
         weight_name="minor_weight",
         weight=lambda log_ratio, num_tokens, args: minor_sft_weight(log_ratio, args.beta),
@@ -114,7 +116,7 @@ REFERENCE_LOSSES: dict[str, LossType] = {
     "sft_dpo": LossType(
         ReferenceNeed.SEQUENCE,
         MeanOver.EXAMPLES,
-        loss=lambda b, args: sft_dpo_loss(b.policy_logps, b.ref_logps, args.beta),
+        loss=lambda b, args, kl_coef: sft_dpo_loss(b.policy_logps, b.ref_logps, args.beta),
         settings=("beta",),
         weight_name="dpo_weight",
         weight=lambda log_ratio, num_tokens, args: sft_dpo_weight(log_ratio, args.beta),
@@ -123,19 +125,21 @@ REFERENCE_LOSSES: dict[str, LossType] = {
     "asft": LossType(
         ReferenceNeed.DISTRIBUTION,
         MeanOver.TOKENS,
-        loss=lambda b, args: asft_loss(b.token_logps, b.token_kl, args.kl_coef),
+        loss=lambda b, args, kl_coef: asft_loss(b.token_logps, b.token_kl, kl_coef),
         settings=("kl_coef",),
     ),
     "sft_kl": LossType(
         ReferenceNeed.DISTRIBUTION,
         MeanOver.EXAMPLES,
-        loss=lambda b, args: sft_kl_loss(b.policy_logps, b.per_example_sum(b.token_kl), b.num_tokens, args.kl_coef),
+        loss=lambda b, args, kl_coef: sft_kl_loss(
+            b.policy_logps, b.per_example_sum(b.token_kl), b.num_tokens, kl_coef
+        ),
         settings=("kl_coef",),
     ),
     "iw_sft": LossType(
         ReferenceNeed.SEQUENCE,
         MeanOver.TOKENS,
-        loss=lambda b, args: iw_sft_loss(
+        loss=lambda b, args, kl_coef: iw_sft_loss(
             b.token_logps, b.example_ids, b.policy_logps, b.ref_logps, b.num_tokens, args.iw_weight_max
         ),
         settings=("iw_weight_max",),

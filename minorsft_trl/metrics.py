@@ -30,11 +30,15 @@ class WindowMetrics:
         self.args = args
         self._sums = {"train": {}, "eval": {}}
 
-    def add_reference_terms(self, mode: str, terms: LossInputs, topk_anchor: tuple[int, int] | None = None) -> None:
+    def add_reference_terms(
+        self, mode: str, terms: LossInputs, topk_anchor: tuple[int, int] | None = None
+    ) -> tuple[float, float]:
         """Add this micro-batch's `deviation` and `log_ratio`, the loss's per-example weights (mean, `_min`, `_max`,
         e.g. `minor_weight`) and the mean per-token KL anchor (`kl`), over all processes; with `topk_anchor`
         `(k, s)`, the anchor was the precomputed one from the reference's top `k` tokens and `s` draws from the rest,
-        logged as `kl_top_k` and `kl_tail_samples` (both absent for the exact anchor over the vocabulary)."""
+        logged as `kl_top_k` and `kl_tail_samples` (both absent for the exact anchor over the vocabulary). Returns
+        the anchor's KL summed over the micro-batch's answer tokens on every process, and their count (0 and 0
+        without an anchor): what `target_forward_kl` steers on."""
         log_ratio, num_tokens = terms.policy_logps.detach() - terms.ref_logps, terms.num_tokens
         reference_loss = self.args.reference_loss
         weight_name = reference_loss.weight_name if reference_loss is not None else None
@@ -63,7 +67,7 @@ class WindowMetrics:
             for name, value in zip(("kl_top_k", "kl_tail_samples"), topk_anchor, strict=True):
                 self.add_to_mean(mode, name, value * kl_count, kl_count)
         if total == 0:
-            return
+            return kl_sum, kl_count
         self.add_to_mean(mode, "deviation", deviation_sum, total)
         self.add_to_mean(mode, "log_ratio", log_ratio_sum, total)
         if weight_name:
@@ -71,6 +75,7 @@ class WindowMetrics:
             metrics = self.trl_metrics[mode]
             metrics[f"{weight_name}_min"].append(weight_min)
             metrics[f"{weight_name}_max"].append(weight_max)
+        return kl_sum, kl_count
 
     def add_answer_nll(self, policy_logps: torch.Tensor, num_tokens: torch.Tensor) -> None:
         """Add this evaluation micro-batch's NLL of the answers and their count, over all processes, to `answer_nll`,

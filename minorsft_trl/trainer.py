@@ -27,6 +27,7 @@ from .drift.budget import DriftBudgetCallback
 from .drift.card import drift_section
 from .drift.data import first_conversations
 from .drift.live import DriftCallback, DriftMeasures, drift_log_history
+from .drift.steering import CALIBRATION_KEY, COEF_KEY, KLCoefController
 from .engines import release_engines, runnable_before_training
 from .examples import ExampleIndex, PackedRowsApart
 from .fused_head import FusedForwardRecorder, labelled_positions_only
@@ -191,6 +192,8 @@ class MinorSFTTrainer(SFTTrainer):
             self.window_metrics = WindowMetrics(self._metrics, self.accelerator, args)
             self.non_finite_loss = NonFiniteLoss()
             self.drift = DriftMeasures(self, eval_conversations)
+            steers = args.target_forward_kl is not None
+            self.kl_steering = KLCoefController(args.target_forward_kl, args.kl_coef) if steers else None
             measures_drift = DriftMeasures.wanted(args, self.eval_dataset)
             self.reference = Reference.load(
                 ref_model,
@@ -214,6 +217,8 @@ class MinorSFTTrainer(SFTTrainer):
             if args.max_forward_kl is not None:
                 self._drift_budget = DriftBudgetCallback(self, args.max_forward_kl)
                 self.add_callback(self._drift_budget)
+            if self.kl_steering is not None:
+                self.add_callback(self.kl_steering)
 
     # ------------------------------------------------------------------ the steps of __init__
 
@@ -259,6 +264,12 @@ class MinorSFTTrainer(SFTTrainer):
                 self.add_callback(DriftCallback(self.drift))
             if self.args.precompute_ref_log_probs:
                 ReferencePrecompute(self, reference_identity).attach()
+
+    @property
+    def kl_coef(self) -> float:
+        """The KL anchor's coefficient of this step: `args.kl_coef`, or the one `target_forward_kl` steers to
+        (`trainer.kl_steering`, a `minorsft_trl.drift.steering.KLCoefController`)."""
+        return self.kl_steering.coef if self.kl_steering is not None else self.args.kl_coef
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -322,14 +333,19 @@ class MinorSFTTrainer(SFTTrainer):
             kl = side.kl_anchor(policy_hidden, lm_head_weights(unwrapped), answer_ids, token_logps[index.answer_mask])
         terms = LossInputs.of(index, token_logps, side.logps, kl)
         anchor = (side.topk.ids.size(1), side.topk.tail_samples) if side.topk is not None else None
-        self.window_metrics.add_reference_terms(mode, terms, anchor)
+        kl_sum, kl_count = self.window_metrics.add_reference_terms(mode, terms, anchor)
+        if self.kl_steering is not None and mode == "train":
+            self.kl_steering.add(kl_sum, kl_count)
+            self._metrics["train"][COEF_KEY].append(self.kl_coef)
+            if self.kl_steering.calibration is not None:
+                self._metrics["train"][CALIBRATION_KEY].append(self.kl_steering.calibration)
         if mode == "eval":
             self.window_metrics.add_answer_nll(terms.policy_logps, terms.num_tokens)
         reference_loss = self.args.reference_loss
         if reference_loss is None:
             return trl_result
 
-        values = reference_loss.loss(terms, self.args)
+        values = reference_loss.loss(terms, self.args, self.kl_coef)
         if self.args.mean_over_examples:
             loss = mean_over_examples(values, num_examples_in_step, self.accelerator.num_processes)
             step_count = num_examples_in_step
@@ -371,7 +387,7 @@ class MinorSFTTrainer(SFTTrainer):
         super().create_model_card(model_name=model_name, dataset_name=hub_dataset, tags=tags)
         if self.is_world_process_zero():
             model_path = get_config_model_id(self.accelerator.unwrap_model(self.model).config)
-            drift = drift_section(drift_log_history(self.state), self._drift_budget)
+            drift = drift_section(drift_log_history(self.state), self._drift_budget, self.kl_steering)
             rewrite_model_card(self.args.output_dir, model_path, dataset_name, drift)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

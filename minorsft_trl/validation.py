@@ -86,7 +86,7 @@ def _check_drift_has_an_eval_split(args, eval_dataset) -> None:
         return
     named = {
         name: getattr(args, name)
-        for name in ("max_forward_kl", "drift_prompts", "drift_text_dataset")
+        for name in ("max_forward_kl", "target_forward_kl", "drift_prompts", "drift_text_dataset")
         if getattr(args, name) is not None
     }
     if named:

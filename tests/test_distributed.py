@@ -144,6 +144,22 @@ def test_the_loss_family_over_two_processes_equals_one_process(tmp_path, tiny_re
         assert abs(second_step["kl"]) * 100.0 > 1e-3, "the KL anchor must be at work"
 
 
+def test_a_steered_coefficient_is_the_same_on_every_process_and_as_one_process(tmp_path, tiny_recipe):
+    """`target_forward_kl` over packed rows of 3 and 5 examples, one per process: each process steers on the anchor's
+    KL of both rows and on the same evaluations, so both train with one coefficient at every step, the one a single
+    process holding both rows steers to (a process steering on its own row would train other weights)."""
+    run = ["--loss_type", "sft_kl", "--kl_coef", 1.0, "--target_forward_kl", 1e-3, "--max_steps", 6]
+    run += ["--packing", "true", "--max_length", 80, "--eval_strategy", "steps", "--eval_steps", 2]
+    run += ["--drift_num_prompts", 4, "--drift_max_new_tokens", 8, "--per_device_eval_batch_size", 4]
+    assert_same_weights(*two_processes_and_one(tmp_path, tiny_recipe, 1, *run, own_caches=True))
+    coefs = {}
+    for name in ("two", "one"):
+        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        coefs[name] = [log["kl_coef"] for log in history if "kl_coef" in log]
+    assert len(coefs["one"]) == 6 and coefs["one"][-1] != coefs["one"][0], "the coefficient must move"
+    assert coefs["two"] == pytest.approx(coefs["one"], rel=1e-4)  # sums over processes in another order
+
+
 def test_generic_script_two_processes_x_batch_4_equals_one_process_x_batch_8(tmp_path, tiny_recipe):
     two, one = two_processes_and_one(tmp_path, tiny_recipe, 4)
     # One step over the same 8 examples: the same update only if the example count spans both processes

@@ -97,7 +97,7 @@ class TrainCommand(Command):
 # What `train -h` leads with: the keys most runs set, by what they are about (`train -h all`: every key)
 COMMON_KEYS = {
     "Model and data": ["model_name_or_path", "dataset_name", "output_dir", "max_length"],
-    "Method": ["loss_type", "beta", "kl_coef", "max_forward_kl"],
+    "Method": ["loss_type", "beta", "kl_coef", "target_forward_kl", "max_forward_kl"],
     "Optimisation": [
         "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"
     ],

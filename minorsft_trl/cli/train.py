@@ -114,6 +114,7 @@ def main(
             os.path.join(training_args.output_dir, "training_curves.png"),
             title=training_args.describe_loss(),
             max_forward_kl=training_args.max_forward_kl,
+            target_forward_kl=training_args.target_forward_kl,
         )
         if curves:
             print(f"Training curves in {curves}.", flush=True)

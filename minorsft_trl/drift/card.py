@@ -3,6 +3,7 @@
 import os
 
 from .budget import DriftBudgetCallback, measured_forward_kl
+from .steering import COEF_KEY, KLCoefController
 
 MEASURES = {
     "eval_forward_kl": "forward KL(π_ref ‖ π_θ) per token, on reference samples",
@@ -13,9 +14,11 @@ MEASURES = {
 }
 
 
-def drift_section(log_history: list[dict], budget: DriftBudgetCallback | None = None) -> str | None:
-    """A markdown section with the drift measures of every evaluation (a row per step), and the budget's verdict;
-    `None` if the run logged none."""
+def drift_section(
+    log_history: list[dict], budget: DriftBudgetCallback | None = None, steering: KLCoefController | None = None
+) -> str | None:
+    """A markdown section with the drift measures of every evaluation (a row per step), the budget's verdict, and
+    the steered coefficient's path; `None` if the run logged none."""
     rows = [log for log in log_history if measured_forward_kl(log)[1] is not None]
     if not rows:
         return None
@@ -47,7 +50,32 @@ def drift_section(log_history: list[dict], budget: DriftBudgetCallback | None = 
                 f"Drift budget `max_forward_kl={budget.max_forward_kl:g}`: exceeded at step {step} ({value:.4g}); "
                 f"training stopped there, and these weights are those of {result}."
             )
+    if steering is not None:
+        lines += ["", steering_summary(log_history, steering)]
     return "\n".join(lines) + "\n"
+
+
+def steering_summary(log_history: list[dict], steering: KLCoefController) -> str:
+    """The steered budget in a sentence or two: the target, the forward KL the run ended at, the coefficient's path."""
+    rows = [log for log in log_history if measured_forward_kl(log)[1] is not None]
+    name, final = measured_forward_kl(rows[-1]) if rows else (None, None)
+    path = [(log["step"], log[COEF_KEY]) for log in log_history if COEF_KEY in log and "loss" in log]
+    ended = "" if final is None else f" ended at {name}={final:.4g} ({final / steering.target:.2f} x the budget)"
+    text = f"Drift budget `target_forward_kl={steering.target:g}` steered the KL anchor's coefficient: the run{ended}"
+    if path:
+        coefs = [coef for _, coef in path]
+        text += (
+            f"; `kl_coef` started at {steering.start:g}, ranged {min(coefs):.3g}-{max(coefs):.3g} and ended at "
+            f"{coefs[-1]:.3g} (step {path[-1][0]})"
+        )
+    text += "."
+    if steering.at_ceiling_over_budget is not None:
+        step, value = steering.at_ceiling_over_budget
+        text += (
+            f" At step {step} the run was over budget ({value:.4g}) with the coefficient at its ceiling: a lower "
+            "learning rate would have kept it within."
+        )
+    return text
 
 
 # How to read the forward KL: what this project's comparisons measured (README, "Is my run drifting?")

@@ -171,4 +171,6 @@ def run_identity(args, policy: torch.nn.Module, reference_weights: tuple) -> dic
     if args.needs_reference_distribution and args.precompute_ref_log_probs:  # the anchor from the top-k and draws
         identity["settings"]["ref_top_k"] = args.ref_top_k
         identity["settings"]["ref_tail_samples"] = args.ref_tail_samples
+    if args.target_forward_kl is not None:  # the coefficient's path: steered to this budget
+        identity["settings"]["target_forward_kl"] = args.target_forward_kl
     return identity
