@@ -26,6 +26,7 @@ from datasets import Dataset
 from minorsft_trl.data import bigbench
 from minorsft_trl.drift import report
 from minorsft_trl.drift.compare import Comparison, make_grid
+from minorsft_trl.drift.grid import base_method
 
 MODEL = "embedded:SmolLM2-135M-Instruct"
 SI_CONVERSION = "bigbench:unit_conversion/si_conversion"
@@ -52,6 +53,8 @@ class Block:
     variant: str = ""  # what sets the block apart from another of the same task and fine-tuning, in its name
     settings: dict = field(default_factory=dict)  # recipe keys of every run of the block (e.g. max_grad_norm)
     method_settings: dict = field(default_factory=dict)  # the block's own METHOD_SETTINGS entries
+    kl_coefs: tuple[float, ...] | None = None  # fixed KL anchor coefficients of the KL methods (`--kl_coefs`)
+    budgets: tuple[float, ...] | None = None  # budgets their coefficient is steered to (`--target_forward_kls`)
 
     @property
     def name(self) -> str:
@@ -69,9 +72,19 @@ class Preset:
     drift_texts: int
     # (block a, block b, method) each: the method's runs of block b against its runs of block a, paired by seed
     paired_blocks: tuple[tuple[int, int, str], ...] = ()
+    # A BIG-bench task no run trains on, scored before and after each run (`--other_task`): what it forgot
+    other_task: str | None = None
+    other_task_questions: int = 200
 
 
 LONG_RATES = (1e-4, 5e-4, 2.5e-3)
+# Issue 33: a drift budget that steers the KL anchor's coefficient, beside fixed coefficients. 1000 training questions
+# (125 steps at batch 8), LoRA, one learning rate on the accuracy plateau (5e-4: 98% at 350 steps); plain SFT is the
+# coefficient 0. The budgets evaluate every 12 steps (10 calibrations of the controller); the fixed coefficients are
+# measured once, at the end (what they would cost a user). emoji_movie, which no run trains on, measures forgetting:
+# the base model answers 58% of it (chance 20%)
+BUDGET_BLOCK_BUDGETS = (0.25, 0.5, 1.0)
+BUDGET_EVALUATION = {"eval_strategy": "steps", "eval_steps": 12}
 PRESETS = {
     # 57 runs: 2 learning rates per method (the matched-accuracy interpolation needs two), 200 training questions, full
     # fine-tuning for SFT and Minor SFT at one learning rate, the second task for SFT and Minor SFT only, the step-size
@@ -166,6 +179,26 @@ PRESETS = {
         drift_texts=32,
         paired_blocks=((1, 0, "sft_kl"), (1, 2, "sft_kl")),
     ),
+    "budget": Preset(
+        blocks=(
+            Block(
+                SI_CONVERSION,
+                "lora",
+                ("sft", "sft_kl"),
+                (5e-4,),
+                kl_coefs=(0.02, 0.05, 0.2, 0.5),
+                budgets=BUDGET_BLOCK_BUDGETS,
+                method_settings={f"sft_kl-budget{b:g}": BUDGET_EVALUATION for b in BUDGET_BLOCK_BUDGETS},
+            ),
+        ),
+        seeds=(0, 1, 2),
+        train_size=1000,
+        test_size=200,
+        drift_prompts=32,
+        drift_texts=32,
+        other_task="bigbench:emoji_movie",
+        other_task_questions=100,
+    ),
 }
 
 
@@ -174,6 +207,7 @@ OUTPUT_DIRS = {
     "quick": "benchmarks/results/compare_methods_quick",
     "long": "benchmarks/results/compare_long_horizon",
     "anchor": "benchmarks/results/compare_kl_anchor",
+    "budget": "benchmarks/results/compare_budget",
 }
 
 
@@ -263,6 +297,9 @@ def main() -> None:
     parser.add_argument("--preset", choices=PRESETS, default="default", help="the grid (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="the quick grid (a first look): --preset quick")
     parser.add_argument("--blocks", type=int, nargs="+", help="run only these blocks of the grid (by index)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="these seeds instead of the preset's (fewer first: the runs are cached)"
+    )
     parser.add_argument("--output_dir", help=f"(default: {', '.join(OUTPUT_DIRS.values())}, by preset)")
     cli = parser.parse_args()
     name = "quick" if cli.quick else cli.preset
@@ -280,9 +317,24 @@ def main() -> None:
         recipe_path = block_dir / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe(block, preset, texts), sort_keys=False))
         known = {**METHOD_SETTINGS, **block.method_settings}
-        settings = {m: known[m] for m in block.methods if m in known}
-        grid = make_grid(block.methods, block.learning_rates, preset.seeds, block.step_control, settings)
-        comparison = Comparison(str(recipe_path), [], grid, block_dir)
+        settings = {m: value for m, value in known.items() if base_method(m) in block.methods}
+        grid = make_grid(
+            block.methods,
+            block.learning_rates,
+            preset.seeds if cli.seeds is None else tuple(cli.seeds),
+            block.step_control,
+            settings,
+            kl_coefs=block.kl_coefs,
+            target_forward_kls=block.budgets,
+        )
+        comparison = Comparison(
+            str(recipe_path),
+            [],
+            grid,
+            block_dir,
+            other_task=preset.other_task,
+            other_task_questions=preset.other_task_questions,
+        )
         started = time.perf_counter()
         results = comparison.run(log=lambda line, name=block.name: print(f"{name}: {line}", flush=True))
         text = report.write(results, comparison, time.perf_counter() - started)

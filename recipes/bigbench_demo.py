@@ -84,6 +84,7 @@ def run(script_args, training_args, model_args, dataset_args=None) -> dict:
         "final_drift": final_drift,
         "train_seconds": train_seconds,
         "drift_measure_seconds": round(trainer.drift.seconds, 1),
+        "kl_steering_seconds": round(trainer.kl_steering.seconds, 3) if trainer.kl_steering is not None else None,
         "adapter_dir": os.path.abspath(training_args.output_dir),
         "training_curves": os.path.abspath(os.path.join(training_args.output_dir, "training_curves.png")),
         "wall_time_seconds": round(time.perf_counter() - start, 1),
@@ -101,6 +102,15 @@ def run(script_args, training_args, model_args, dataset_args=None) -> dict:
                 *(f"Final {key}: {value:.4f}" for key, value in final_drift.items()),
                 f"Drift measures: {trainer.drift.seconds:.1f} s, "
                 f"{100 * trainer.drift.seconds / train_seconds:.1f}% of the {train_seconds:.0f} s of training",
+                *(
+                    [
+                        f"Drift budget's controller: {trainer.kl_steering.seconds:.3f} s, "
+                        f"{100 * trainer.kl_steering.seconds / train_seconds:.3f}% of training; kl_coef ended at "
+                        f"{trainer.kl_steering.coef:.3g}"
+                    ]
+                    if trainer.kl_steering is not None
+                    else []
+                ),
                 f"Adapter saved to: {results['adapter_dir']}",
                 f"Training curves:  {results['training_curves']}",
                 f"Reloaded adapter on {example['prompt']!r} -> {answer!r} (expected {example['completion']!r})",

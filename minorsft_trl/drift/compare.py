@@ -40,16 +40,21 @@ from typing import Any
 import yaml
 
 from minorsft_trl.cache import cache_root, cached_directory, file_sha256
+from minorsft_trl.drift.budget import measured_forward_kl
 from minorsft_trl.drift.grid import (
     GRID_KEYS,
     METHODS,
     STEP_CONTROL,
+    VARIANT_KEYS,
     CompareError,
     Grid,
     Run,
+    base_method,
+    budget_of,
     make_grid,
     plan,
     read_grid_file,
+    set_by_variants,
 )
 from minorsft_trl.errors import run_command
 
@@ -57,6 +62,9 @@ from minorsft_trl.errors import run_command
 # were the first half of each row), and the reference samples from its own distribution, not its generation_config
 EVAL_FORMAT = 2
 
+
+# The `eval_steps` of a run whose recipe does not evaluate: measured once, after training
+ONCE_AT_THE_END = 2**31 - 1
 
 # Settings that name local files or folders: keyed by their content
 PATH_FIELDS = {
@@ -119,8 +127,8 @@ def run_overrides(run: Run, grid: Grid, base, output_dir: Path, learning_rate: f
     the recipe's four dataclasses."""
     from minorsft_trl.loss_types import REFERENCE_LOSSES
 
-    method = METHODS["sft" if run.method == STEP_CONTROL else run.method]
-    settings = {**grid.method_settings.get(run.method, {})}
+    method = METHODS["sft" if run.method == STEP_CONTROL else base_method(run.method)]
+    settings = grid.settings_of(run.method)
     if REFERENCE_LOSSES.get(method.loss_type) is None:
         settings.setdefault("log_deviation", True)  # plain SFT logs its train deviation too, on the same scale
     args = [
@@ -130,9 +138,9 @@ def run_overrides(run: Run, grid: Grid, base, output_dir: Path, learning_rate: f
         "--overwrite_output_dir", "true",  # the comparison's own run folder: a run not served from the cache redoes it
         "--disable_tqdm", "true",  # the run's output goes to a file (`RUN_LOG`): a line per log, not a bar's redraws
     ]  # fmt: skip
-    if base[1].eval_strategy == "no":
+    if base[1].eval_strategy == "no" and "eval_strategy" not in settings:
         # The script loads the held-out split only when evaluation is on; measure once, after training, not during
-        args += ["--eval_strategy", "steps", "--eval_steps", str(2**31 - 1)]
+        args += ["--eval_strategy", "steps", "--eval_steps", str(ONCE_AT_THE_END)]
     for key, value in settings.items():
         args += [f"--{key}", json.dumps(value) if isinstance(value, list | dict) else str(value)]
     return args
@@ -177,6 +185,37 @@ def held_out_split(configs):
             "200 examples) to hold out part of the train split, or `dataset_test_split` to a split the data has."
         ) from error
     return eval_dataset
+
+
+def other_task_questions(task: str, count: int):
+    """`count` questions of the BIG-bench task `task` (`bigbench:<task>`), shuffled with a fixed seed: the questions
+    of a task the runs do not train on, scored before and after training. A `CompareError` for a task that is not a
+    BIG-bench one, or that `task_accuracy` cannot score."""
+    import random
+
+    from datasets import Dataset
+
+    from minorsft_trl.data import bigbench
+
+    check_other_task(task, count)
+    examples = bigbench.task_examples(task.removeprefix(bigbench.SCHEME))
+    random.Random(42).shuffle(examples)
+    dataset = Dataset.from_list(examples[:count])
+    if task_kind(dataset) is None:
+        raise CompareError(f"--other_task {task!r}: its questions are neither multiple-choice nor exact-match.")
+    return dataset
+
+
+def check_other_task(task: str, count) -> None:
+    """Refuse an `--other_task` that is no `bigbench:<task>` name, or a count of questions that is no count."""
+    from minorsft_trl.data import bigbench
+
+    if not task.startswith(bigbench.SCHEME):
+        raise CompareError(
+            f"--other_task {task!r}: give a BIG-bench task as bigbench:<task> (e.g. bigbench:sports_understanding)."
+        )
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise CompareError(f"--other_task_questions must be an integer >= 1, got {count!r}.")
 
 
 def task_kind(dataset) -> str | None:
@@ -297,7 +336,9 @@ def read_measures(metrics: dict) -> dict:
     }
 
 
-CURVE_KEYS = ("step", "loss", "deviation", "grad_norm", "learning_rate", "minor_weight", "minor_weight_min")
+CURVE_KEYS = (
+    "step", "loss", "deviation", "grad_norm", "learning_rate", "minor_weight", "minor_weight_min", "kl", "kl_coef",
+)  # fmt: skip
 
 
 def read_log_history(log_history: list[dict], max_grad_norm: float | None) -> dict:
@@ -321,6 +362,12 @@ def read_log_history(log_history: list[dict], max_grad_norm: float | None) -> di
         "clipped_fraction": clipped,
         "grad_norm_over_1": over_default,
         "curve": [{k: log[k] for k in CURVE_KEYS if k in log} for log in train],
+        # The forward KL of every evaluation during training (a budget's path to its target)
+        "drift_curve": [
+            {"step": log["step"], "forward_kl": measured_forward_kl(log)[1]}
+            for log in log_history
+            if measured_forward_kl(log)[1] is not None
+        ],
     }
 
 
@@ -381,9 +428,10 @@ def train(configs):
     return minor_sft.main(*configs)
 
 
-def run_and_measure(configs, eval_dataset, accuracy_kind: str | None) -> dict:
-    """Train one run and measure it: `trainer.evaluate()`'s drift and gain measures, the log history, and the task
-    accuracy on the held-out split (LoRA merged first) when it is a task."""
+def run_and_measure(configs, eval_dataset, accuracy_kind: str | None, other_task=None) -> dict:
+    """Train one run and measure it: `trainer.evaluate()`'s drift and gain measures, the log history, the task
+    accuracy on the held-out split (LoRA merged first) when it is a task, and on `other_task`'s questions (a task the
+    run never trained on: what it forgot) when given."""
     from minorsft_trl.data.evaluation import task_accuracy
 
     started = time.perf_counter()
@@ -398,12 +446,17 @@ def run_and_measure(configs, eval_dataset, accuracy_kind: str | None) -> dict:
         **read_log_history(trainer.state.log_history, configs[1].max_grad_norm),
         "eval_metrics": metrics,
     }
-    if accuracy_kind is not None:
-        model = trainer.model
+    model = trainer.model
+    if accuracy_kind is not None or other_task is not None:
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # training is done
+    if accuracy_kind is not None:
         accuracy = task_accuracy(model, trainer.processing_class, eval_dataset)
         result["accuracy"] = accuracy.value
         result["accuracy_outcomes"] = [int(outcome) for outcome in accuracy.outcomes]  # for intervals over questions
+    if other_task is not None:
+        other = task_accuracy(model, trainer.processing_class, other_task)
+        result["other_task_accuracy"] = other.value
+        result["other_task_outcomes"] = [int(outcome) for outcome in other.outcomes]
     result["wall_seconds"] = time.perf_counter() - started
     del trainer
     gc.collect()
@@ -411,7 +464,7 @@ def run_and_measure(configs, eval_dataset, accuracy_kind: str | None) -> dict:
 
 
 def base_accuracy(configs, eval_dataset) -> float:
-    """The base model's task accuracy on the held-out split."""
+    """The base model's task accuracy on `eval_dataset` (the held-out split, or another task's questions)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from minorsft_trl.data.embedded import resolve_model
@@ -436,21 +489,39 @@ class Comparison:
     grid: Grid
     output_dir: Path
     cache_dir: Path = field(default_factory=lambda: cache_root() / "comparison")
+    # A BIG-bench task none of the runs trains on (`bigbench:<task>`), scored on `other_task_questions` of its
+    # questions before and after training: the accuracy a run lost there
+    other_task: str | None = None
+    other_task_questions: int = 200
 
     def prepare(self) -> None:
         """Every check that can fail, before any training: the recipe, every run's configuration, the eval split."""
-        forced = sorted(
-            {a.removeprefix("--").split("=")[0] for a in self.overrides if a.startswith("--")} & set(GRID_KEYS)
-        )
+        overridden = {a.removeprefix("--").split("=")[0] for a in self.overrides if a.startswith("--")}
+        forced = sorted(overridden & set(GRID_KEYS))
         if forced:
             raise CompareError(f"--{forced[0]} is set per run by the grid: use {GRID_KEYS[forced[0]]} instead.")
+        varied = sorted(overridden & set_by_variants(self.grid.methods))
+        if varied:
+            raise CompareError(
+                f"--{varied[0]} is set per run by {VARIANT_KEYS[varied[0]]}: give the values there, not both."
+            )
         self.base = parse_recipe(self.config, self.overrides)
         check_recipe(self.base)
         # Every run's recipe parses (a method setting it cannot take is an error now, not after hours of training)
         for run in plan(self.grid):
-            self.run_configs(run, run.learning_rate)
+            training_args = self.run_configs(run, run.learning_rate)[1]
+            if budget_of(run.method) is not None and training_args.eval_steps == ONCE_AT_THE_END:
+                raise CompareError(
+                    f"{run.method}: a budget steers on evaluations during training, and the recipe sets "
+                    "eval_strategy: no. Add --eval_strategy steps --eval_steps N (about a tenth of the run's steps), "
+                    f"or set them for the budgets alone (method_settings: {{{run.method}: {{eval_strategy: steps, "
+                    "eval_steps: N}}})."
+                )
         self.eval_dataset = held_out_split(self.base)
         self.accuracy_kind = task_kind(self.eval_dataset)
+        self.other_dataset = None
+        if self.other_task is not None:
+            self.other_dataset = other_task_questions(self.other_task, self.other_task_questions)
 
     def run_configs(self, run: Run, learning_rate: float):
         args = run_overrides(run, self.grid, self.base, self.output_dir, learning_rate)
@@ -466,6 +537,12 @@ class Comparison:
             value, _ = cached_result(self.cache_dir, "base", base_key, self.measure_base)
             results["base"]["accuracy"] = value["accuracy"]
             log(f"base model: held-out accuracy {100 * value['accuracy']:.1f}%")
+        if self.other_dataset is not None:
+            other_key = {**base_key, "other_task": self.other_task_key}
+            value, _ = cached_result(self.cache_dir, "base-other-task", other_key, self.measure_base_other_task)
+            results["base"]["other_task"] = self.other_task
+            results["base"]["other_task_accuracy"] = value["accuracy"]
+            log(f"base model: accuracy on {self.other_task} (no run trains on it) {100 * value['accuracy']:.1f}%")
         log(f"One line per run; each run's own log goes to {self.output_dir}/runs/<run>/{RUN_LOG}.")
         planned = plan(self.grid)
         for number, run in enumerate(planned, start=1):
@@ -486,6 +563,19 @@ class Comparison:
         with output_to(self.output_dir / "runs" / "base_model.log"):
             return {"accuracy": base_accuracy(self.base, self.eval_dataset)}
 
+    def measure_base_other_task(self) -> dict:
+        """The base model's accuracy on the other task's questions."""
+        with output_to(self.output_dir / "runs" / "base_model_other_task.log"):
+            return {"accuracy": base_accuracy(self.base, self.other_dataset)}
+
+    @property
+    def other_task_key(self) -> dict | None:
+        """What the other task's score depends on: its name and questions."""
+        if self.other_dataset is None:
+            return None
+        questions = hashlib.sha256(json.dumps(self.other_dataset.to_list(), sort_keys=True).encode()).hexdigest()
+        return {"task": self.other_task, "questions": questions}
+
     def train_or_read(self, run: Run, learning_rate: float, heading: str, log) -> tuple[dict, bool]:
         """The run's result, read from the cache or trained now with all it prints in its folder's log, and whether
         it was trained now. A run that fails says so, and where its log is, before its error goes on."""
@@ -499,12 +589,14 @@ class Comparison:
             "seed": run.seed,
             "recipe": recipe_key(configs),
         }
+        if self.other_dataset is not None:
+            key["other_task"] = self.other_task_key
         log_file = run_dir(self.output_dir, run, learning_rate) / RUN_LOG
 
         def train_and_measure() -> dict:
             try:
                 with output_to(log_file):
-                    return run_and_measure(configs, self.eval_dataset, self.accuracy_kind)
+                    return run_and_measure(configs, self.eval_dataset, self.accuracy_kind, self.other_dataset)
             except (KeyboardInterrupt, SystemExit):
                 log(
                     f"{heading}: interrupted (its log: {log_file}); the runs done are cached, the same command resumes"
@@ -564,23 +656,45 @@ def make_parser(prog: str = "minorsft-trl compare") -> argparse.ArgumentParser:
         "rate; the default when sft and minor_sft are compared), off, or Minor SFT learning rate(s)",
     )
     parser.add_argument(
+        "--kl_coefs",
+        nargs="*",
+        help="fixed KL anchor coefficients: sft_kl and asft run once per value (default: the recipe's kl_coef)",
+    )
+    parser.add_argument(
+        "--target_forward_kls",
+        nargs="*",
+        help="drift budgets (nats/token of eval_forward_kl): sft_kl and asft also run once per budget, their "
+        "coefficient steered to it (target_forward_kl; the recipe must evaluate during training)",
+    )
+    parser.add_argument(
         "--grid",
-        help="a YAML file with methods, learning_rates, seeds, step_control, "
+        help="a YAML file with methods, learning_rates, seeds, step_control, kl_coefs, target_forward_kls, "
         "method_settings (e.g. {minor_sft: {beta: 0.04}}); the command line wins",
     )
     parser.add_argument(
         "--output_dir", required=True, help="where results.md, results.json, the plots and runs/ (a folder per run) go"
     )
     parser.add_argument("--cache_dir", help="the run cache (default: $MINORSFT_TRL_CACHE/comparison)")
+    parser.add_argument(
+        "--other_task",
+        help="a BIG-bench task no run trains on (bigbench:<task>), scored before and after each run: the accuracy "
+        "it lost there (forgetting)",
+    )
+    parser.add_argument(
+        "--other_task_questions", type=int, default=200, help="questions of --other_task scored (default: 200)"
+    )
     return parser
 
 
 def comparison_from_args(argv: list[str], prog: str = "minorsft-trl compare") -> Comparison:
     """The `Comparison` a command line asks for (a `CompareError` for bad input)."""
-    argv, learning_rates = _take_numbers(argv, "--learning_rates")
+    numbers = {}
+    for option in ("--learning_rates", "--kl_coefs", "--target_forward_kls"):
+        argv, numbers[option] = _take_numbers(argv, option)
     args, overrides = make_parser(prog).parse_known_args(argv)
-    if learning_rates is not None:
-        args.learning_rates = learning_rates
+    for option, values in numbers.items():
+        if values is not None:
+            setattr(args, option.removeprefix("--"), values)
     from_file = read_grid_file(args.grid) if args.grid else {}
 
     def pick(name, default):
@@ -601,10 +715,26 @@ def comparison_from_args(argv: list[str], prog: str = "minorsft-trl compare") ->
     except (TypeError, ValueError):
         raise CompareError(f"seeds must be integers, got {seeds}: fix --seeds.") from None
     grid = make_grid(
-        pick("methods", ["sft", "minor_sft"]), learning_rates, seeds, step_control, from_file.get("method_settings")
+        pick("methods", ["sft", "minor_sft"]),
+        learning_rates,
+        seeds,
+        step_control,
+        from_file.get("method_settings"),
+        kl_coefs=pick("kl_coefs", None),
+        target_forward_kls=pick("target_forward_kls", None),
     )
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "comparison"
-    return Comparison(args.config, overrides, grid, Path(args.output_dir), cache_dir)
+    if args.other_task is not None:
+        check_other_task(args.other_task, args.other_task_questions)
+    return Comparison(
+        args.config,
+        overrides,
+        grid,
+        Path(args.output_dir),
+        cache_dir,
+        other_task=args.other_task,
+        other_task_questions=args.other_task_questions,
+    )
 
 
 def _take_numbers(argv: list[str], option: str) -> tuple[list[str], list[str] | None]:

@@ -30,10 +30,59 @@ METHODS = {
     "iw_sft": Method("iw-SFT", "iw_sft"),
 }
 STEP_CONTROL = "step_control"
-LABELS = {**{name: method.label for name, method in METHODS.items()}, STEP_CONTROL: "SFT at Minor SFT's mean step"}
+# The methods whose KL anchor's coefficient the grid can set (`--kl_coefs`) or steer to a budget
+# (`--target_forward_kls`): each such method runs as one variant per value, `<method>-<tag><value>`
+KL_METHODS = ("sft_kl", "asft")
+VARIANTS = {"kl_coef": ("kl_coef", "kl_coef"), "budget": ("target_forward_kl", "budget")}  # tag: (setting, label)
+
+
+class _Labels(dict):
+    """Method -> its name in tables and plots; a variant's is its method's with the value it sets, e.g.
+    `sft_kl-budget0.5` -> "SFT + KL, budget 0.5"."""
+
+    def __missing__(self, method: str) -> str:
+        base, setting, value = split_variant(method)
+        if setting is None:
+            raise KeyError(method)
+        tag = next(tag for tag, (name, _) in VARIANTS.items() if name == setting)
+        return f"{self[base]}, {VARIANTS[tag][1]} {value:g}"
+
+
+LABELS = _Labels(
+    {**{name: method.label for name, method in METHODS.items()}, STEP_CONTROL: "SFT at Minor SFT's mean step"}
+)
 # Set per run by the grid: a recipe override of these would be silently replaced
 GRID_KEYS = {"loss_type": "--methods", "learning_rate": "--learning_rates", "seed": "--seeds", "data_seed": "--seeds"}
-GRID_FILE_KEYS = ("methods", "learning_rates", "seeds", "step_control", "method_settings")
+# ... and these where the grid has variants that set them
+VARIANT_KEYS = {"kl_coef": "--kl_coefs", "target_forward_kl": "--target_forward_kls"}
+GRID_FILE_KEYS = ("methods", "learning_rates", "seeds", "step_control", "method_settings", "kl_coefs",
+                  "target_forward_kls")  # fmt: skip
+
+
+def variant(method: str, setting: str, value: float) -> str:
+    """The name of `method` run with `setting` (`kl_coef` or `target_forward_kl`) at `value`."""
+    tag = next(tag for tag, (name, _) in VARIANTS.items() if name == setting)
+    return f"{method}-{tag}{value:g}"
+
+
+def split_variant(method: str) -> tuple[str, str | None, float | None]:
+    """`(method, setting, value)` of a variant name, `(method, None, None)` of a plain one."""
+    base, _, rest = method.partition("-")
+    for tag, (setting, _) in VARIANTS.items():
+        if rest.startswith(tag):
+            return base, setting, float(rest.removeprefix(tag))
+    return method, None, None
+
+
+def base_method(method: str) -> str:
+    """The method a variant runs (`sft_kl-budget0.5` -> `sft_kl`)."""
+    return split_variant(method)[0]
+
+
+def budget_of(method: str) -> float | None:
+    """The budget a variant steers to, None for a method with a fixed coefficient."""
+    _, setting, value = split_variant(method)
+    return value if setting == "target_forward_kl" else None
 
 
 @dataclass(frozen=True)
@@ -46,6 +95,15 @@ class Grid:
     seeds: tuple[int, ...]
     step_control: tuple[float, ...] = ()
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def settings_of(self, method: str) -> dict[str, Any]:
+        """The recipe keys of a method's runs: its `method_settings` (a variant: its method's), and what the variant
+        sets (`kl_coef`, `target_forward_kl`)."""
+        base, setting, value = split_variant(method)
+        settings = {**self.method_settings.get(base, {}), **self.method_settings.get(method, {})}
+        if setting is not None:
+            settings[setting] = value
+        return settings
 
 
 @dataclass(frozen=True)
@@ -67,9 +125,19 @@ class Run:
 # ------------------------------------------------------------------ the grid
 
 
-def make_grid(methods, learning_rates, seeds, step_control: Any = None, method_settings: dict | None = None) -> Grid:
+def make_grid(
+    methods,
+    learning_rates,
+    seeds,
+    step_control: Any = None,
+    method_settings: dict | None = None,
+    kl_coefs=None,
+    target_forward_kls=None,
+) -> Grid:
     """A checked `Grid`. `step_control`: None (on, at the largest learning rate, when both `sft` and `minor_sft` are
-    compared), True/"on", False/"off", or the Minor SFT learning rate(s) to take the control at."""
+    compared), True/"on", False/"off", or the Minor SFT learning rate(s) to take the control at. `kl_coefs` and
+    `target_forward_kls` run each KL method (`sft_kl`, `asft`) as a variant per value: fixed coefficients (without
+    `kl_coefs`, the recipe's own) beside the budgets the coefficient is steered to."""
     methods = tuple(dict.fromkeys(methods))
     if not methods:
         raise CompareError(f"no method to compare: give --methods, some of {', '.join(METHODS)}.")
@@ -113,9 +181,10 @@ def make_grid(methods, learning_rates, seeds, step_control: Any = None, method_s
                 f"step_control at learning rate {missing[0]:g}, where minor_sft does not run: give one "
                 f"of the learning rates {[f'{lr:g}' for lr in learning_rates]}, or on/off."
             )
+    methods = _with_variants(methods, kl_coefs, target_forward_kls)
     method_settings = dict(method_settings or {})
     for method, settings in method_settings.items():
-        if method not in METHODS and method != STEP_CONTROL:
+        if method not in METHODS and method != STEP_CONTROL and method not in methods:
             raise CompareError(
                 f"method_settings names an unknown method {method!r}: known ones are {', '.join(METHODS)}."
             )
@@ -128,7 +197,49 @@ def make_grid(methods, learning_rates, seeds, step_control: Any = None, method_s
             raise CompareError(
                 f"method_settings.{method} sets {fixed[0]}, which the grid sets per run: use {GRID_KEYS[fixed[0]]}."
             )
+        varied = sorted(key for key in set(settings) & set(VARIANT_KEYS) if key in set_by_variants(methods))
+        if varied and base_method(method) in KL_METHODS:
+            raise CompareError(
+                f"method_settings.{method} sets {varied[0]}, which {VARIANT_KEYS[varied[0]]} sets per run: give "
+                f"the values there."
+            )
     return Grid(methods, learning_rates, seeds, controls, method_settings)
+
+
+def set_by_variants(methods) -> set[str]:
+    """The recipe keys the grid's variants set per run (`kl_coef`, `target_forward_kl`)."""
+    return {setting for method in methods for setting in [split_variant(method)[1]] if setting is not None}
+
+
+def _with_variants(methods: tuple[str, ...], kl_coefs, target_forward_kls) -> tuple[str, ...]:
+    """`methods` with each KL method replaced by its variants: one per fixed coefficient, then one per budget."""
+    if kl_coefs is None and target_forward_kls is None:
+        return methods
+    option = "--kl_coefs" if kl_coefs is not None else "--target_forward_kls"
+    if not any(m in KL_METHODS for m in methods):
+        raise CompareError(
+            f"{option} sets the KL anchor's coefficient of {' or '.join(KL_METHODS)}, and none is among the methods "
+            f"({', '.join(methods)}): add sft_kl to --methods."
+        )
+    coefs = tuple(dict.fromkeys(_number(c, "a kl_coef") for c in kl_coefs or ()))
+    bad = [c for c in coefs if not (math.isfinite(c) and c >= 0)]
+    if bad:
+        raise CompareError(f"a kl_coef must be a number >= 0, got {bad[0]!r}: fix --kl_coefs.")
+    budgets = tuple(dict.fromkeys(_number(b, "a target_forward_kl") for b in target_forward_kls or ()))
+    bad = [b for b in budgets if not (math.isfinite(b) and b > 0)]
+    if bad:
+        raise CompareError(
+            f"a target_forward_kl must be a number > 0 (nats per token of eval_forward_kl), got {bad[0]!r}: fix "
+            "--target_forward_kls."
+        )
+    expanded = []
+    for method in methods:
+        if method not in KL_METHODS:
+            expanded.append(method)
+            continue
+        fixed = [variant(method, "kl_coef", c) for c in coefs] if coefs else [method]
+        expanded += fixed + [variant(method, "target_forward_kl", b) for b in budgets]
+    return tuple(expanded)
 
 
 def _number(value, what: str) -> float:
@@ -156,7 +267,7 @@ def read_grid_file(path: str) -> dict:
             f"--grid {path!r} has unknown key(s) {unknown}: the keys are {', '.join(GRID_FILE_KEYS)} "
             "(recipe keys go in the recipe, or on the command line)."
         )
-    for key in ("methods", "learning_rates", "seeds"):
+    for key in ("methods", "learning_rates", "seeds", "kl_coefs", "target_forward_kls"):
         if key in values and not isinstance(values[key], list):
             values[key] = [values[key]]
     return values

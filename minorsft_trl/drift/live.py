@@ -93,7 +93,7 @@ class DriftProbe:
         )
 
 
-def _timed(method):
+def timed(method):
     """Adds the wall time of each call to `seconds`: what the drift measures cost the run."""
 
     @functools.wraps(method)
@@ -173,7 +173,7 @@ class DriftMeasures:
         )
         self.ensure_probe()
 
-    @_timed
+    @timed
     def ensure_probe(self) -> None:
         """Draw the reference's samples and score them (or read them from the cache), once."""
         if self.probe is not None:
@@ -284,7 +284,7 @@ class DriftMeasures:
             self._reference_states_by_rows[key] = score(reference, batch, hidden_states=True).hidden_states
         return self._reference_states_by_rows[key]
 
-    @_timed
+    @timed
     def metrics(self) -> dict[str, float]:
         """The drift measures of the policy now, without the `eval_` prefix (see the module docstring)."""
         self.ensure_probe()

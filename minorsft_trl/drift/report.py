@@ -30,12 +30,13 @@ MEASURES = {  # key: (title, higher is better)
     "forward_kl_sampled": ("forward KL(ref ‖ θ), sampled-token estimate", False),
     "heldout_deviation": ("held-out m_theta", False),
     "nll_change": ("NLL change on held-out text", False),
+    "other_task_accuracy": ("accuracy on a task not trained on (%)", True),
     "train_deviation": ("train deviation", False),
     "clipped_fraction": ("steps clipped (%)", False),
     "grad_norm_over_1": ("steps with grad norm > 1 (%)", False),
 }
 # Shares reported in % (their differences in percentage points); a run records them as fractions
-PERCENTS = ("accuracy", "clipped_fraction", "grad_norm_over_1")
+PERCENTS = ("accuracy", "other_task_accuracy", "clipped_fraction", "grad_norm_over_1")
 DRIFTS = ("forward_kl", "forward_kl_sampled", "heldout_deviation", "nll_change")
 # The trainer's metric a run's forward KL came from (`forward_kl_source`) -> the measure it is reported as
 KL_ESTIMATORS = {"eval_forward_kl": "forward_kl", "eval_forward_kl_sampled": "forward_kl_sampled"}
@@ -164,6 +165,9 @@ def summarise(runs: list[dict], grid: Grid) -> dict:
         drifts = [d for d in DRIFTS if d in measures]
         summary["matched"] = matched_gain(groups, grid, gain, drifts)
         summary["best"] = at_best_learning_rate(summary["configurations"], groups, gain, measures)
+    from minorsft_trl.drift.budget_report import budget_rows  # it reads this module's measures
+
+    summary["budgets"] = budget_rows(runs)
     for lr in grid.step_control:
         control, minor = groups.get((STEP_CONTROL, lr)), groups.get(("minor_sft", lr))
         if control and minor:
@@ -373,6 +377,10 @@ def markdown(results: dict, summary: dict, grid: Grid, recipe: str = "", overrid
                 "",
             ]
             lines += matched_table(summary["matched"])
+    if summary.get("budgets"):
+        from minorsft_trl.drift.budget_report import budget_section
+
+        lines += ["", *budget_section(summary["budgets"])]
     for control in summary["control"]:
         lines += [
             "",

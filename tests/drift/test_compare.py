@@ -297,6 +297,24 @@ def no_training(monkeypatch):
             ["--max_forward_kl", "0.5", "--eval_strategy", "steps", "--save_strategy", "steps"],
             "the recipe sets max_forward_kl=0.5, but the comparison trains every run to its end",
         ),
+        (
+            ["--methods", "sft", "minor_sft", "--target_forward_kls", "0.5"],
+            "--target_forward_kls sets the KL anchor's coefficient of sft_kl or asft, and none is among the methods",
+        ),
+        (["--methods", "sft_kl", "--kl_coefs", "-0.1"], "a kl_coef must be a number >= 0, got -0.1: fix --kl_coefs"),
+        (
+            ["--methods", "sft_kl", "--target_forward_kls", "0.5", "nan"],
+            "a target_forward_kl must be a number > 0 (nats per token of eval_forward_kl), got nan",
+        ),
+        (
+            ["--methods", "sft_kl", "--kl_coefs", "0.1", "--kl_coef", "0.2"],
+            "--kl_coef is set per run by --kl_coefs: give the values there, not both",
+        ),
+        (
+            ["--methods", "sft_kl", "--target_forward_kls", "0.5"],
+            "a budget steers on evaluations during training, and the recipe sets eval_strategy: no",
+        ),
+        (["--other_task", "si_conversion"], "--other_task 'si_conversion': give a BIG-bench task as bigbench:<task>"),
     ],
 )
 def test_bad_input_is_refused_before_any_training(extra, message, recipe, tmp_path, capsys, no_training):
@@ -360,7 +378,7 @@ def test_compare_help_says_it_runs_in_process(capsys):
 # ------------------------------------------------------------------ end to end, and resumed
 
 
-def fake_measures(configs, eval_dataset, accuracy_kind):
+def fake_measures(configs, eval_dataset, accuracy_kind, other_task=None):
     args = configs[1]
     return {
         "forward_kl": args.learning_rate * (1 + args.seed), "forward_kl_source": "eval_forward_kl",
@@ -660,3 +678,92 @@ def test_full_fine_tuning_sft_and_sft_kl_measure_with_the_same_estimator(recipe,
     assert {run["method"]: run["forward_kl_source"] for run in runs} == dict.fromkeys(
         ("sft", "sft_kl"), "eval_forward_kl"
     )
+
+
+# ------------------------------------------------------------------ budgets against fixed coefficients
+
+
+def test_budgets_and_fixed_coefficients_run_as_variants_of_the_kl_method(recipe, tmp_path):
+    comparison = compare.comparison_from_args(
+        [
+            "--config", str(recipe), "--methods", "sft", "sft_kl", "--kl_coefs", "0.02", "0.2",
+            "--target_forward_kls", "0.5", "--learning_rates", "1e-3", "--seeds", "0", "--output_dir", "o",
+            "--eval_strategy", "steps", "--eval_steps", "1",
+        ]
+    )  # fmt: skip
+    grid = comparison.grid
+    assert grid.methods == ("sft", "sft_kl-kl_coef0.02", "sft_kl-kl_coef0.2", "sft_kl-budget0.5")
+    assert [report.LABELS[m] for m in grid.methods[1:]] == [
+        "SFT + KL, kl_coef 0.02",
+        "SFT + KL, kl_coef 0.2",
+        "SFT + KL, budget 0.5",
+    ]
+    comparison.prepare()
+    budgeted = comparison.run_configs(compare.Run("sft_kl-budget0.5", 1e-3, 0), 1e-3)[1]
+    assert (budgeted.loss_type, budgeted.target_forward_kl, budgeted.kl_coef) == ("sft_kl", 0.5, 0.05)
+    assert budgeted.output_dir == "o/runs/sft_kl-budget0.5-lr0.001-seed0"
+    fixed = comparison.run_configs(compare.Run("sft_kl-kl_coef0.2", 1e-3, 0), 1e-3)[1]
+    assert (fixed.kl_coef, fixed.target_forward_kl) == (0.2, None)
+    # Without --kl_coefs the method keeps the recipe's coefficient beside its budgets
+    assert make_grid(("sft_kl",), (1e-3,), (0,), target_forward_kls=(0.25, 1)).methods == (
+        "sft_kl",
+        "sft_kl-budget0.25",
+        "sft_kl-budget1",
+    )
+
+
+def budget_grid_runs():
+    """SFT drifts 2.0; fixed coefficients 0.05 (KL 1.0, accuracy 60) and 0.5 (KL 0.3, accuracy 50); the budget 0.5
+    ends at 0.45-0.55 with accuracy 56-58: the best fixed within it is 0.5, 7 points below, seed by seed."""
+    lr = 1e-3
+    runs = synthetic_runs("sft", lr, [2.0] * 3, [2.0] * 3, accuracy=[0.7, 0.7, 0.7])
+    runs += synthetic_runs("sft_kl-kl_coef0.05", lr, [2.1] * 3, [1.0] * 3, accuracy=[0.6, 0.6, 0.6])
+    runs += synthetic_runs("sft_kl-kl_coef0.5", lr, [2.4] * 3, [0.3] * 3, accuracy=[0.5, 0.5, 0.5])
+    runs += synthetic_runs("sft_kl-budget0.5", lr, [2.2] * 3, [0.45, 0.5, 0.55], accuracy=[0.56, 0.57, 0.58])
+    runs += synthetic_runs("sft_kl-budget0.1", lr, [2.6] * 3, [0.1] * 3, accuracy=[0.4, 0.4, 0.4])
+    return runs
+
+
+def test_each_budget_is_paired_with_the_best_fixed_coefficient_within_it(tmp_path):
+    grid = make_grid(("sft", "sft_kl"), (1e-3,), (0, 1, 2), kl_coefs=(0.05, 0.5), target_forward_kls=(0.5, 0.1))
+    text = report.write_outputs({"runs": budget_grid_runs()}, grid, tmp_path)
+    rows = {row["budget"]: row for row in json.loads((tmp_path / "results.json").read_text())["summary"]["budgets"]}
+    half = rows[0.5]
+    assert half["budget_ratio"] == {"min": pytest.approx(0.9), "max": pytest.approx(1.1)}
+    assert half["best_fixed"] == "sft_kl-kl_coef0.5" and half["unconstrained_forward_kl"]["mean"] == 2.0
+    assert half["against_best_fixed"]["accuracy"]["mean"] == pytest.approx(7.0)
+    assert half["against_best_fixed"]["forward_kl"]["mean"] == pytest.approx(0.2)
+    assert "best_fixed" not in rows[0.1]  # every fixed coefficient drifted past 0.1
+    assert "## Budgets steered against fixed coefficients" in text
+    assert "| SFT + KL, budget 0.1 | 0.001 | none: every fixed coefficient ended over the budget |" in text
+
+
+def test_a_second_task_is_scored_before_and_after_every_run(recipe, tmp_path, monkeypatch, capsys):
+    from tiny import BIGBENCH_TASK
+
+    from minorsft_trl.data import bigbench
+
+    def questions(task, archive=None):
+        assert task == "units/metres"
+        return [
+            {"prompt": e["input"], "choices": list(e["target_scores"]), "answer": 0, "completion": ""}
+            for e in BIGBENCH_TASK["examples"][:10]
+        ]
+
+    monkeypatch.setattr(bigbench, "task_examples", questions)
+    seen = []
+
+    def measured(configs, eval_dataset, accuracy_kind, other_task=None):
+        seen.append(len(other_task))
+        return {**fake_measures(configs, eval_dataset, accuracy_kind), "other_task_accuracy": 0.25}
+
+    monkeypatch.setattr(compare, "run_and_measure", measured)
+    monkeypatch.setattr(compare, "base_accuracy", lambda configs, dataset: 0.5 if len(dataset) == 4 else 0.9)
+    argv = compare_argv(recipe, tmp_path / "out", tmp_path / "c", "1e-3")
+    argv += ["--step_control", "off", "--other_task", "bigbench:units/metres", "--other_task_questions", "4"]
+    assert cli.main(argv) == 0
+    assert seen == [4, 4, 4, 4]
+    assert "base model: accuracy on bigbench:units/metres (no run trains on it) 50.0%" in capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["base"]["other_task_accuracy"] == 0.5
+    assert "accuracy on a task not trained on (%)" in (tmp_path / "out" / "results.md").read_text()

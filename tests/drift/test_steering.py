@@ -44,16 +44,16 @@ def test_the_coefficient_waits_for_the_first_calibration_then_moves_towards_the_
     assert stepped(controller, 2.0, steps=3) == 0.05  # nothing says yet how the training KL maps on the budget's
     evaluated(controller, forward_kl=1.0)  # the training KL 2.0 is a forward KL of 1.0: calibration 0.5
     assert controller.calibration == pytest.approx(0.5)
-    over = stepped(controller, 2.0)  # estimate 1.0, twice the budget: up by exp(GAIN * log 2)
-    assert over == pytest.approx(0.05 * math.exp(steering.GAIN * math.log(2.0)))
+    over = stepped(controller, 2.0)  # estimate 1.0 against the set point 0.45 (90% of the budget): up
+    assert over == pytest.approx(0.05 * math.exp(steering.GAIN * math.log(1.0 / (steering.MARGIN * 0.5))))
     for _ in range(20):  # room: the smoothed KL falls to 0.4, an estimate of 0.2, and the coefficient with it
         stepped(controller, 0.4)
     assert controller.coef < over
     assert controller.estimate == pytest.approx(0.2, rel=0.01)
-    at_target = KLCoefController(target=0.5, start=0.05)
-    stepped(at_target, 1.0)
-    evaluated(at_target, forward_kl=0.5)
-    assert stepped(at_target, 1.0, steps=5) == pytest.approx(0.05)
+    at_set_point = KLCoefController(target=0.5, start=0.05)
+    stepped(at_set_point, 1.0)
+    evaluated(at_set_point, forward_kl=steering.MARGIN * 0.5)
+    assert stepped(at_set_point, 1.0, steps=5) == pytest.approx(0.05)
 
 
 def test_the_coefficient_stays_within_its_range_and_says_when_the_budget_cannot_be_met(warnings_of_minorsft):
