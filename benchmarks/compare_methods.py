@@ -318,6 +318,8 @@ def main() -> None:
         recipe_path.write_text(yaml.safe_dump(recipe(block, preset, texts), sort_keys=False))
         known = {**METHOD_SETTINGS, **block.method_settings}
         settings = {m: value for m, value in known.items() if base_method(m) in block.methods}
+        if block.kl_coefs is not None:  # the grid sets the coefficient of each run
+            settings = {m: {k: v for k, v in value.items() if k != "kl_coef"} for m, value in settings.items()}
         grid = make_grid(
             block.methods,
             block.learning_rates,

@@ -10,6 +10,7 @@ from test_drift import StopAt, drift_args, drift_logs, make_trainer
 from transformers import TrainerControl, TrainerState
 
 from minorsft_trl.drift import steering
+from minorsft_trl.drift.live import drift_log_history
 from minorsft_trl.drift.steering import COEF_RANGE, KLCoefController
 
 # Full fine-tuning of the tiny model at this rate drifts far past the budget below within 40 steps (LoRA on q and v
@@ -95,6 +96,16 @@ def test_a_budgeted_run_ends_within_the_budget_that_the_free_run_exceeds(tmp_pat
     budgeted.create_model_card()
     card = (tmp_path / "budget" / "out" / "README.md").read_text()
     assert f"Drift budget `target_forward_kl={TARGET:g}` steered" in card and "`kl_coef` started at 0.05" in card
+    assert f"ended at eval_forward_kl={kl[-1][1]:.4g}" in card
+    # A panel for the coefficient: loss, deviation, kl, kl_coef, and the forward KL with the budget's line
+    from matplotlib.image import imread
+
+    from minorsft_trl.drift.curves import plot_training_curves
+
+    logs = drift_log_history(budgeted.state)
+    steered = plot_training_curves(logs, tmp_path / "steered.png", target_forward_kl=TARGET)
+    fixed = plot_training_curves(drift_log_history(free.state), tmp_path / "fixed.png")
+    assert imread(steered).shape[1] == pytest.approx(imread(fixed).shape[1] * 5 / 4, abs=3)
 
 
 def test_the_loss_trains_with_the_steered_coefficient(tmp_path, tokenizer):
@@ -171,3 +182,28 @@ def test_a_budget_without_an_eval_split_is_refused_before_the_output_directory_i
             make_model(tokenizer), args=args, train_dataset=prompt_completion_dataset(), processing_class=tokenizer
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_steered_budget_keeps_the_hard_stop_of_max_forward_kl_beside_it(tmp_path, tokenizer):
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        target_forward_kl=TARGET,
+        max_forward_kl=1.1 * TARGET,
+        save_strategy="steps",
+        save_steps=4,
+        **{**STEERED, "max_steps": 4},
+    )
+    assert trainer.kl_steering is not None and trainer._drift_budget.max_forward_kl == pytest.approx(0.33)
+    trainer.train()
+    assert trainer._drift_budget.exceeded is None and coef_path(trainer)[1] == 0.05
+
+
+def test_the_command_line_takes_a_budget(tmp_path):
+    from minorsft_trl.cli.train import parse_args
+
+    args = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path)]
+    training_args = parse_args(
+        [*args, "--loss_type", "sft_kl", "--target_forward_kl", "0.5", "--eval_strategy", "steps"]
+    )[1]
+    assert training_args.target_forward_kl == 0.5
