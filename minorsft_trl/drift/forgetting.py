@@ -3,12 +3,15 @@ lost on a task no run trained on (`compare --other_task`), against the forward K
 arXiv 2509.04259, found the forward KL predicts forgetting).
 
 Each is fitted by least squares through the origin (a run that has not moved, forward KL 0, has forgotten nothing),
-with the fit's R^2 about 0 and the spread of the runs about it; the cost of a budget is read two ways: from the fit
-at the budget, and from the runs that ended near it (within `NEAR` of it, relatively).
+over the runs that ended at most twice the largest budget away from their reference (the relation is steeper far out:
+runs at 5-10 nats/token, which no budget allows, would set the slope), with the fit's R^2 about 0 and the spread of
+the runs about it; the cost of a budget is read two ways: from the fit at the budget, and from the runs that ended
+near it (within `NEAR` of it, relatively).
 """
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +38,10 @@ class Point:
 
 def points_of(results_files: list[Path]) -> list[Point]:
     """The runs of `minorsft-trl compare` results files whose forward KL is the full-vocabulary one (the sampled-token
-    estimate is another measure, not pooled with it)."""
+    estimate is another measure, not pooled with it), each once: blocks of one recipe share runs through the cache,
+    and a run in two results files (the same method and the same measured values) counts once, under the first."""
     points = []
+    root = os.path.commonpath([Path(path).parent for path in results_files]) if len(results_files) > 1 else None
     for path in results_files:
         results = json.loads(Path(path).read_text())
         base = results.get("base", {}).get("other_task_accuracy")
@@ -45,7 +50,11 @@ def points_of(results_files: list[Path]) -> list[Point]:
                 continue
             other = run.get("other_task_accuracy")
             lost = 100 * (base - other) if base is not None and other is not None else None
-            points.append(Point(Path(path).parent.name, run["method"], run["forward_kl"], run.get("nll_change"), lost))
+            source = os.path.relpath(Path(path).parent, root) if root else Path(path).parent.name
+            point = Point(source, run["method"], run["forward_kl"], run.get("nll_change"), lost)
+            if all((p.method, p.forward_kl, p.nll_change) != (point.method, point.forward_kl, point.nll_change)
+                   for p in points):  # fmt: skip
+                points.append(point)
     return points
 
 
@@ -98,16 +107,24 @@ def budget_costs(points: list[Point], fits: dict[str, Fit], budgets: tuple[float
     return rows
 
 
+def fitted_range(points: list[Point], budgets: tuple[float, ...]) -> list[Point]:
+    """The runs the fits rest on: those that ended within twice the largest budget."""
+    return [p for p in points if p.forward_kl <= 2 * max(budgets)]
+
+
 def report(points: list[Point], budgets: tuple[float, ...]) -> tuple[str, dict]:
     """The markdown and the JSON payload: the fits and what each budget has cost."""
-    fits = {m: fit for m in MEASURES if (fit := fit_through_origin(points, m)) is not None}
+    fitted = fitted_range(points, budgets)
+    fits = {m: fit for m in MEASURES if (fit := fit_through_origin(fitted, m)) is not None}
     costs = budget_costs(points, fits, budgets)
     lines = [
         "# Forgetting against the forward KL",
         "",
         f"{len(points)} runs of this project's comparisons ({', '.join(sorted({p.source for p in points}))}), each "
         "at the forward KL from its reference it ended at (full vocabulary, on the reference's samples). Fitted "
-        "through the origin by least squares; R^2 about 0; spread: the runs' standard deviation about the line.",
+        f"through the origin by least squares on the {len(fitted)} runs that ended at most {2 * max(budgets):g} "
+        "nats/token away (twice the largest budget); R^2 about 0; spread: the runs' standard deviation about the "
+        "line.",
         "",
         "| measure | runs | per nat/token of forward KL [95%] | R^2 | spread |",
         "|---|---|---|---|---|",
@@ -122,8 +139,8 @@ def report(points: list[Point], budgets: tuple[float, ...]) -> tuple[str, dict]:
         f"What a budget has cost on these runs: the fit at the budget [95% of the slope], and the runs that ended "
         f"within {NEAR:.0%} of it (mean [95% t interval], runs):",
         "",
-        "| budget (nats/token) | " + " | ".join(f"{MEASURES[m]}, fit | near it" for m in fits) + " |",
-        "|---|" + "---|" * len(fits),
+        "| budget (nats/token) | " + " | ".join(f"{MEASURES[m]}: fit | runs near it" for m in fits) + " |",
+        "|---|" + "---|---|" * len(fits),
     ]
     for row in costs:
         cells = []
@@ -133,7 +150,7 @@ def report(points: list[Point], budgets: tuple[float, ...]) -> tuple[str, dict]:
             near_text = "no run"
             if near["n"]:
                 near_text = f"{near['mean']:.3g} [{near['low']:.3g}, {near['high']:.3g}], {near['n']}"
-            cells.append(f"{cost['fit']:.3g} [{cost['fit_low']:.3g}, {cost['fit_high']:.3g}] \\| {near_text}")
+            cells.append(f"{cost['fit']:.3g} [{cost['fit_low']:.3g}, {cost['fit_high']:.3g}] | {near_text}")
         lines.append(f"| {row['budget']:g} | " + " | ".join(cells) + " |")
     payload = {
         "points": [p.__dict__ for p in points],
@@ -158,13 +175,21 @@ def figure(points: list[Point], budgets: tuple[float, ...]):
             own = [p for p in points if p.source == source and getattr(p, measure) is not None]
             if own:
                 axis.scatter([p.forward_kl for p in own], [getattr(p, measure) for p in own], s=14, label=source)
-        fit = fit_through_origin(points, measure)
+        fit = fit_through_origin(fitted_range(points, budgets), measure)
         if fit is not None:
-            top = max(p.forward_kl for p in points if getattr(p, measure) is not None)
+            top = 2 * max(budgets)
             label = f"fit, R^2 {fit.r_squared:.2f}"
             axis.plot([0, top], [0, fit.slope * top], color="black", linewidth=1, label=label)
         for budget in budgets:
             axis.axvline(budget, color="grey", linestyle=":", linewidth=0.8)
+        shown = 3 * max(budgets)
+        beyond = sum(p.forward_kl > shown for p in points if getattr(p, measure) is not None)
+        axis.set_xlim(0, shown)
+        values = [getattr(p, measure) for p in points if getattr(p, measure) is not None and p.forward_kl <= shown]
+        if values:
+            pad = 0.1 * (max(values) - min(min(values), 0) or 1)
+            axis.set_ylim(min(min(values), 0) - pad, max(values) + pad)
+        axis.set_title(f"{beyond} runs beyond {shown:g} nats/token not shown" if beyond else "", fontsize=8)
         axis.set(xlabel="forward KL(ref ‖ θ) at the end (nats/token)", ylabel=MEASURES[measure])
         axis.grid(alpha=0.3)
         axis.legend(fontsize=6)

@@ -35,8 +35,11 @@ def test_points_keep_only_the_full_vocabulary_forward_kl_and_read_the_accuracy_l
     path = tmp_path / "block" / "results.json"
     path.parent.mkdir()
     path.write_text(json.dumps(results))
-    (point,) = forgetting.points_of([path])
-    assert (point.source, point.forward_kl, point.nll_change) == ("block", 1.0, 0.1)
+    shared = tmp_path / "other-block" / "results.json"  # a block sharing the first run through the cache
+    shared.parent.mkdir()
+    shared.write_text(json.dumps({"runs": results["runs"][:1]}))
+    (point,) = forgetting.points_of([path, shared])
+    assert (point.source, point.forward_kl, point.nll_change) == ("block", 1.0, 0.1)  # named by its folder
     assert point.accuracy_lost == pytest.approx(15.0)
 
 
