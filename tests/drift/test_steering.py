@@ -108,17 +108,34 @@ def test_a_budgeted_run_ends_within_the_budget_that_the_free_run_exceeds(tmp_pat
     assert imread(steered).shape[1] == pytest.approx(imread(fixed).shape[1] * 5 / 4, abs=3)
 
 
-def test_the_loss_trains_with_the_steered_coefficient(tmp_path, tokenizer):
+@pytest.mark.parametrize("loss_type", ["sft_kl", "asft"])
+def test_the_loss_trains_with_the_steered_coefficient(tmp_path, tokenizer, loss_type):
     """A coefficient held at 0.3 by the controller trains exactly as `kl_coef=0.3`: the loss reads the controller's."""
-    fixed = make_trainer(tmp_path / "fixed", tokenizer, **{**STEERED, "max_steps": 3, "kl_coef": 0.3})
+    run = {**STEERED, "max_steps": 3, "loss_type": loss_type}
+    fixed = make_trainer(tmp_path / "fixed", tokenizer, **{**run, "kl_coef": 0.3})
     fixed.train()
-    held = make_trainer(tmp_path / "held", tokenizer, target_forward_kl=TARGET, **{**STEERED, "max_steps": 3})
+    held = make_trainer(tmp_path / "held", tokenizer, target_forward_kl=TARGET, **run)
     held.kl_steering.coef = 0.3  # no evaluation within 3 steps: not calibrated, so it stays
     held.train()
     assert [log["loss"] for log in held.state.log_history if "loss" in log] == pytest.approx(
         [log["loss"] for log in fixed.state.log_history if "loss" in log], rel=1e-6
     )
     assert set(coef_path(held).values()) == {0.3}
+
+
+def test_the_coefficient_steers_on_the_whole_step_whatever_its_accumulation_split(tmp_path, tokenizer):
+    """The controller sums the anchor's KL over every micro-batch of an optimizer step (token-weighted): 8 examples in
+    one micro-batch and in micro-batches of 3, 3 and 2 give one path."""
+    run = dict(STEERED, max_steps=12, target_forward_kl=TARGET)
+    whole = make_trainer(tmp_path / "whole", tokenizer, **run)
+    whole.train()
+    split = make_trainer(
+        tmp_path / "split", tokenizer, per_device_train_batch_size=3, gradient_accumulation_steps=3, **run
+    )
+    split.train()
+    expected, got = coef_path(whole), coef_path(split)
+    assert len(set(expected.values())) > 2, "the coefficient must move"
+    assert got == {step: pytest.approx(coef, rel=1e-4) for step, coef in expected.items()}
 
 
 def test_a_resumed_run_continues_the_coefficient_path(tmp_path, tokenizer):
