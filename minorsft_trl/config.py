@@ -430,6 +430,10 @@ class MinorSFTConfig(SFTConfig):
     def describe_loss(self) -> str:
         """The loss and the settings it reads, e.g. `"minor_sft (beta=0.04, lr=2e-05)"`."""
         values = [f"{name}={getattr(self, name)}" for name in self.loss_settings] + [f"lr={self.learning_rate}"]
+        if self.target_forward_kl is not None:
+            values[values.index(f"kl_coef={self.kl_coef}")] = (
+                f"kl_coef steered from {self.kl_coef} to target_forward_kl={self.target_forward_kl}"
+            )
         return f"{self.loss_type} ({', '.join(values)})"
 
     @property

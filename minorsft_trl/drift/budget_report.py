@@ -100,7 +100,8 @@ def budget_section(rows: list[dict]) -> list[str]:
     unit = " (points)" if gain in PERCENTS else ""
     lines += [
         "",
-        f"Against the best fixed coefficient within the budget (budget - fixed, seed by seed){unit}:",
+        "Against the best fixed coefficient within the budget (budget - fixed, seed by seed; accuracies with one "
+        f"seed question by question){unit}:",
         "",
         "| budget | lr | best fixed within it | its forward KL | forward KL difference | "
         + " | ".join(f"{MEASURES[m][0]} difference" for m in columns)

@@ -148,8 +148,10 @@ def report(points: list[Point], budgets: tuple[float, ...]) -> tuple[str, dict]:
             cost = row[measure]
             near = cost["near"]
             near_text = "no run"
-            if near["n"]:
-                near_text = f"{near['mean']:.3g} [{near['low']:.3g}, {near['high']:.3g}], {near['n']}"
+            if near["n"] == 1:
+                near_text = f"{near['mean']:.3g}, 1 run"
+            elif near["n"] > 1:
+                near_text = f"{near['mean']:.3g} [{near['low']:.3g}, {near['high']:.3g}], {near['n']} runs"
             cells.append(f"{cost['fit']:.3g} [{cost['fit_low']:.3g}, {cost['fit_high']:.3g}] | {near_text}")
         lines.append(f"| {row['budget']:g} | " + " | ".join(cells) + " |")
     payload = {

@@ -86,11 +86,15 @@ def intervals_over_questions(runs: list[dict]) -> bool:
     return any(r.get("accuracy_outcomes") for r in runs)
 
 
+# The per-question outcomes a run keeps of each accuracy
+OUTCOMES = {"accuracy": "accuracy_outcomes", "other_task_accuracy": "other_task_outcomes"}
+
+
 def question_outcomes(group: list[dict], measure: str) -> list[int] | None:
-    """The per-question outcomes of a configuration run on one seed (intervals over the held-out questions), else
-    None (intervals over seeds)."""
-    if measure == "accuracy" and len(group) == 1:
-        return group[0].get("accuracy_outcomes")
+    """The per-question outcomes of a configuration run on one seed (intervals over the questions), else None
+    (intervals over seeds)."""
+    if measure in OUTCOMES and len(group) == 1:
+        return group[0].get(OUTCOMES[measure])
     return None
 
 
@@ -251,7 +255,8 @@ def _finite(value) -> bool:
 
 def interval_text(interval: dict, measure: str = "") -> str:
     # A forward KL of 0.001 nats/token is already drift; a share of steps needs no decimals
-    digits = {"accuracy": 1, "forward_kl": 4, "clipped_fraction": 0, "grad_norm_over_1": 0}.get(measure, 3)
+    digits = {"accuracy": 1, "other_task_accuracy": 1, "forward_kl": 4, "clipped_fraction": 0, "grad_norm_over_1": 0}
+    digits = digits.get(measure, 3)
     return Interval(**interval).format(digits=digits)
 
 
