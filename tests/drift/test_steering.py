@@ -224,4 +224,4 @@ def test_the_command_line_takes_a_budget(tmp_path):
         [*args, "--loss_type", "sft_kl", "--target_forward_kl", "0.5", "--eval_strategy", "steps"]
     )[1]
     assert training_args.target_forward_kl == 0.5
-    assert training_args.describe_loss() == ("sft_kl (kl_coef steered from 0.05 to target_forward_kl=0.5, lr=0.0001)")
+    assert training_args.describe_loss() == "sft_kl (kl_coef steered from 0.05 to target_forward_kl=0.5, lr=2e-05)"
