@@ -2,7 +2,8 @@
 
 The trainer is glue: the reference is one object (`reference.Reference`), the losses are pure functions declared in
 `loss_types`, their reduction over the optimizer step is `reduction`, the logged metrics are `metrics`, the drift
-measures `drift.live` and the budget `drift.budget`; the precompute is `reference.precompute`.
+measures `drift.live`, the budget `drift.budget` and the one that steers `kl_coef` `drift.steering`; the precompute
+is `reference.precompute`.
 """
 
 import functools
