@@ -186,7 +186,9 @@ def make_grid(
     for method, settings in method_settings.items():
         if method not in METHODS and method != STEP_CONTROL and method not in methods:
             raise CompareError(
-                f"method_settings names an unknown method {method!r}: known ones are {', '.join(METHODS)}."
+                f"method_settings names an unknown method {method!r}: known ones are {', '.join(METHODS)}"
+                + "".join(f", {m}" for m in methods if m not in METHODS)
+                + "."
             )
         if not isinstance(settings, dict):
             raise CompareError(

@@ -704,6 +704,16 @@ def test_budgets_and_fixed_coefficients_run_as_variants_of_the_kl_method(recipe,
     assert budgeted.output_dir == "o/runs/sft_kl-budget0.5-lr0.001-seed0"
     fixed = comparison.run_configs(compare.Run("sft_kl-kl_coef0.2", 1e-3, 0), 1e-3)[1]
     assert (fixed.kl_coef, fixed.target_forward_kl) == (0.2, None)
+    # A variant's own settings (the budgets alone evaluating during training), and a variant the grid has not
+    evaluated = make_grid(
+        ("sft_kl",), (1e-3,), (0,), method_settings={"sft_kl-budget0.5": {"eval_steps": 12}}, target_forward_kls=(0.5,)
+    )
+    assert evaluated.settings_of("sft_kl-budget0.5") == {"eval_steps": 12, "target_forward_kl": 0.5}
+    assert evaluated.settings_of("sft_kl") == {}
+    with pytest.raises(
+        InputError, match="unknown method 'sft_kl-budget0.7': known ones are sft, .*, sft_kl-budget0.5"
+    ):
+        make_grid(("sft_kl",), (1e-3,), (0,), method_settings={"sft_kl-budget0.7": {}}, target_forward_kls=(0.5,))
     # Without --kl_coefs the method keeps the recipe's coefficient beside its budgets
     assert make_grid(("sft_kl",), (1e-3,), (0,), target_forward_kls=(0.25, 1)).methods == (
         "sft_kl",
