@@ -5,6 +5,7 @@ and the reference-regularised family, over seeds, learning rates, two task kinds
     python benchmarks/compare_methods.py           # the default grid, 57 runs on the embedded SmolLM2-135M-Instruct
     python benchmarks/compare_methods.py --preset long   # the paper's regime: 350 steps, best learning rates, clipping
     python benchmarks/compare_methods.py --preset anchor # SFT + KL: the precomputed anchor against the exact one
+    python benchmarks/compare_methods.py --preset budget --seeds 0  # budgets steered against fixed coefficients
 
 A preset is a list of blocks; a block is one task and one kind of fine-tuning (a recipe, written to
 `<output_dir>/<block>/recipe.yaml`) with methods x learning rates x seeds, run by `minorsft_trl.drift.compare` exactly
