@@ -52,13 +52,9 @@ def budget_rows(runs: list[dict]) -> list[dict]:
         sft = fixed.get("sft")
         if sft:
             row["unconstrained_forward_kl"] = interval(sft, "forward_kl")
-        within = {
-            name: runs_of
-            for name, runs_of in fixed.items()
-            if t_interval(list(per_seed(runs_of, "forward_kl").values())).mean <= budget
-        }
+        within = {name: runs_of for name, runs_of in fixed.items() if _mean(runs_of, "forward_kl") <= budget}
         if within:
-            best = max(within, key=lambda name: sign * t_interval(list(per_seed(within[name], gain).values())).mean)
+            best = max(within, key=lambda name: sign * _mean(within[name], gain))
             row["best_fixed"] = best
             row["best_fixed_forward_kl"] = interval(within[best], "forward_kl")
             row["best_fixed_gain"] = interval(within[best], gain)
@@ -69,6 +65,11 @@ def budget_rows(runs: list[dict]) -> list[dict]:
             }
         rows.append(row)
     return rows
+
+
+def _mean(runs: list[dict], measure: str) -> float:
+    """The seed-mean of a measure over a configuration's runs."""
+    return t_interval(list(per_seed(runs, measure).values())).mean
 
 
 def budget_section(rows: list[dict]) -> list[str]:

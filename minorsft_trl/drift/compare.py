@@ -25,6 +25,7 @@ folder named by the learning rate it trained at. `results.md` ends with what the
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import glob
 import hashlib
@@ -364,9 +365,9 @@ def read_log_history(log_history: list[dict], max_grad_norm: float | None) -> di
         "curve": [{k: log[k] for k in CURVE_KEYS if k in log} for log in train],
         # The forward KL of every evaluation during training (a budget's path to its target)
         "drift_curve": [
-            {"step": log["step"], "forward_kl": measured_forward_kl(log)[1]}
+            {"step": log["step"], "forward_kl": kl}
             for log in log_history
-            if measured_forward_kl(log)[1] is not None
+            if (kl := measured_forward_kl(log)[1]) is not None
         ],
     }
 
@@ -568,7 +569,7 @@ class Comparison:
         with output_to(self.output_dir / "runs" / "base_model_other_task.log"):
             return {"accuracy": base_accuracy(self.base, self.other_dataset)}
 
-    @property
+    @functools.cached_property
     def other_task_key(self) -> dict | None:
         """What the other task's score depends on: its name and questions."""
         if self.other_dataset is None:

@@ -33,7 +33,7 @@ STEP_CONTROL = "step_control"
 # The methods whose KL anchor's coefficient the grid can set (`--kl_coefs`) or steer to a budget
 # (`--target_forward_kls`): each such method runs as one variant per value, `<method>-<tag><value>`
 KL_METHODS = ("sft_kl", "asft")
-VARIANTS = {"kl_coef": ("kl_coef", "kl_coef"), "budget": ("target_forward_kl", "budget")}  # tag: (setting, label)
+VARIANT_TAGS = {"kl_coef": "kl_coef", "target_forward_kl": "budget"}  # setting: its tag in names and labels
 
 
 class _Labels(dict):
@@ -44,8 +44,7 @@ class _Labels(dict):
         base, setting, value = split_variant(method)
         if setting is None:
             raise KeyError(method)
-        tag = next(tag for tag, (name, _) in VARIANTS.items() if name == setting)
-        return f"{self[base]}, {VARIANTS[tag][1]} {value:g}"
+        return f"{self[base]}, {VARIANT_TAGS[setting]} {value:g}"
 
 
 LABELS = _Labels(
@@ -61,14 +60,13 @@ GRID_FILE_KEYS = ("methods", "learning_rates", "seeds", "step_control", "method_
 
 def variant(method: str, setting: str, value: float) -> str:
     """The name of `method` run with `setting` (`kl_coef` or `target_forward_kl`) at `value`."""
-    tag = next(tag for tag, (name, _) in VARIANTS.items() if name == setting)
-    return f"{method}-{tag}{value:g}"
+    return f"{method}-{VARIANT_TAGS[setting]}{value:g}"
 
 
 def split_variant(method: str) -> tuple[str, str | None, float | None]:
     """`(method, setting, value)` of a variant name, `(method, None, None)` of a plain one."""
     base, _, rest = method.partition("-")
-    for tag, (setting, _) in VARIANTS.items():
+    for setting, tag in VARIANT_TAGS.items():
         if rest.startswith(tag):
             return base, setting, float(rest.removeprefix(tag))
     return method, None, None
